@@ -1,0 +1,70 @@
+"""fxwormhole: torch.fx passes for gated wormhole edges, fixed points and sensitivity probes.
+
+Public surface (imported lazily so that ``import fxwormhole`` stays cheap)::
+
+    fxwormhole.capture(model, example_inputs)            -> torch.fx.GraphModule
+    fxwormhole.transform(model, example_inputs, config)  -> transformed nn.Module
+    fxwormhole.instrument(model, example_inputs, sal)    -> model with sensitivity probes
+    fxwormhole.fixed_point(f, z0, *args, ...)            -> z*  (functional fixed point)
+    fxwormhole.FixedPoint(body, ...)                     -> nn.Module solving z = body(z, *inputs)
+    fxwormhole.compile(model) / fxwormhole.export(model, example_inputs, path)
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .config import GradConfig, SALConfig, SolverConfig, WormholeConfig
+from .errors import (
+    CaptureError,
+    ConfigError,
+    ConvergenceError,
+    ExportError,
+    FxWormholeError,
+    PlacementError,
+)
+
+__version__ = "0.1.0"
+
+# name -> module that defines it
+_LAZY = {
+    "capture": "fxwormhole.capture",
+    "layer_table": "fxwormhole.analysis",
+    "FixedPoint": "fxwormhole.runtime.fixed_point",
+    "fixed_point": "fxwormhole.runtime.fixed_point",
+    "FixedPointStats": "fxwormhole.runtime.stats",
+    "register_solver": "fxwormhole.runtime.solvers",
+    "transform": "fxwormhole.api",
+    "instrument": "fxwormhole.api",
+    "sensitivity_report": "fxwormhole.api",
+    "SAL": "fxwormhole.runtime.sensitivity",
+    "compile": "fxwormhole.compile",
+    "export": "fxwormhole.export",
+}
+
+__all__ = [
+    "GradConfig",
+    "SALConfig",
+    "SolverConfig",
+    "WormholeConfig",
+    "FxWormholeError",
+    "ConfigError",
+    "CaptureError",
+    "PlacementError",
+    "ConvergenceError",
+    "ExportError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fxwormhole' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,236 @@
+"""Frozen, validated configuration objects.
+
+Each dataclass checks its fields at construction and raises :class:`ConfigError` naming the bad
+field and the values it accepts, so a mistake surfaces where it was made, not deep in a pass.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Sequence, Tuple, Union
+
+from .errors import ConfigError
+
+__all__ = ["SolverConfig", "GradConfig", "WormholeConfig", "SALConfig", "coerce_solver", "coerce_grad"]
+
+ON_FAIL = ("warn", "raise", "ignore")
+GRAD_MODES = ("implicit", "phantom", "jfb", "unrolled")
+GATE_KINDS = ("scalar", "channel", "input")
+HALTING = ("sample", "batch")
+
+
+def _check(cond: bool, cls: str, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{cls}.{name}={value!r} is invalid: expected {allowed}")
+
+
+def _positive_int(cls: str, name: str, value: Any) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, cls, name, value, "an int >= 1")
+
+
+def _positive_float(cls: str, name: str, value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    _check(ok, cls, name, value, "a finite float > 0")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How a fixed point is found.
+
+    Args:
+        name: solver in the registry (``picard``, ``damped``, ``anderson`` or a registered one).
+        tol: per-sample relative residual ``||z_{k+1}-z_k|| / (||z_{k+1}|| + eps)`` to stop at.
+        max_iter: iteration cap.
+        damping: relaxation factor of ``damped`` (and of Anderson's mixing), in (0, 1].
+        memory: Anderson history length m.
+        regularization: Anderson's Tikhonov term on the small least-squares system.
+        check_every: iterations between residual checks (each check may cost a host sync on GPU).
+        halting: ``"sample"`` stops each sample when it converges (shrinking the active set in
+            eager mode); ``"batch"`` iterates the whole batch until every sample converged (needed
+            when the body couples samples, e.g. BatchNorm in training mode).
+        divergence_factor: a residual this many times larger than the smallest one seen marks the
+            sample ``diverged``.
+    """
+
+    name: str = "anderson"
+    tol: float = 1e-5
+    max_iter: int = 50
+    damping: float = 1.0
+    memory: int = 5
+    regularization: float = 1e-4
+    check_every: int = 1
+    halting: str = "sample"
+    divergence_factor: float = 1e4
+
+    def __post_init__(self) -> None:
+        c = type(self).__name__
+        _check(isinstance(self.name, str) and bool(self.name), c, "name", self.name, "a solver name such as 'picard', 'damped' or 'anderson'")
+        _positive_float(c, "tol", self.tol)
+        _positive_int(c, "max_iter", self.max_iter)
+        _check(isinstance(self.damping, (int, float)) and 0 < self.damping <= 1, c, "damping", self.damping, "a float in (0, 1]")
+        _positive_int(c, "memory", self.memory)
+        _check(isinstance(self.regularization, (int, float)) and self.regularization >= 0, c, "regularization", self.regularization, "a float >= 0")
+        _positive_int(c, "check_every", self.check_every)
+        _check(self.halting in HALTING, c, "halting", self.halting, f"one of {HALTING}")
+        _positive_float(c, "divergence_factor", self.divergence_factor)
+
+
+@dataclass(frozen=True)
+class GradConfig:
+    """How the gradient of a fixed point is computed.
+
+    Args:
+        mode: ``implicit`` (adjoint fixed point, the default), ``phantom`` (k damped steps, as
+            TorchDEQ's ``grad=k``), ``jfb`` (one step) or ``unrolled`` (back-propagation through
+            the forward iterations; a reference, memory grows with iterations).
+        solver: solver of the adjoint fixed point (implicit mode).
+        tol, max_iter: stopping rule of the adjoint solve (implicit mode).
+        k, tau: number of steps and damping of the phantom gradient.
+    """
+
+    mode: str = "implicit"
+    solver: str = "picard"
+    tol: float = 1e-6
+    max_iter: int = 50
+    k: int = 5
+    tau: float = 0.6
+
+    def __post_init__(self) -> None:
+        c = type(self).__name__
+        _check(self.mode in GRAD_MODES, c, "mode", self.mode, f"one of {GRAD_MODES}")
+        _check(isinstance(self.solver, str) and bool(self.solver), c, "solver", self.solver, "a solver name")
+        _positive_float(c, "tol", self.tol)
+        _positive_int(c, "max_iter", self.max_iter)
+        _positive_int(c, "k", self.k)
+        _check(isinstance(self.tau, (int, float)) and 0 < self.tau <= 1, c, "tau", self.tau, "a float in (0, 1]")
+
+
+def coerce_solver(value: Union[str, SolverConfig, None], **overrides: Any) -> SolverConfig:
+    """Accept a solver name or a :class:`SolverConfig`; apply keyword overrides that are not None."""
+    if value is None:
+        base = SolverConfig()
+    elif isinstance(value, SolverConfig):
+        base = value
+    elif isinstance(value, str):
+        base = SolverConfig(name=value)
+    else:
+        raise ConfigError(f"solver={value!r} is invalid: expected a solver name or a SolverConfig")
+    known = {f.name for f in fields(SolverConfig)}
+    kw = {k: v for k, v in overrides.items() if v is not None and k in known}
+    return replace(base, **kw) if kw else base
+
+
+def coerce_grad(value: Union[str, GradConfig, None], **overrides: Any) -> GradConfig:
+    """Accept a gradient mode name or a :class:`GradConfig`; apply overrides that are not None."""
+    if value is None:
+        base = GradConfig()
+    elif isinstance(value, GradConfig):
+        base = value
+    elif isinstance(value, str):
+        base = GradConfig(mode=value)
+    else:
+        raise ConfigError(f"grad={value!r} is invalid: expected one of {GRAD_MODES} or a GradConfig")
+    known = {f.name for f in fields(GradConfig)}
+    kw = {k: v for k, v in overrides.items() if v is not None and k in known}
+    return replace(base, **kw) if kw else base
+
+
+Span = Tuple[str, str]
+
+
+@dataclass(frozen=True)
+class WormholeConfig:
+    """Where wormholes go and how their fixed points are solved.
+
+    Args:
+        wormholes: ``"auto"`` (deepest hidden layer of the main path back to the first layer),
+            ``"every:K"`` (a wormhole from every K-th layer of the main path back K layers), or an
+            explicit list of ``(src, dst)`` pairs: ``src`` names the layer whose output feeds back,
+            ``dst`` the layer whose input is modulated (module paths as in ``named_modules()``, or
+            fx node names).
+        gate: ``scalar`` (one learned gate per wormhole), ``channel`` (one per destination channel)
+            or ``input`` (``sigmoid(W_g h_src + b_g)``, per sample and channel).
+        gate_init: initial gate bias; -6 makes ``sigmoid`` about 0.0025 (closed).
+        proj_init: ``"zero"`` starts the projection at zero so the transformed model equals the
+            original exactly at initialisation; ``"normal"`` draws small weights (std ``proj_std``).
+        proj_std: standard deviation of the projection's initial weights when ``proj_init="normal"``.
+        solver, tol, max_iter: forward solve (a name or a :class:`SolverConfig`; tol/max_iter
+            override the SolverConfig's when given).
+        grad: gradient mode or :class:`GradConfig`.
+        on_fail: ``warn`` | ``raise`` | ``ignore`` when a solve does not converge.
+        gate_cap: optional upper bound on every gate value (a divergence guard); None for none.
+        spectral_norm: wrap projections in spectral normalisation (a contraction guard).
+    """
+
+    wormholes: Union[str, Sequence[Span]] = "auto"
+    gate: str = "scalar"
+    gate_init: float = -6.0
+    proj_init: str = "zero"
+    proj_std: float = 1e-2
+    solver: Union[str, SolverConfig] = "anderson"
+    tol: float | None = None
+    max_iter: int | None = None
+    grad: Union[str, GradConfig] = "implicit"
+    on_fail: str = "warn"
+    gate_cap: float | None = None
+    spectral_norm: bool = False
+
+    def __post_init__(self) -> None:
+        c = type(self).__name__
+        w = self.wormholes
+        if isinstance(w, str):
+            ok = w == "auto" or (w.startswith("every:") and w[6:].isdigit() and int(w[6:]) >= 1)
+            _check(ok, c, "wormholes", w, "'auto', 'every:K' (K >= 1) or a list of (src, dst) pairs")
+        else:
+            try:
+                pairs = tuple(tuple(p) for p in w)
+            except TypeError:
+                pairs = None
+            ok = pairs is not None and len(pairs) > 0 and all(
+                len(p) == 2 and all(isinstance(s, str) and s for s in p) for p in pairs
+            )
+            _check(ok, c, "wormholes", w, "'auto', 'every:K' or a non-empty list of (src, dst) name pairs")
+            object.__setattr__(self, "wormholes", pairs)
+        _check(self.gate in GATE_KINDS, c, "gate", self.gate, f"one of {GATE_KINDS}")
+        _check(isinstance(self.gate_init, (int, float)) and math.isfinite(self.gate_init), c, "gate_init", self.gate_init, "a finite float")
+        _check(self.proj_init in ("zero", "normal"), c, "proj_init", self.proj_init, "'zero' or 'normal'")
+        _positive_float(c, "proj_std", self.proj_std)
+        if self.tol is not None:
+            _positive_float(c, "tol", self.tol)
+        if self.max_iter is not None:
+            _positive_int(c, "max_iter", self.max_iter)
+        _check(self.on_fail in ON_FAIL, c, "on_fail", self.on_fail, f"one of {ON_FAIL}")
+        if self.gate_cap is not None:
+            _check(isinstance(self.gate_cap, (int, float)) and 0 < self.gate_cap <= 1, c, "gate_cap", self.gate_cap, "None or a float in (0, 1]")
+        # Resolve names now so that a bad solver/grad name fails at construction.
+        object.__setattr__(self, "solver", coerce_solver(self.solver, tol=self.tol, max_iter=self.max_iter))
+        object.__setattr__(self, "grad", coerce_grad(self.grad))
+
+
+@dataclass(frozen=True)
+class SALConfig:
+    """Sensitivity probes and sensitivity adjustment learning (SAL).
+
+    Args:
+        eta: SAL step size (added to the task gradient at every optimizer step).
+        beta: decay of the per-neuron moving average ``s_bar``.
+        target: sensitivity the rule aims for.
+        two_sided: also lower sensitivity above the target (default: only raise it below).
+        log_form: use the gradient of ``log s`` instead of ``s`` (scale free, more robust).
+        recurrent_only: for RNN cells, count only the recurrent weights in ``||w||``.
+        enabled: probes only (measure sensitivity) when False.
+    """
+
+    eta: float = 1e-3
+    beta: float = 0.99
+    target: float = 1.0
+    two_sided: bool = False
+    log_form: bool = False
+    recurrent_only: bool = False
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        c = type(self).__name__
+        _check(isinstance(self.eta, (int, float)) and math.isfinite(self.eta) and self.eta >= 0, c, "eta", self.eta, "a finite float >= 0")
+        _check(isinstance(self.beta, (int, float)) and 0 <= self.beta < 1, c, "beta", self.beta, "a float in [0, 1)")
+        _positive_float(c, "target", self.target)

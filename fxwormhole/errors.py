@@ -1,0 +1,39 @@
+"""One error hierarchy for the whole toolkit.
+
+Every message says what failed, where (a module path or fx node name) and what to do. The CLI
+prints ``str(error)`` on one line and exits with code 2.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "FxWormholeError",
+    "ConfigError",
+    "CaptureError",
+    "PlacementError",
+    "ConvergenceError",
+    "ExportError",
+]
+
+
+class FxWormholeError(Exception):
+    """Base class of every error fxwormhole raises on purpose."""
+
+
+class ConfigError(FxWormholeError, ValueError):
+    """A configuration value is invalid (names the field and the allowed values)."""
+
+
+class CaptureError(FxWormholeError):
+    """No front end (torch.fx.symbolic_trace, torch.export) could capture the model."""
+
+
+class PlacementError(FxWormholeError):
+    """A wormhole or probe cannot be placed where it was asked for."""
+
+
+class ConvergenceError(FxWormholeError):
+    """A fixed-point solve failed and the policy is ``on_fail="raise"``."""
+
+
+class ExportError(FxWormholeError):
+    """Export failed, or an exported (inference-only) artifact was used for training."""
