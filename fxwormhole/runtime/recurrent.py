@@ -1,0 +1,661 @@
+"""Explicit, per-time-step twins of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` and temporal wormholes.
+
+``ExplicitLSTM.from_module(nn.LSTM(...))`` (likewise ``ExplicitGRU``, ``ExplicitRNN``) builds a module
+with the *same* parameter names and values (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``,
+``bias_hh_l0``, ``weight_hr_l0`` and their ``_reverse`` twins), the same call signature and the
+same outputs, but whose time loop is plain Python around one small cell function per step, so
+that gates are visible (:meth:`ExplicitRecurrent.step`, :meth:`ExplicitRecurrent.gate_preactivations`)
+and a per-step fixed point can be put inside it (:func:`add_temporal_wormhole`).
+
+Gate order (rows of ``weight_ih`` / ``weight_hh`` / biases, as in PyTorch):
+
+* LSTM: ``i, f, g, o``;  ``c' = σ(f)⊙c + σ(i)⊙tanh(g)``,  ``h' = σ(o)⊙tanh(c')`` (then ``W_hr h'``
+  when ``proj_size > 0``).
+* GRU: ``r, z, n``;  ``n = tanh(W_in x + b_in + σ(r)⊙(W_hn h + b_hn))``,  ``h' = n + σ(z)⊙(h − n)``.
+* RNN: one gate ``h``;  ``h' = tanh|relu(W_ih x + b_ih + W_hh h + b_hh)``.
+
+Execution. Without wormholes the stack runs layer by layer (as cuDNN/ATen do): the input
+projection ``W_ih x + b_ih`` of a whole layer is one matmul, then a Python time loop calls the cell.
+The time loop runs under ``torch.compiler.disable``, so ``torch.compile`` of a surrounding model
+never unrolls T steps into one graph; :meth:`ExplicitRecurrent.compile_step` compiles the cell once
+and the loop reuses it for every step, layer and sequence length.
+
+Temporal wormholes (see docs/recurrent.md). With wormholes the stack runs time-major: at step t a
+:class:`~fxwormhole.runtime.fixed_point.FixedPoint` solves ``u* = feedback(body(u*, x_t, s_{t-1}))``
+where ``u`` is the injection into the wormholes' destination layers' inputs, ``body`` runs the layer
+stack and returns the new states ``s_t``, and ``feedback`` returns ``gate(h_src)⊙proj(h_src)``.
+The step's gradient is implicit; between steps it is ordinary back-propagation through time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import WormholeConfig
+from ..errors import ConfigError, PlacementError
+from .wormhole import Wormhole
+
+__all__ = [
+    "ExplicitRecurrent",
+    "ExplicitRNN",
+    "ExplicitLSTM",
+    "ExplicitGRU",
+    "GATE_ORDER",
+    "TemporalStats",
+    "explicit_from_module",
+    "add_temporal_wormhole",
+    "resolve_temporal_pairs",
+    "layer_name",
+]
+
+State = Tuple[Tensor, ...]  # (h,) for RNN/GRU, (h, c) for LSTM
+
+GATE_ORDER: Dict[str, Tuple[str, ...]] = {
+    "LSTM": ("i", "f", "g", "o"),
+    "GRU": ("r", "z", "n"),
+    "RNN_TANH": ("h",),
+    "RNN_RELU": ("h",),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Cell functions: pure tensor functions (compile-friendly); gi = W_ih x + b_ih is precomputed.
+# --------------------------------------------------------------------------------------------
+def _lstm_cell(gi: Tensor, state: State, w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor]) -> State:
+    h, c = state
+    i, f, g, o = (gi + F.linear(h, w_hh, b_hh)).chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    if w_hr is not None:
+        h = F.linear(h, w_hr)
+    return h, c
+
+
+def _gru_cell(gi: Tensor, state: State, w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor]) -> State:
+    (h,) = state
+    i_r, i_z, i_n = gi.chunk(3, -1)
+    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, -1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return (n + z * (h - n),)
+
+
+def _rnn_tanh_cell(gi: Tensor, state: State, w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor]) -> State:
+    return (torch.tanh(gi + F.linear(state[0], w_hh, b_hh)),)
+
+
+def _rnn_relu_cell(gi: Tensor, state: State, w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor]) -> State:
+    return (torch.relu(gi + F.linear(state[0], w_hh, b_hh)),)
+
+
+_CELLS: Dict[str, Callable[..., State]] = {
+    "LSTM": _lstm_cell,
+    "GRU": _gru_cell,
+    "RNN_TANH": _rnn_tanh_cell,
+    "RNN_RELU": _rnn_relu_cell,
+}
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+@torch.compiler.disable
+def _time_loop(cell: Callable[..., State], gi: Tensor, state: State, w_hh: Tensor, b_hh: Optional[Tensor],
+               w_hr: Optional[Tensor], reverse: bool) -> Tuple[Tensor, State]:
+    """Run ``cell`` over ``gi`` [T, B, G]; returns outputs [T, B, H_out] and the final state.
+
+    Disabled for dynamo on purpose: a compiled surrounding model must not unroll T steps.
+    """
+    steps = range(gi.shape[0] - 1, -1, -1) if reverse else range(gi.shape[0])
+    outs: List[Optional[Tensor]] = [None] * gi.shape[0]
+    for t in steps:
+        state = cell(gi[t], state, w_hh, b_hh, w_hr)
+        outs[t] = state[0]
+    return torch.stack(outs), state  # type: ignore[arg-type]
+
+
+def _pad5(names: Tuple[str, ...]) -> Tuple[Optional[str], ...]:
+    """Order a layer's parameter names as (w_ih, w_hh, b_ih, b_hh, w_hr), None where absent."""
+    by = {n.split("_l")[0]: n for n in names}
+    return tuple(by.get(k) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
+
+
+def layer_name(layer: int) -> str:
+    """Name of a stack layer in wormhole pairs: ``layer0`` is the bottom layer."""
+    return f"layer{layer}"
+
+
+# --------------------------------------------------------------------------------------------
+# The explicit module
+# --------------------------------------------------------------------------------------------
+class ExplicitRecurrent(nn.Module):
+    """Shared base of :class:`ExplicitRNN`, :class:`ExplicitLSTM` and :class:`ExplicitGRU`.
+
+    Args mirror ``nn.LSTM``: ``mode`` is ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``.
+    Parameters are initialised as PyTorch does (``U(-1/sqrt(H), 1/sqrt(H))``).
+    """
+
+    _torch_types: Tuple[type, ...] = (nn.RNNBase,)
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if mode not in _CELLS:
+            raise ConfigError(f"{name}: mode={mode!r} is invalid: expected one of {tuple(_CELLS)}")
+        for field, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}.{field}={value!r} is invalid: expected an int >= 1")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+            raise ConfigError(f"{name}.dropout={dropout!r} is invalid: expected a float in [0, 1]")
+        if proj_size and mode != "LSTM":
+            raise ConfigError(f"{name}.proj_size={proj_size!r} is invalid: only LSTM has a projection")
+        if not isinstance(proj_size, int) or proj_size < 0 or (proj_size and proj_size >= hidden_size):
+            raise ConfigError(f"{name}.proj_size={proj_size!r} is invalid: expected 0 or an int in [1, hidden_size)")
+        self.mode = mode
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bool(bias), bool(batch_first), float(dropout)
+        self.bidirectional, self.proj_size = bool(bidirectional), proj_size
+        self._cell_fn: Callable[..., State] = _CELLS[mode]
+        self._compiled_cell: Optional[Callable[..., State]] = None
+        self._temporal: Optional[_Temporal] = None
+        self._last_stats: Optional[TemporalStats] = None
+        factory = {"device": device, "dtype": dtype}
+        gates, h_out, dirs = _GATES[mode] * hidden_size, self.real_hidden_size, self.num_directions
+        # per (layer, direction): names of (w_ih, w_hh, b_ih, b_hh, w_hr), None where absent
+        self._weight_names: List[Tuple[Optional[str], ...]] = []
+        for layer in range(num_layers):
+            in_size = input_size if layer == 0 else h_out * dirs
+            for d in range(dirs):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                shapes = [("weight_ih" + sfx, (gates, in_size)), ("weight_hh" + sfx, (gates, h_out))]
+                if bias:
+                    shapes += [("bias_ih" + sfx, (gates,)), ("bias_hh" + sfx, (gates,))]
+                if proj_size:
+                    shapes.append(("weight_hr" + sfx, (proj_size, hidden_size)))
+                for pname, shape in shapes:  # same registration order as nn.RNNBase
+                    self.register_parameter(pname, nn.Parameter(torch.empty(shape, **factory)))
+                self._weight_names.append(_pad5(tuple(n for n, _ in shapes)))
+        self.reset_parameters()
+
+    # ---- construction ------------------------------------------------------------------------
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def real_hidden_size(self) -> int:
+        """Size of ``h`` (``proj_size`` when the LSTM has a projection)."""
+        return self.proj_size or self.hidden_size
+
+    @property
+    def state_size(self) -> int:
+        return 2 if self.mode == "LSTM" else 1
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for p in self.parameters(recurse=False):
+                p.uniform_(-bound, bound)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, share_parameters: bool = False) -> "ExplicitRecurrent":
+        """Build the explicit twin of ``module`` (``nn.RNN``, ``nn.LSTM`` or ``nn.GRU``).
+
+        Parameters are copied (``share_parameters=False``, the default: the user's module is never
+        touched by training the twin) or shared (the same ``nn.Parameter`` objects).
+        """
+        target = _explicit_class(module)
+        if cls is not ExplicitRecurrent and target is not cls:
+            raise PlacementError(f"{cls.__name__}.from_module got {type(module).__name__}; "
+                                 f"use {target.__name__}.from_module or explicit_from_module")
+        kw = dict(input_size=module.input_size, hidden_size=module.hidden_size, num_layers=module.num_layers,
+                  bias=module.bias, batch_first=module.batch_first, dropout=float(module.dropout),
+                  bidirectional=module.bidirectional)
+        if target is ExplicitLSTM:
+            kw["proj_size"] = module.proj_size
+        if target is ExplicitRNN:
+            kw["nonlinearity"] = "relu" if module.mode == "RNN_RELU" else "tanh"
+        ref = next(module.parameters())
+        new = target(**kw, device=ref.device, dtype=ref.dtype)
+        names = [n for n, _ in new.named_parameters(recurse=False)]
+        if names != list(module._flat_weights_names):
+            raise PlacementError(f"{type(module).__name__} has parameters {module._flat_weights_names}, "
+                                 f"expected {names}; subclasses that change the layout are not supported")
+        for n in names:
+            p = getattr(module, n)
+            new.register_parameter(n, p if share_parameters else nn.Parameter(p.detach().clone(), p.requires_grad))
+        new.train(module.training)
+        return new
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code that calls ``rnn.flatten_parameters()`` (cuDNN only)."""
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, mode={self.mode}"
+        for k, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0)):
+            if getattr(self, k) != default:
+                s += f", {k}={getattr(self, k)}"
+        if self._temporal is not None:
+            s += f", temporal_wormholes={[f'{a}->{b}' for a, b in self._temporal.pairs]}"
+        return s
+
+    # ---- per-step API ------------------------------------------------------------------------
+    def weights(self, layer: int, direction: int = 0) -> Tuple[Optional[Tensor], ...]:
+        """``(w_ih, w_hh, b_ih, b_hh, w_hr)`` of one layer/direction (``None`` where absent)."""
+        names = self._weight_names[layer * self.num_directions + direction]
+        return tuple(getattr(self, n) if n else None for n in names)
+
+    def step(self, layer: int, x_t: Tensor, state: Union[Tensor, State], direction: int = 0) -> Union[Tensor, State]:
+        """One time step of one layer: ``x_t`` [B, in], ``state`` h or (h, c) [B, H] -> new state.
+
+        Uses the compiled cell after :meth:`compile_step`. Gate order: see :data:`GATE_ORDER`.
+        """
+        w_ih, w_hh, b_ih, b_hh, w_hr = self.weights(layer, direction)
+        st = (state,) if isinstance(state, Tensor) else tuple(state)
+        new = self._cell(F.linear(x_t, w_ih, b_ih), st, w_hh, b_hh, w_hr)
+        return new[0] if isinstance(state, Tensor) else new
+
+    def gate_preactivations(self, layer: int, x_t: Tensor, state: Union[Tensor, State], direction: int = 0) -> Dict[str, Tensor]:
+        """Pre-activations of each gate at one step, keyed by the names in :data:`GATE_ORDER`.
+
+        For the GRU candidate ``n`` this is ``W_in x + b_in + σ(r)⊙(W_hn h + b_hn)``.
+        """
+        w_ih, w_hh, b_ih, b_hh, _ = self.weights(layer, direction)
+        h = state if isinstance(state, Tensor) else state[0]
+        gi, gh = F.linear(x_t, w_ih, b_ih), F.linear(h, w_hh, b_hh)
+        names = GATE_ORDER[self.mode]
+        if self.mode == "GRU":
+            (i_r, i_z, i_n), (h_r, h_z, h_n) = gi.chunk(3, -1), gh.chunk(3, -1)
+            pre_r = i_r + h_r
+            return {"r": pre_r, "z": i_z + h_z, "n": i_n + torch.sigmoid(pre_r) * h_n}
+        return dict(zip(names, (gi + gh).chunk(len(names), -1)))
+
+    @property
+    def _cell(self) -> Callable[..., State]:
+        return self._compiled_cell if self._compiled_cell is not None else self._cell_fn
+
+    def compile_step(self, **compile_kwargs: Any) -> "ExplicitRecurrent":
+        """Compile the per-step cell once with ``torch.compile(**compile_kwargs)``; returns self.
+
+        The Python time loop stays outside the compiled graph and reuses the compiled cell for every
+        step, layer and direction, so compile time does not grow with the sequence length.
+        """
+        self._compiled_cell = torch.compile(self._cell_fn, **compile_kwargs)
+        return self
+
+    def uncompile_step(self) -> "ExplicitRecurrent":
+        """Go back to the eager cell."""
+        self._compiled_cell = None
+        return self
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_compiled_cell"] = None  # compiled callables do not pickle; re-run compile_step
+        return state
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, input: Tensor, hx: Any = None) -> Tuple[Tensor, Any]:
+        """Same signature and outputs as the torch module it replaces.
+
+        Returns ``(output, h_n)`` for RNN/GRU and ``(output, (h_n, c_n))`` for LSTM.
+        """
+        x, states, batched = self._prepare(input, hx)
+        if self._temporal is not None:
+            out, finals = self._forward_temporal(x, states)
+        else:
+            self._last_stats = None
+            out, finals = self._forward_layers(x, states)
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        h_n = torch.stack([s[0] for s in finals])
+        c_n = torch.stack([s[1] for s in finals]) if self.mode == "LSTM" else None
+        if not batched:
+            out, h_n = out.squeeze(1), h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if c_n is not None else None
+        return (out, (h_n, c_n)) if self.mode == "LSTM" else (out, h_n)
+
+    def _prepare(self, input: Tensor, hx: Any) -> Tuple[Tensor, List[State], bool]:
+        where = f"{type(self).__name__}({self.extra_repr()})"
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            raise ConfigError(f"{where}: PackedSequence input is not supported; pad it with "
+                              "torch.nn.utils.rnn.pad_packed_sequence and pass the padded tensor")
+        if not isinstance(input, Tensor) or input.dim() not in (2, 3):
+            raise ConfigError(f"{where}: expected a 2-D (unbatched) or 3-D input tensor, got "
+                              f"{getattr(input, 'shape', type(input).__name__)}")
+        if input.shape[-1] != self.input_size:
+            raise ConfigError(f"{where}: input has {input.shape[-1]} features, expected input_size={self.input_size}")
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1)
+        if batched and self.batch_first:
+            x = x.transpose(0, 1)
+        if x.shape[0] == 0:
+            raise ConfigError(f"{where}: the input sequence is empty (T=0)")
+        n, B = self.num_layers * self.num_directions, x.shape[1]
+        sizes = [self.real_hidden_size, self.hidden_size][: self.state_size]
+        if hx is None:
+            parts = [x.new_zeros(n, B, s) for s in sizes]
+        else:
+            parts = list(hx) if self.mode == "LSTM" else [hx]
+            if self.mode == "LSTM" and len(parts) != 2:
+                raise ConfigError(f"{where}: LSTM initial state must be a tuple (h_0, c_0)")
+            parts = [p if batched else p.unsqueeze(1) for p in parts]
+            for p, s, label in zip(parts, sizes, ("h_0", "c_0")):
+                if tuple(p.shape) != (n, B, s):
+                    want = (n, B, s) if batched else (n, s)
+                    raise ConfigError(f"{where}: {label} has shape {tuple(p.shape) if batched else tuple(p.squeeze(1).shape)}, expected {want}")
+        return x, [tuple(p[k] for p in parts) for k in range(n)], batched
+
+    def _forward_layers(self, x: Tensor, states: List[State]) -> Tuple[Tensor, List[State]]:
+        """Layer-major execution (the fast path without wormholes)."""
+        cell, finals, inp = self._cell, [], x
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(self.num_directions):
+                w_ih, w_hh, b_ih, b_hh, w_hr = self.weights(layer, d)
+                gi = F.linear(inp, w_ih, b_ih)  # one matmul for the whole sequence
+                seq, final = _time_loop(cell, gi, states[layer * self.num_directions + d], w_hh, b_hh, w_hr, d == 1)
+                outs.append(seq)
+                finals.append(final)
+            inp = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                inp = F.dropout(inp, self.dropout, True)
+        return inp, finals
+
+    # ---- temporal wormholes ------------------------------------------------------------------
+    @property
+    def temporal_pairs(self) -> Tuple[Tuple[str, str], ...]:
+        """The ``(src, dst)`` layer pairs of the temporal wormholes (empty without)."""
+        return self._temporal.pairs if self._temporal is not None else ()
+
+    @property
+    def stats(self) -> Optional["TemporalStats"]:
+        """Per-step, per-sample solver statistics of the last forward (``None`` without wormholes)."""
+        return self._last_stats
+
+    def _forward_temporal(self, x: Tensor, states: List[State]) -> Tuple[Tensor, List[State]]:
+        """Time-major execution: one fixed-point solve per step over the whole layer stack."""
+        tmp = self._temporal
+        assert tmp is not None
+        tmp.fp.train(self.training)
+        tmp.body.refresh(self)
+        T, B, L, S = x.shape[0], x.shape[1], self.num_layers, self.state_size
+        flat = [states[l][s] for s in range(S) for l in range(L)]
+        masks: List[Tensor] = []
+        if self.dropout and self.training and L > 1:
+            keep = 1.0 - self.dropout
+            shape = (L - 1, T, B, self.real_hidden_size)
+            masks = list(torch.bernoulli(x.new_full(shape, keep)).div_(keep) if keep > 0 else x.new_zeros(shape))
+        outs, per_step = [], []
+        z_width = sum(tmp.dst_sizes)
+        for t in range(T):
+            y = tmp.fp(x[t], *flat, *[m[t] for m in masks], z0=x.new_zeros(B, z_width))
+            per_step.append(tmp.fp.stats)
+            flat = list(y)
+            outs.append(flat[L - 1])
+        self._last_stats = TemporalStats(per_step)
+        return torch.stack(outs), [tuple(flat[s * L + l] for s in range(S)) for l in range(L)]
+
+
+class ExplicitLSTM(ExplicitRecurrent):
+    """Explicit twin of ``nn.LSTM`` (gate order ``i, f, g, o``; ``proj_size`` supported)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device: Any = None, dtype: Any = None) -> None:
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype)
+
+
+class ExplicitGRU(ExplicitRecurrent):
+    """Explicit twin of ``nn.GRU`` (gate order ``r, z, n``)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype)
+
+
+class ExplicitRNN(ExplicitRecurrent):
+    """Explicit twin of ``nn.RNN`` (``nonlinearity`` ``"tanh"`` or ``"relu"``)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, device: Any = None, dtype: Any = None) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ConfigError(f"ExplicitRNN.nonlinearity={nonlinearity!r} is invalid: expected 'tanh' or 'relu'")
+        self.nonlinearity = nonlinearity
+        super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size, hidden_size,
+                         num_layers, bias, batch_first, dropout, bidirectional, 0, device, dtype)
+
+
+def _explicit_class(module: nn.Module) -> type:
+    if isinstance(module, nn.LSTM):
+        return ExplicitLSTM
+    if isinstance(module, nn.GRU):
+        return ExplicitGRU
+    if isinstance(module, nn.RNN):
+        return ExplicitRNN
+    raise PlacementError(f"cannot make an explicit recurrent module from {type(module).__name__}: "
+                         "expected torch.nn.RNN, torch.nn.LSTM or torch.nn.GRU")
+
+
+def explicit_from_module(module: nn.Module, *, share_parameters: bool = False) -> ExplicitRecurrent:
+    """The explicit twin of an ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (see :meth:`ExplicitRecurrent.from_module`)."""
+    return ExplicitRecurrent.from_module(module, share_parameters=share_parameters)
+
+
+# --------------------------------------------------------------------------------------------
+# Temporal wormholes
+# --------------------------------------------------------------------------------------------
+class _StackBody(nn.Module):
+    """``body(u, x_t, h_0..h_{L-1}[, c_0..c_{L-1}][, masks]) -> new states``: one step of the stack.
+
+    Registers the recurrent module's parameters (the same ``nn.Parameter`` objects) so that the
+    fixed-point runtime sees them as this body's parameters; it is kept out of the recurrent
+    module's own module tree (no cycle, no duplicate state_dict keys).
+    """
+
+    def __init__(self, rnn: ExplicitRecurrent, dst_layers: Sequence[int], dst_sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.mode, self.num_layers, self.state_size = rnn.mode, rnn.num_layers, rnn.state_size
+        self.dst_layers, self.dst_sizes = tuple(dst_layers), tuple(dst_sizes)
+        self._names = list(rnn._weight_names)  # unidirectional: one entry per layer
+        self.refresh(rnn)
+        object.__setattr__(self, "_rnn", rnn)  # unregistered: for its (possibly compiled) cell
+
+    def refresh(self, rnn: ExplicitRecurrent) -> None:
+        """Re-register ``rnn``'s parameters (cheap; follows parameters replaced since construction)."""
+        for name, p in rnn.named_parameters(recurse=False):
+            if self._parameters.get(name) is not p:
+                self.register_parameter(name, p)
+
+    def forward(self, u: Tensor, x_t: Tensor, *rest: Tensor) -> Tuple[Tensor, ...]:
+        L, S = self.num_layers, self.state_size
+        flat, masks = rest[: L * S], rest[L * S:]
+        inject: Dict[int, Tensor] = {}
+        for layer, part in zip(self.dst_layers, u.split(self.dst_sizes, -1)):
+            inject[layer] = inject[layer] + part if layer in inject else part
+        cell, inp, new = self._rnn._cell, x_t, []
+        for layer in range(L):
+            if layer in inject:
+                inp = inp + inject[layer]
+            w = [getattr(self, n) if n else None for n in self._names[layer]]
+            st = cell(F.linear(inp, w[0], w[2]), tuple(flat[s * L + layer] for s in range(S)), w[1], w[3], w[4])
+            new.append(st)
+            inp = st[0] * masks[layer] if masks and layer < L - 1 else st[0]
+        return tuple(new[layer][s] for s in range(S) for layer in range(L))
+
+
+class _WormholeFeedback(nn.Module):
+    """``feedback(y, x_t, ...) -> (concat_k gate_k(h_src_k) ⊙ proj_k(h_src_k), ||x_t|| per sample)``."""
+
+    def __init__(self, wormholes: nn.ModuleDict, src_layers: Sequence[int]) -> None:
+        super().__init__()
+        self.wormholes, self.src_layers = wormholes, tuple(src_layers)
+
+    def forward(self, y: Tuple[Tensor, ...], x_t: Tensor, *rest: Tensor) -> Tuple[Tensor, Tensor]:
+        parts = [wh(y[src]) for wh, src in zip(self.wormholes.values(), self.src_layers)]
+        z = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+        return z, torch.linalg.vector_norm(x_t, dim=-1)
+
+
+class _Temporal:
+    """Plain holder (not an nn.Module) of the per-step fixed point: keeps it out of the module tree."""
+
+    def __init__(self, pairs: Tuple[Tuple[str, str], ...], fp: nn.Module, body: _StackBody, dst_sizes: Sequence[int]) -> None:
+        self.pairs, self.fp, self.body, self.dst_sizes = pairs, fp, body, tuple(dst_sizes)
+
+
+@dataclass
+class TemporalStats:
+    """Solver statistics of every step of the last forward; tensors are ``[T, B]``.
+
+    ``backward_iterations`` is ``None`` until a backward pass has run through every step.
+    """
+
+    steps: List[Any]  # FixedPointStats per time step
+
+    def _stack(self, field: str) -> Optional[Tensor]:
+        vals = [getattr(s, field) for s in self.steps]
+        return None if any(v is None for v in vals) else torch.stack([v.detach() for v in vals])
+
+    @property
+    def iterations(self) -> Tensor:
+        return self._stack("iterations")  # type: ignore[return-value]
+
+    @property
+    def residual(self) -> Tensor:
+        return self._stack("residual")  # type: ignore[return-value]
+
+    @property
+    def status(self) -> Tensor:
+        return self._stack("status")  # type: ignore[return-value]
+
+    @property
+    def backward_iterations(self) -> Optional[Tensor]:
+        return self._stack("backward_iterations")
+
+    @property
+    def backward_residual(self) -> Optional[Tensor]:
+        return self._stack("backward_residual")
+
+    def summary(self) -> dict:
+        it = self.iterations.float()
+        out = {"steps": len(self.steps), "mean_iterations": float(it.mean()), "max_iterations": int(it.max())}
+        bwd = self.backward_iterations
+        if bwd is not None:
+            out["mean_backward_iterations"] = float(bwd.float().mean())
+        return out
+
+
+def resolve_temporal_pairs(rnn: ExplicitRecurrent, wormholes: Union[str, Sequence[Tuple[str, str]]],
+                           path: str = "") -> Tuple[Tuple[int, int], ...]:
+    """Turn ``WormholeConfig.wormholes`` into ``(src_layer, dst_layer)`` index pairs for ``rnn``.
+
+    * ``"auto"``: top layer -> bottom layer, ``(L-1, 0)`` (``(0, 0)`` for one layer).
+    * ``"every:K"``: one wormhole per block of K layers, from its top layer to its bottom layer:
+      ``(min(i+K-1, L-1), i)`` for ``i = 0, K, 2K, ...``.
+    * explicit pairs of names ``"layer<k>"`` (``layer0`` = bottom), optionally prefixed with the
+      module path (``"encoder.rnn.layer1"``). ``src >= dst`` (the edge goes back down the stack).
+      Pairs naming no layer of this module are skipped (another pass may place them); a pair with
+      only one end in this module raises :class:`PlacementError`.
+    """
+    L = rnn.num_layers
+    if wormholes == "auto":
+        return ((L - 1, 0),)
+    if isinstance(wormholes, str) and wormholes.startswith("every:"):
+        k = int(wormholes[6:])
+        return tuple((min(i + k - 1, L - 1), i) for i in range(0, L, k))
+    out = []
+    for src, dst in wormholes:
+        a, b = _layer_index(src, path, L), _layer_index(dst, path, L)
+        if a is None and b is None:
+            continue
+        where = path or type(rnn).__name__
+        if a is None or b is None:
+            raise PlacementError(f"temporal wormhole ({src!r}, {dst!r}) at {where}: both ends must name layers "
+                                 f"of the same recurrent module ('layer0'..'layer{L - 1}', optionally prefixed "
+                                 f"with '{path}.'); a wormhole between a recurrent layer and another module is not supported")
+        if a < b:
+            raise PlacementError(f"temporal wormhole ({src!r}, {dst!r}) at {where}: src must be at or above dst "
+                                 "in the stack (the edge goes back to an earlier layer); swap the pair")
+        out.append((a, b))
+    return tuple(out)
+
+
+def _layer_index(name: str, path: str, L: int) -> Optional[int]:
+    prefix = f"{path}." if path else ""
+    if prefix and name.startswith(prefix):
+        name = name[len(prefix):]
+    elif "." in name:
+        return None
+    if not (name.startswith("layer") and name[5:].isdigit()):
+        return None
+    k = int(name[5:])
+    if k >= L:
+        raise PlacementError(f"temporal wormhole end {name!r} at {path or 'the recurrent module'}: the stack has "
+                             f"layers 'layer0'..'layer{L - 1}'")
+    return k
+
+
+def add_temporal_wormhole(module: nn.Module, config: WormholeConfig = WormholeConfig(), *,
+                          pairs: Optional[Sequence[Tuple[int, int]]] = None, path: str = "",
+                          inplace: bool = False) -> ExplicitRecurrent:
+    """Give a recurrent module per-step fixed points with temporal wormholes.
+
+    Args:
+        module: an :class:`ExplicitRecurrent` or an ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (converted).
+        config: gate kind and init, projection init, solver, gradient mode, failure policy; its
+            ``wormholes`` field selects the pairs (see :func:`resolve_temporal_pairs`).
+        pairs: ``(src_layer, dst_layer)`` indices overriding ``config.wormholes``.
+        path: the module's path in its model (for error messages and prefixed pair names).
+        inplace: modify ``module`` (an explicit module) instead of a deep copy.
+
+    Returns the explicit module with wormholes; its ``stats`` gives per-step iteration counts.
+    """
+    from .fixed_point import FixedPoint  # imported here: the runtime is optional until used
+
+    import copy
+
+    if isinstance(module, ExplicitRecurrent):
+        rnn = module if inplace else copy.deepcopy(module)
+    else:
+        rnn = explicit_from_module(module)
+    where = path or type(rnn).__name__
+    if rnn._temporal is not None:
+        raise PlacementError(f"{where} already has temporal wormholes {rnn.temporal_pairs}")
+    if rnn.bidirectional:
+        raise PlacementError(f"temporal wormholes at {where}: a bidirectional stack has no per-step order "
+                             "(the reverse direction needs future inputs); use bidirectional=False")
+    if config.spectral_norm:
+        raise ConfigError(f"WormholeConfig.spectral_norm=True is not supported by temporal wormholes (at {where}); "
+                          "use gate_cap to bound the feedback instead")
+    idx = tuple(pairs) if pairs is not None else resolve_temporal_pairs(rnn, config.wormholes, path)
+    if not idx:
+        raise PlacementError(f"temporal wormholes at {where}: config.wormholes={config.wormholes!r} names no "
+                             f"layer of this module (layers are 'layer0'..'layer{rnn.num_layers - 1}')")
+    for a, b in idx:
+        if not (0 <= b <= a < rnn.num_layers):
+            raise PlacementError(f"temporal wormhole ({a}, {b}) at {where}: need 0 <= dst <= src < {rnn.num_layers}")
+    ref = next(rnn.parameters())
+    h, dst_sizes = rnn.real_hidden_size, [rnn.input_size if b == 0 else rnn.real_hidden_size for _, b in idx]
+    rnn.temporal_wormholes = nn.ModuleDict({
+        f"{layer_name(a)}_to_{layer_name(b)}": Wormhole(
+            (1, h), (1, size), gate=config.gate, gate_init=config.gate_init, proj_init=config.proj_init,
+            proj_std=config.proj_std, gate_cap=config.gate_cap, src=layer_name(a), dst=layer_name(b),
+        ).to(device=ref.device, dtype=ref.dtype)
+        for (a, b), size in zip(idx, dst_sizes)
+    })
+    body = _StackBody(rnn, [b for _, b in idx], dst_sizes)
+    feedback = _WormholeFeedback(rnn.temporal_wormholes, [a for a, _ in idx])
+    fp = FixedPoint(body, feedback, solver=config.solver, grad=config.grad, on_fail=config.on_fail,
+                    name=f"temporal:{where}")
+    rnn._temporal = _Temporal(tuple((layer_name(a), layer_name(b)) for a, b in idx), fp, body, dst_sizes)
+    return rnn
