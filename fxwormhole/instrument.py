@@ -1,0 +1,139 @@
+"""Front door for sensitivity probes and SAL: :func:`instrument`, :func:`instrument_graph`,
+:func:`sensitivity_report`.
+
+Example::
+
+    model = fxwormhole.instrument(net, (x,), sal=SALConfig(eta=0.02))   # net is not touched
+    for x, y in data:
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()      # SAL rides on .grad
+    print(fxwormhole.sensitivity_report(model))
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, List, Mapping, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import capture
+from .config import SALConfig
+from .errors import ConfigError
+from .passes._common import graph_meta, run_passes
+from .passes.sensitivity_annotate import ActivationSpec, SensitivityAnnotate
+from .passes.sensitivity_insert import SensitivityInsert
+from .runtime.sensitivity import probes_of
+
+__all__ = ["instrument", "instrument_graph", "sensitivity_report", "SensitivityReport", "SensitivityRow"]
+
+
+def _check_sal(sal: Any) -> SALConfig:
+    if sal is None:
+        return SALConfig(enabled=False)
+    if not isinstance(sal, SALConfig):
+        raise ConfigError(f"sal={sal!r} is invalid: expected a fxwormhole.SALConfig or None (probes only)")
+    return sal
+
+
+def instrument_graph(gm: fx.GraphModule, sal: Optional[SALConfig] = None,
+                     activations: Optional[Mapping[str, ActivationSpec]] = None) -> fx.GraphModule:
+    """Put a sensitivity probe on every neuron layer of ``gm`` (in place) and return it.
+
+    Nested GraphModules (fixed-point bodies) are instrumented too. Call it before any step that
+    snapshots a body's graph (e.g. a VJP graph built with ``make_fx``), or rebuild that snapshot.
+
+    Args:
+        gm: a captured (possibly already rewritten) GraphModule; it is modified.
+        sal: SAL rule; ``None`` or ``SALConfig(enabled=False)`` installs measuring probes only.
+        activations: per-layer activation overrides (see :class:`SensitivityAnnotate`).
+    """
+    sal = _check_sal(sal)
+    gm = run_passes(gm, [SensitivityAnnotate(sal, activations), SensitivityInsert(sal)])
+    graph_meta(gm)["sensitivity"] = {"sal": sal, "probes": sorted(probes_of(gm))}
+    return gm
+
+
+def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] = None, *,
+               activations: Optional[Mapping[str, ActivationSpec]] = None, front_end: str = "auto") -> fx.GraphModule:
+    """A copy of ``model`` with a sensitivity probe on every neuron (and SAL when ``sal`` is enabled).
+
+    ``model`` is never mutated: it is captured (deep-copied) by :func:`fxwormhole.capture.capture`.
+    The result is a GraphModule whose parameters keep their names (the original ``state_dict``
+    loads into it; the result's ``state_dict`` adds the probes' ``s_bar``/``log_rms``/``count``
+    buffers). Statistics and SAL act in training mode only; SAL's gradient is added to ``.grad``
+    during ``loss.backward()``, so any optimizer applies it (see docs/sensitivity.md).
+
+    Args:
+        model: the network.
+        example_inputs: a tensor or a tuple of positional example inputs.
+        sal: :class:`SALConfig`; ``None`` installs measuring probes only.
+        activations: per-layer activation overrides by module path (a registered name, or an
+            elementwise callable / activation module).
+        front_end: capture front end (``"auto"``, ``"symbolic_trace"``, ``"export"``).
+    """
+    sal = _check_sal(sal)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"instrument(model=...) expects an nn.Module, got {type(model).__name__}")
+    gm = capture(model, example_inputs, front_end=front_end)
+    gm = instrument_graph(gm, sal, activations)
+    gm.train(model.training)
+    return gm
+
+
+@dataclass(frozen=True)
+class SensitivityRow:
+    """One probed layer: per-neuron moving averages summarised."""
+
+    layer: str
+    kind: str
+    activation: str
+    source: str
+    neurons: int
+    mean_s_bar: float
+    log_rms_s: float
+    below_target: float
+    updates: int
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    """Per-layer sensitivity statistics of an instrumented model; ``str()`` is a table."""
+
+    rows: List[SensitivityRow]
+    target: float
+
+    def mean_log_rms(self) -> float:
+        """Mean over layers of the log RMS sensitivity (0 at the edge of chaos)."""
+        vals = [r.log_rms_s for r in self.rows]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    def __str__(self) -> str:
+        head = ("layer", "kind", "activation", "source", "neurons", "mean s_bar", "log RMS s",
+                f"s_bar<{self.target:g}", "updates")
+        body = [(r.layer, r.kind, r.activation, r.source, str(r.neurons), f"{r.mean_s_bar:.4f}",
+                 f"{r.log_rms_s:+.4f}", f"{100 * r.below_target:.1f}%", str(r.updates)) for r in self.rows]
+        widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+        line = lambda cells: "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def sensitivity_report(model: nn.Module) -> SensitivityReport:
+    """Per-layer sensitivity of an instrumented ``model`` (statistics gathered in training mode).
+
+    Raises:
+        ConfigError: ``model`` has no probes (it was not instrumented).
+    """
+    probes = probes_of(model)
+    if not probes:
+        raise ConfigError("sensitivity_report: the model has no sensitivity probes; build it with "
+                          "fxwormhole.instrument(...) or fxwormhole.transform(..., sal=SALConfig())")
+    rows, target = [], 1.0
+    for p in probes.values():
+        target = p.rule.target
+        with torch.no_grad():
+            s = p.s_bar.float()
+            rows.append(SensitivityRow(p.layer, p.kind, p.activation, p.source, p.neurons, float(s.mean()),
+                                       float(p.log_rms), float((s < p.rule.target).float().mean()), int(p.count)))
+    return SensitivityReport(rows, target)
