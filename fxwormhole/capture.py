@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import traceback
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -147,7 +148,9 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     # Failures are reported by CaptureError; export also prints its partial graph to stderr.
-    with _quiet(_NOISY_LOGGERS), contextlib.redirect_stderr(io.StringIO()):
+    with _quiet(_NOISY_LOGGERS), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        # RNN modules rebuild their _flat_weights list while traced; harmless, re-synced below
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
         ep = torch.export.export(model, args, kwargs or None, strict=False)
     egm = ep.module()
     n = _normalise_export_layers(egm, model)
@@ -449,6 +452,8 @@ def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
             if not hasattr(module, child_name):
                 module.add_module(child_name, child)
     setattr(parent, name, module)
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()  # point the cached weight list at the module's own parameters
 
 
 # ------------------------------------------------------------------------------------------------

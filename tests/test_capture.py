@@ -1,0 +1,240 @@
+"""capture(): both front ends, export normalisation, fidelity to the model, no mutation, errors."""
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxwormhole import zoo
+from fxwormhole.capture import LAYER_TYPES, capture
+from fxwormhole.errors import CaptureError, ConfigError
+
+# zoo model -> front end "auto" must pick
+AUTO = {
+    "MLP": "symbolic_trace", "CNN": "symbolic_trace", "ResidualBlock": "symbolic_trace",
+    "ResidualMLP": "symbolic_trace", "TransformerStack": "export", "LSTMClassifier": "symbolic_trace",
+    "GRUClassifier": "symbolic_trace", "RNNClassifier": "symbolic_trace", "GRUCellLoop": "symbolic_trace",
+    "SeqLenLoop": "export", "TwoInTwoOut": "symbolic_trace",
+}
+
+
+def _snapshot(model):
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()}, model.training,
+            {n: m.training for n, m in model.named_modules()})
+
+
+def _assert_unchanged(model, snap):
+    state, training, flags = snap
+    assert model.training == training
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    now = model.state_dict()
+    assert set(now) == set(state)
+    for k, v in state.items():
+        assert torch.equal(now[k], v), k
+
+
+@pytest.mark.parametrize("front_end", ["auto", "export"])
+@pytest.mark.parametrize("name", sorted(AUTO))
+def test_capture_zoo_matches_model(name, front_end):
+    model = zoo.build(name).eval()
+    args = model.example_inputs(batch=3)
+    hook = lambda *a: None  # noqa: E731
+    handle = model.register_forward_hook(hook)
+    snap = _snapshot(model)
+
+    gm = capture(model, args, front_end=front_end)
+
+    meta = gm.meta["fxwormhole"]
+    assert meta["front_end"] == (AUTO[name] if front_end == "auto" else "export")
+    assert meta["input_shapes"] == [tuple(a.shape) for a in args]
+    # the user's model: same values, flags and hooks
+    _assert_unchanged(model, snap)
+    assert list(model._forward_hooks.values()) == [hook]
+    assert all(not m._forward_hooks for m in model.modules() if m is not model)
+    handle.remove()
+    ref = model(*args)
+    torch.testing.assert_close(gm(*args), ref, rtol=0, atol=0)
+    # every layer is a call_module on the user's path, holding a copy (not the user's object)
+    mods = dict(gm.named_modules())
+    user_mods = dict(model.named_modules())
+    layer_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], LAYER_TYPES)]
+    expected = {n for n, m in user_mods.items() if isinstance(m, LAYER_TYPES)}
+    assert {n.target for n in layer_nodes} == expected
+    for n in layer_nodes:
+        assert type(mods[n.target]) is type(user_mods[n.target])
+        assert mods[n.target] is not user_mods[n.target]
+        assert mods[n.target].weight_ih.data_ptr() != user_mods[n.target].weight_ih.data_ptr() if hasattr(
+            mods[n.target], "weight_ih") else True
+    # no ATen op on a layer module's weights survives normalisation (MHA's in_proj is no module)
+    weights = {f"{p}.weight" for p in expected}
+    aten_layers = [n for n in gm.graph.nodes if n.op == "call_function"
+                   and any(getattr(a, "target", None) in weights for a in n.args)]
+    assert aten_layers == []
+    # shapes everywhere
+    for n in gm.graph.nodes:
+        if n.op not in ("output",) and n.target != "_guards_fn":
+            assert "val" in n.meta, n.name
+    # state_dict: same keys, loads into the model strictly
+    assert set(gm.state_dict()) == set(model.state_dict())
+    fresh = zoo.build(name)
+    fresh.load_state_dict(gm.state_dict(), strict=True)
+    torch.testing.assert_close(fresh.eval()(*args), ref)
+
+
+def test_capture_never_aliases_parameters():
+    model = zoo.MLP()
+    gm = capture(model, model.example_inputs())
+    before = model.layers[0].weight.detach().clone()
+    with torch.no_grad():
+        gm.get_submodule("layers.0").weight.add_(1.0)
+    assert torch.equal(model.layers[0].weight, before)
+
+
+def test_training_flag_is_kept():
+    model = zoo.MLP().train()
+    gm = capture(model, model.example_inputs())
+    assert gm.training and gm.meta["fxwormhole"]["training"] is True
+    assert model.training
+    gm.eval()  # export graphs are re-wrapped so .eval() works on them too
+    gm2 = capture(zoo.SeqLenLoop().train(), zoo.example_inputs("SeqLenLoop"))
+    gm2.eval()
+    assert not gm2.training
+
+
+def test_seq_len_loop_goes_through_export_and_is_normalised():
+    model = zoo.SeqLenLoop(steps=4).eval()
+    (x,) = model.example_inputs()
+    gm = capture(model, (x,))
+    assert gm.meta["fxwormhole"]["front_end"] == "export"
+    assert "symbolic_trace" in gm.meta["fxwormhole"]["attempts"]
+    assert "Proxy" in gm.meta["fxwormhole"]["attempts"]["symbolic_trace"]
+    cells = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "cell"]
+    assert len(cells) == 4 and gm.meta["fxwormhole"]["normalised"] == 5
+    assert not any("gru_cell" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+    assert not any(n.op == "get_attr" for n in gm.graph.nodes)
+    # the first step starts from a fresh zero state: called as cell(x_t) like the module would
+    assert len(cells[0].args) == 1 and all(len(c.args) == 2 for c in cells[1:])
+    assert cells[1].args[1] is cells[0]
+    # shared weights: one module, one set of parameters
+    assert sum(1 for _ in gm.get_submodule("cell").parameters()) == 4
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    # the export front end specialised the loop to T=4: another T is refused, not silently wrong
+    with pytest.raises(Exception):
+        gm(torch.randn(4, 5, 6))
+
+
+class _Exotic(nn.Module):
+    """ATen forms normalisation must get right, or leave alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
+        self.same = nn.Conv1d(6, 6, 3, padding="same", bias=False)
+        self.circ = nn.Conv1d(6, 6, 3, padding=1, padding_mode="circular")  # pads itself: stays ATen
+        self.lstm = nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(10, 4)  # seq-first
+        self.cell = nn.LSTMCell(4, 3)
+        self.shared = nn.Linear(3, 3)
+
+    def forward(self, x, h0, c0):
+        y = self.conv(x).flatten(2)                     # [B, 6, 16]
+        y = self.circ(self.same(y)).transpose(1, 2)     # [B, 16, 6]
+        out, (h, c) = self.lstm(y, (h0, c0))            # explicit initial state
+        g, hn = self.gru(out.transpose(0, 1))           # [16, B, 4]
+        hc = None
+        for t in range(3):
+            hc = self.cell(g[t], hc)
+        z = self.shared(self.shared(hc[0]) * hc[1])     # one module called twice
+        return z + hn.sum() + h.mean() + c.mean()
+
+
+def _exotic_inputs():
+    return (torch.randn(2, 4, 8, 8), torch.randn(4, 2, 5), torch.randn(4, 2, 5))
+
+
+@pytest.mark.parametrize("front_end", ["symbolic_trace", "export"])
+def test_exotic_layers_match_and_normalise(front_end):
+    model = _Exotic().eval()
+    args = _exotic_inputs()
+    gm = capture(model, args, front_end=front_end)
+    torch.testing.assert_close(gm(*args), model(*args), rtol=0, atol=0)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target != "_guards_fn"]
+    assert targets.count("shared") == 2 and targets.count("cell") == 3
+    assert {"conv", "same", "lstm", "gru"} <= set(targets)
+    if front_end == "export":
+        assert "circ" not in targets  # circular padding is F.pad + conv(padding=0), not the module's op
+        lstm = next(n for n in gm.graph.nodes if n.target == "lstm")
+        assert isinstance(lstm.args[1], tuple) and len(lstm.args[1]) == 2  # (h0, c0) kept
+        # aten.lstm's (out, h, c) is re-read from nn.LSTM's (out, (h, c))
+        h_reads = [u for u in lstm.users if u.target is operator.getitem and u.args[1] == 1]
+        assert len(h_reads) == 1 and all(u.target is operator.getitem for u in h_reads[0].users)
+    sd = gm.state_dict()
+    assert set(sd) <= set(model.state_dict())
+    missing = set(model.state_dict()) - set(sd)
+    assert missing <= {k for k in model.state_dict() if k.startswith("circ.")}
+
+
+class _Kw(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x, h=None, *, scale=1.0, mask=None):
+        if mask is not None:
+            x = x * mask
+        y = self.lin(x) * scale
+        return y if h is None else y + h
+
+
+@pytest.mark.parametrize("front_end", ["symbolic_trace", "export"])
+def test_kwargs_tensor_and_constant(front_end):
+    model = _Kw()
+    x, mask = torch.randn(2, 3), (torch.rand(2, 3) > 0.5).float()
+    gm = capture(model, (x,), kwargs={"mask": mask, "scale": 2.0}, front_end=front_end)
+    torch.testing.assert_close(gm(x, mask=mask, scale=2.0), model(x, mask=mask, scale=2.0))
+    mask2 = torch.ones(2, 3)
+    torch.testing.assert_close(gm(x, mask=mask2, scale=2.0), model(x, mask=mask2, scale=2.0))
+
+
+def test_data_dependent_break_names_both_front_ends():
+    model = zoo.DataDependentBreak()
+    with pytest.raises(CaptureError) as info:
+        capture(model, model.example_inputs())
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "symbolic_trace failed" in msg and "export failed" in msg
+    assert msg.count("zoo.py:") == 2 and "h.norm() < 1e-3" in msg   # the user's line, from each front end
+    assert "torch.cond" in msg and "front_end=" in msg
+
+
+def test_forced_front_end_reports_only_that_one():
+    model = zoo.SeqLenLoop()
+    with pytest.raises(CaptureError) as info:
+        capture(model, model.example_inputs(), front_end="symbolic_trace")
+    msg = str(info.value)
+    assert "symbolic_trace failed" in msg and "export failed" not in msg
+    assert "range(x.shape[1])" in msg
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="front_end"):
+        capture(zoo.MLP(), torch.randn(2, 8), front_end="dynamo")
+    with pytest.raises(ConfigError, match="nn.Module"):
+        capture(lambda x: x, torch.randn(2, 8))
+
+
+def test_single_tensor_example_and_functional_layer_call():
+    class Functional(nn.Module):  # F.linear on a module's own weights becomes a call of that module
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.linear(torch.tanh(self.a(x)), self.a.weight, self.a.bias)
+
+    m = Functional()
+    x = torch.randn(2, 4)
+    gm = capture(m, x, front_end="export")
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target != "_guards_fn"] == ["a", "a"]
+    torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
