@@ -30,7 +30,7 @@ from torch import nn
 from .capture import LAYER_TYPES
 
 __all__ = [
-    "Layer", "Region", "to_networkx", "classify_activation", "activation_params", "layer_kind",
+    "Layer", "Region", "to_networkx", "is_shape_node", "classify_activation", "activation_params", "layer_kind",
     "layer_table", "main_path", "output_layers", "candidate_spans", "module_regions",
     "strongly_connected_components", "find_cycles", "format_layer_table",
 ]
@@ -82,16 +82,32 @@ class Region:
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     """Data-flow DiGraph of ``gm``: nodes are fx node names, an edge ``a -> b`` when ``b`` reads ``a``.
 
-    Node attributes: ``op``, ``target`` (a string) and ``kind`` (the layer kind, the activation
-    name, or None). A graph that already has back edges (after a wormhole pass) may be cyclic.
+    Node attributes: ``op``, ``target`` (a string), ``kind`` (the layer kind, the activation
+    name, or None) and ``shape_only``. Shape nodes (``aten.sym_size`` of an export graph with a
+    dynamic batch) read a tensor but carry no data: they get no out-edges, so they never join
+    two branches. A graph that already has back edges (after a wormhole pass) may be cyclic.
     """
     g = nx.DiGraph()
     mods = dict(gm.named_modules())
     for node in gm.graph.nodes:
-        g.add_node(node.name, op=node.op, target=_target_str(node), kind=_node_kind(node, mods))
+        g.add_node(node.name, op=node.op, target=_target_str(node), kind=_node_kind(node, mods),
+                   shape_only=is_shape_node(node))
         for inp in node.all_input_nodes:
-            g.add_edge(inp.name, node.name)
+            if not is_shape_node(inp):
+                g.add_edge(inp.name, node.name)
     return g
+
+
+_SCALARS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def is_shape_node(node: fx.Node) -> bool:
+    """True for a node computing a size/scalar (``aten.sym_size.int``, arithmetic on sizes)."""
+    if node.op != "call_function":
+        return False
+    if node.target is torch.ops.aten.sym_size.int:
+        return True
+    return "val" in node.meta and isinstance(node.meta["val"], _SCALARS)
 
 
 def _target_str(node: fx.Node) -> str:
@@ -381,9 +397,9 @@ def module_regions(gm: fx.GraphModule) -> dict[str, Region]:
         leaving: list[str] = []
         for n in nodes:
             for i in n.all_input_nodes:
-                if i.name not in names and i.op != "get_attr" and i.name not in inputs:
+                if i.name not in names and i.op != "get_attr" and not is_shape_node(i) and i.name not in inputs:
                     inputs.append(i.name)
-            if any(u.name not in names for u in n.users):
+            if not is_shape_node(n) and any(u.name not in names for u in n.users):
                 leaving.append(n.name)
         path, typ, k = info[rid]
         regions[rid] = Region(path=path, nodes=tuple(n.name for n in nodes), inputs=tuple(inputs),

@@ -151,7 +151,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     with _quiet(_NOISY_LOGGERS), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         # RNN modules rebuild their _flat_weights list while traced; harmless, re-synced below
         warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
-        ep = torch.export.export(model, args, kwargs or None, strict=False)
+        ep = torch.export.export(model, args, kwargs or None, strict=False,
+                                 dynamic_shapes=_batch_dynamic(model, args, kwargs))
     egm = ep.module()
     n = _normalise_export_layers(egm, model)
     egm.graph.lint()
@@ -160,6 +161,24 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     gm.meta.update(egm.meta)
     gm.meta["_fxw_normalised"] = n
     return gm
+
+
+def _batch_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """Let export keep dim 0 (the batch) symbolic where the model allows it (``Dim.AUTO``).
+
+    Without this, export bakes the example batch size into the graph and the captured module
+    refuses any other batch; AUTO never fails: a dimension the model fixes is specialised.
+    """
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    auto = torch.export.Dim.AUTO
+
+    def leaf(v: Any) -> Any:
+        return {0: auto} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+
+    return {k: torch.utils._pytree.tree_map(leaf, v) for k, v in bound.arguments.items()}
 
 
 _NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")
