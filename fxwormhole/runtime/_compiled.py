@@ -5,7 +5,8 @@ What runs (facts from shared/research/torch-tooling.md section 3, torch 2.13):
 * forward: ``torch.while_loop`` with early exit once no sample is active; converged samples are
   frozen by ``torch.where`` (shapes are fixed); ``tol`` is a 0-d tensor; ``check_every=k``
   unrolls k evaluations per loop trip (one residual check, i.e. one host sync on GPU, per trip).
-  The solver is the configured one (Anderson runs its fixed-shape masked history as in eager).
+  The solver is the configured one, except Anderson, which falls back to the damped iteration
+  (see :func:`compiled_config`): iteration counts then differ from eager, the fixed point does not.
 * backward (implicit mode): an ``autograd.Function`` whose backward runs a second ``while_loop``
   over VJP graphs of body and feedback built ONCE, eagerly, by ``make_fx`` in ``prepare()``
   (autodiff calls inside a while_loop body do not trace), then one ``torch.func.vjp`` per
@@ -59,8 +60,15 @@ def _problem(node, inputs, batched, zspec, tb, tf) -> Problem:
                    node.solver_config, node.grad_config, node.name, node.on_fail)
 
 
+def compiled_config(cfg):
+    """The solver that runs under compile: Anderson's ``linalg.solve`` inside a while_loop body
+    fails to lower in Inductor 2.13 ("Unexpected fake buffer"), so it falls back to the damped
+    iteration with the same damping (plain Picard at damping 1); other solvers run as configured."""
+    return replace(cfg, name="damped") if cfg.name == "anderson" else cfg
+
+
 def _solve(p: Problem, z0: Tensor, cfg=None):
-    cfg = cfg or p.solver_cfg
+    cfg = compiled_config(cfg or p.solver_cfg)
     full = lambda x: p.fmap(x, None)
     return solve_compiled(full, z0, make_solver(cfg), cfg, tol=cfg.tol, max_iter=cfg.max_iter, first=full(z0))
 
@@ -130,7 +138,7 @@ class _CompiledImplicit(torch.autograd.Function):
             return (zbar,), ynext, None
 
         gcfg = node.grad_config
-        acfg = replace(node.solver_config, name=gcfg.solver, tol=gcfg.tol, max_iter=gcfg.max_iter)
+        acfg = compiled_config(replace(node.solver_config, name=gcfg.solver, tol=gcfg.tol, max_iter=gcfg.max_iter))
         y0 = torch.zeros_like(g) + g  # a fresh carry, distinct from the closed-over g
         ybar, (zbar,), _, _, _ = solve_compiled(adj, y0, make_solver(acfg), acfg, tol=acfg.tol,
                                                 max_iter=acfg.max_iter, first=adj(y0))

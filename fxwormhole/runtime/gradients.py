@@ -53,7 +53,8 @@ class GradStrategy:
 
     def __call__(self, p: Problem, z0: Tensor) -> Tuple[Any, FixedPointStats]:
         targets = p.targets() if torch.is_grad_enabled() else []
-        if not targets:
+        # strict_targets (functional API): f may close over tensors, so tape and check even then
+        if not targets and not (p.strict_targets and torch.is_grad_enabled()):
             with torch.no_grad():
                 _, aux, st = p.solve(z0, keep_aux=True)
             p.report(st, "forward")

@@ -95,12 +95,14 @@ class Anderson(FixedPointSolver):
         b, d = z.shape
         m = int(self.config.memory)
         hist = z.new_zeros(b, m, d)
-        return hist, hist.clone(), torch.zeros(b, dtype=torch.int64, device=z.device)
+        # slot indices live in the state (batch dim 0): factory tensors created inside a
+        # torch.while_loop body become graph constants that Inductor rejects
+        slots = torch.arange(m, device=z.device).expand(b, m).clone()
+        return hist, hist.clone(), torch.zeros(b, dtype=torch.int64, device=z.device), slots
 
     def step(self, state: State, z: Tensor, fz: Tensor) -> Tuple[Tensor, State]:
-        X, F, k = state
+        X, F, k, slots = state
         m = X.shape[1]
-        slots = torch.arange(m, device=z.device)
         write = (slots == (k % m).unsqueeze(1)).unsqueeze(2)  # [b, m, 1]
         X = torch.where(write, z.unsqueeze(1), X)
         F = torch.where(write, fz.unsqueeze(1), F)
@@ -114,22 +116,21 @@ class Anderson(FixedPointSolver):
         diag = torch.diagonal(H, dim1=1, dim2=2)
         scale = (diag * vf).sum(1) / vf.sum(1)  # mean ||G_i||^2 over valid slots
         reg = float(self.config.regularization) * scale + torch.finfo(sd).tiny * 1e6
-        eye = torch.eye(m, dtype=sd, device=z.device)
+        eye = (slots.unsqueeze(2) == slots.unsqueeze(1)).to(sd)
         # valid block: H + reg I ; invalid slots: identity row/col so their alpha is exactly 0
         Hm = H * pair + eye * (reg.view(-1, 1, 1) * pair + (1.0 - pair))
-        A = z.new_zeros(z.shape[0], m + 1, m + 1, dtype=sd)
-        A[:, 0, 1:] = vf
-        A[:, 1:, 0] = vf
-        A[:, 1:, 1:] = Hm
-        rhs = torch.zeros(z.shape[0], m + 1, 1, dtype=sd, device=z.device)
-        rhs[:, 0] = 1.0
+        # bordered system [[0, 1^T], [1, H]] [mu; alpha] = [1; 0], built without in-place writes
+        # (in-place slice assignment does not trace inside torch.while_loop)
+        corner = torch.zeros_like(vf[:, :1]).unsqueeze(2)
+        A = torch.cat([torch.cat([corner, vf.unsqueeze(1)], 2), torch.cat([vf.unsqueeze(2), Hm], 2)], 1)
+        rhs = torch.cat([torch.ones_like(corner), torch.zeros_like(vf).unsqueeze(2)], 1)
         alpha = torch.linalg.solve(A, rhs)[:, 1:]  # [b, m, 1]
         d = float(self.config.damping)
         mix_f = (alpha.transpose(1, 2) @ F.to(sd)).squeeze(1)
         if d != 1.0:
             mix_x = (alpha.transpose(1, 2) @ X.to(sd)).squeeze(1)
             mix_f = d * mix_f + (1.0 - d) * mix_x
-        return mix_f.to(z.dtype), (X, F, k + 1)
+        return mix_f.to(z.dtype), (X, F, k + 1, slots)
 
 
 Factory = Callable[[SolverConfig], FixedPointSolver]
