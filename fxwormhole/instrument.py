@@ -20,7 +20,7 @@ from torch import nn
 
 from .capture import capture
 from .config import SALConfig
-from .errors import ConfigError
+from .errors import ConfigError, PlacementError
 from .passes._common import graph_meta, run_passes
 from .passes.sensitivity_annotate import ActivationSpec, SensitivityAnnotate
 from .passes.sensitivity_insert import SensitivityInsert
@@ -72,12 +72,20 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
         activations: per-layer activation overrides by module path (a registered name, or an
             elementwise callable / activation module).
         front_end: capture front end (``"auto"``, ``"symbolic_trace"``, ``"export"``).
+
+    Raises:
+        ConfigError: bad ``sal`` or ``model``.
+        PlacementError: the model holds no neuron layer to probe.
     """
     sal = _check_sal(sal)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"instrument(model=...) expects an nn.Module, got {type(model).__name__}")
     gm = capture(model, example_inputs, front_end=front_end)
     gm = instrument_graph(gm, sal, activations)
+    if not probes_of(gm):
+        raise PlacementError(
+            f"instrument: no neuron layer (Linear, ConvNd, RNN/LSTM/GRU or a cell) found as a submodule of "
+            f"{type(model).__name__}; a bare layer passed as the model is not a submodule: wrap it in a module")
     gm.train(model.training)
     return gm
 

@@ -145,7 +145,7 @@ for _name, _fn in {
     "gelu": lambda u: u / 2 * (1 + sympy.erf(u / sympy.sqrt(2))),
     "gelu_tanh": _gelu_tanh,
     "silu": lambda u: u * Sigmoid(u),
-    "softplus": lambda u, beta=1.0: Softplus(sympy.Float(beta) * u) / sympy.Float(beta),
+    "softplus": lambda u, beta=1.0, threshold=20.0: Softplus(sympy.Float(beta) * u) / sympy.Float(beta),
     "elu": _elu,
     "relu": _relu,
     "leaky_relu": _leaky_relu,

@@ -81,12 +81,12 @@ def _row_coefficients(rule: _Rule, gate: Tensor, norm: Tensor, mean_d1: Tensor, 
 
 
 def _neuron_stats(d1: Tensor, norm: Tensor, dim: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mean ``s`` per neuron, mean ``s^2`` over the layer, mean ``f'`` and share of ``f' > 0`` per neuron."""
+    """Mean ``s`` per neuron, mean ``s^2`` over the layer, mean ``f'`` and share of ``f' != 0`` per neuron."""
     shape = [1] * d1.dim()
     shape[dim] = -1
     s = d1 * norm.view(shape)
     dims = [i for i in range(d1.dim()) if i != dim]
-    return s.mean(dims), s.square().mean(), d1.mean(dims), (d1 > 0).to(d1.dtype).mean(dims)
+    return s.mean(dims), s.square().mean(), d1.mean(dims), (d1 != 0).to(d1.dtype).mean(dims)
 
 
 # ------------------------------------------------------------------------------ dense layers
@@ -174,15 +174,17 @@ class NeuronProbe(nn.Module):
     """
 
     def __init__(self, layer: str, kind: str, neurons: int, activation: str, source: str, sal: SALConfig,
-                 n_calls: int = 1):
+                 n_calls: int = 1, dtype: Optional[torch.dtype] = None):
         super().__init__()
+        dtype = dtype if dtype is not None and dtype.is_floating_point else torch.get_default_dtype()
         self.layer, self.kind, self.activation, self.source = layer, kind, activation, source
         self.beta = float(sal.beta)
         self.rule = _Rule.of(sal, n_calls)
-        self.register_buffer("s_bar", torch.zeros(neurons))
-        self.register_buffer("log_rms", torch.zeros(()))
-        self.register_buffer("last_log_rms", torch.zeros(()))
-        self.register_buffer("count", torch.zeros(()))
+        # Statistics in the layer's dtype (a float32 gate would round a float64 model's SAL step).
+        self.register_buffer("s_bar", torch.zeros(neurons, dtype=dtype))
+        self.register_buffer("log_rms", torch.zeros((), dtype=dtype))
+        self.register_buffer("last_log_rms", torch.zeros((), dtype=dtype))
+        self.register_buffer("count", torch.zeros((), dtype=dtype))
 
     @property
     def neurons(self) -> int:
@@ -233,7 +235,8 @@ class DenseProbe(NeuronProbe):
 
     def __init__(self, layer: str, module: nn.Module, kind: str, act: Derivatives, activation: str,
                  sal: SALConfig, n_calls: int = 1):
-        super().__init__(layer, kind, module.weight.shape[0], activation, act.source, sal, n_calls)
+        super().__init__(layer, kind, module.weight.shape[0], activation, act.source, sal, n_calls,
+                         module.weight.dtype)
         self.pre_pad: Optional[Tuple[Tuple[int, ...], str]] = None
         if kind == "linear":
             self.spec = _DenseSpec(kind, act, self.rule)
@@ -252,7 +255,7 @@ class DenseProbe(NeuronProbe):
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad[0], mode=self.pre_pad[1])
         if self.sal_active():
-            u, mean_s, mean_s2, *_ = _SALDense.apply(x, weight, bias, self.gate(), self.spec)
+            u, mean_s, mean_s2, *_ = _SALDense.apply(x, weight, bias, self.gate().to(weight.dtype), self.spec)
             self.update_stats(mean_s, mean_s2)
             return u
         u = self.spec.op(x, weight, bias)
@@ -304,7 +307,8 @@ class RecurrentProbe(NeuronProbe):
         self.layers = 1 if self.cell else module.num_layers
         self.dirs = 1 if self.cell else (2 if module.bidirectional else 1)
         neurons = self.layers * self.dirs * len(self.gate_acts) * H
-        super().__init__(layer, kind, neurons, "/".join(self.gate_acts), "sympy", sal, n_calls)
+        dtype = (module.weight_ih if self.cell else module.weight_ih_l0).dtype
+        super().__init__(layer, kind, neurons, "/".join(self.gate_acts), "sympy", sal, n_calls, dtype)
         from .activations import derivatives  # local import: activations imports nothing from here
 
         self.acts = [derivatives(a) for a in self.gate_acts]
@@ -395,7 +399,7 @@ class RecurrentProbe(NeuronProbe):
                 s2_sum = s2_sum + mean_s2 * d1.numel()
                 n_total += d1.numel()
                 if active:
-                    g = gate[row0: row0 + norm.numel()]
+                    g = gate[row0: row0 + norm.numel()].to(w_hh.dtype)
                     c_u, c_w = _row_coefficients(self.rule, g, norm, mean_d1, frac, u.shape[0])
                     cu = e * c_u  # [n, N]: coefficient of the x-term per sample and neuron
                     cu_h = cu if r is None else torch.cat([cu[:, :2 * self.H], cu[:, 2 * self.H:] * r], 1)
