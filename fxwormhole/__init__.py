@@ -35,9 +35,9 @@ _LAZY = {
     "FixedPointStats": "fxwormhole.runtime.stats",
     "register_solver": "fxwormhole.runtime.solvers",
     "transform": "fxwormhole.api",
-    "instrument": "fxwormhole.api",
-    "sensitivity_report": "fxwormhole.api",
-    "SAL": "fxwormhole.runtime.sensitivity",
+    "instrument": "fxwormhole.instrument",
+    "sensitivity_report": "fxwormhole.instrument",
+    "SAL": "fxwormhole.instrument",
     "compile": "fxwormhole.compile",
     "export": "fxwormhole.export",
 }

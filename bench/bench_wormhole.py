@@ -1,0 +1,115 @@
+"""Wormhole transform: overhead when closed, and easy vs hard inputs when open.
+
+Run:  python bench/bench_wormhole.py [--repeats 30]
+
+1. Overhead (the seed paper's "cheap when inactive"): original model vs the transformed model with
+   gates closed (as after ``transform``), batch 64, MLP and CNN; forward and forward+backward wall
+   time, measured alternately in one process (medians). Goals: forward <= 1.15x,
+   forward+backward <= 1.3x.
+2. Easy vs hard inputs: an MLP transformed with an input-dependent gate whose logit grows with the
+   source activation's mean; "easy" inputs keep it nearly closed, "hard" ones open it. Mean
+   per-sample forward iterations and wall time for a batch of each.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+import fxwormhole as fw
+from fxwormhole import zoo
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _alternate(fns: dict, repeats: int, rounds: int = 5) -> dict:
+    """Interleave the candidates round by round so machine noise hits all of them alike."""
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            samples[k].append(_median_time(fn, max(1, repeats // rounds)))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def overhead(repeats: int) -> list[tuple]:
+    rows = []
+    models = {
+        "MLP 4x512": (zoo.MLP(in_features=256, hidden=512, depth=4, out_features=10), (torch.randn(64, 256),)),
+        "CNN 16ch 32px": (zoo.CNN(in_channels=3, channels=16, size=32, hidden=128, classes=10), (torch.randn(64, 3, 32, 32),)),
+    }
+    for name, (model, inputs) in models.items():
+        net = fw.transform(model, inputs)
+        model.train(), net.train()
+
+        def fwd(m):
+            def run():
+                with torch.no_grad():
+                    m(*inputs)
+            return run
+
+        def fwd_bwd(m):
+            def run():
+                m(*inputs).sum().backward()
+            return run
+
+        for _ in range(3):  # warm up both
+            fwd(model)(), fwd(net)(), fwd_bwd(model)(), fwd_bwd(net)()
+        t = _alternate({"orig_f": fwd(model), "fw_f": fwd(net), "orig_fb": fwd_bwd(model), "fw_fb": fwd_bwd(net)}, repeats)
+        its = net.fixed_point_stats()["fixed_point_0"].forward.mean_iterations
+        rows.append((name, t["orig_f"] * 1e3, t["fw_f"] * 1e3, t["fw_f"] / t["orig_f"],
+                     t["orig_fb"] * 1e3, t["fw_fb"] * 1e3, t["fw_fb"] / t["orig_fb"], its))
+    return rows
+
+
+def easy_vs_hard(repeats: int) -> list[tuple]:
+    torch.manual_seed(0)
+    model = zoo.MLP(in_features=64, hidden=256, depth=4, out_features=10)
+    x = torch.randn(64, 64)
+    cfg = fw.WormholeConfig(wormholes=[("layers.3", "layers.0")], gate="input", gate_init=-6.0,
+                            proj_init="normal", proj_std=0.08, solver="picard", tol=1e-5, max_iter=100)
+    net = fw.transform(model, (x,), cfg).eval()
+    gate = net.get_submodule("fixed_point_0.feedback.wormhole_0.gate")
+    with torch.no_grad():  # gate logit = -6 + 12 * mean(h_src): opens when the deep layer is active
+        gate.map.map.weight.fill_(12.0 / gate.map.map.weight.shape[1])
+    easy = torch.randn(64, 64) * 0.05
+    hard = torch.randn(64, 64) * 3.0 + 1.0
+    results = []
+    for label, batch in (("easy", easy), ("hard", hard)):
+        def run(b=batch):
+            with torch.no_grad():
+                net(b)
+        run()
+        stats = net.fixed_point_stats()["fixed_point_0"].forward
+        t = _median_time(run, repeats)
+        results.append((label, stats.mean_iterations, int(stats.iterations.max()), t * 1e3))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    print("Overhead with closed wormholes (batch 64, medians of alternating runs, ms)")
+    print(f"{'model':<14} {'orig fwd':>9} {'fxw fwd':>9} {'ratio':>6} {'orig f+b':>9} {'fxw f+b':>9} {'ratio':>6} {'iters':>6}")
+    for r in overhead(args.repeats):
+        print(f"{r[0]:<14} {r[1]:9.2f} {r[2]:9.2f} {r[3]:6.2f} {r[4]:9.2f} {r[5]:9.2f} {r[6]:6.2f} {r[7]:6.2f}")
+    print("\nEasy vs hard inputs (input gate, picard, tol 1e-5, batch 64)")
+    print(f"{'batch':<6} {'mean iters':>10} {'max iters':>9} {'time ms':>8}")
+    for r in easy_vs_hard(args.repeats):
+        print(f"{r[0]:<6} {r[1]:10.2f} {r[2]:9d} {r[3]:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

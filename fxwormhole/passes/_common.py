@@ -1,0 +1,75 @@
+"""Helpers shared by the passes: metadata access, running passes with typed errors, legalising."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_manager import PassManager
+from torch.fx.passes.tools_common import stable_topological_sort
+
+from ..errors import FxWormholeError
+
+__all__ = ["META_KEY", "node_meta", "graph_meta", "run_passes", "legalize", "fake_value", "value_shape"]
+
+META_KEY = "fxwormhole"
+
+
+def node_meta(node: fx.Node) -> dict[str, Any]:
+    """The toolkit's metadata dict on ``node`` (created on first use)."""
+    return node.meta.setdefault(META_KEY, {})
+
+
+def graph_meta(gm: fx.GraphModule) -> dict[str, Any]:
+    """The toolkit's metadata dict on the GraphModule (created on first use)."""
+    return gm.meta.setdefault(META_KEY, {})
+
+
+def run_passes(gm: fx.GraphModule, passes: Sequence[Any]) -> fx.GraphModule:
+    """Run ``passes`` with torch.fx's PassManager, re-raising our own errors unwrapped.
+
+    PassManager wraps every failure in a bare ``Exception``; users should see the typed
+    :class:`FxWormholeError` that says what to do.
+    """
+    manager = PassManager(passes=list(passes), run_checks_after_each_pass=True)
+    try:
+        result = manager(gm)
+    except Exception as exc:  # noqa: BLE001 - unwrap and re-raise below
+        cause = exc
+        while cause is not None and not isinstance(cause, FxWormholeError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause.with_traceback(None) from None
+        raise
+    return result.graph_module
+
+
+def legalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Re-order nodes topologically, keeping the original order where data flow allows; lint; recompile.
+
+    The graph's Node objects are replaced: refer to nodes by name across this call.
+    """
+    stable_topological_sort(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def fake_value(node: Any) -> Any:
+    """``meta['val']`` of an fx node, or None (non-node args return themselves)."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("val")
+    return node
+
+
+def value_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """Static shape of a node's tensor value, from its fake value (None if unknown / not a tensor)."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape)
+    return None
+
+
+def users_outside(nodes: Iterable[fx.Node], inside: set[fx.Node]) -> list[fx.Node]:
+    """Nodes of ``nodes`` that have at least one user outside ``inside`` (graph order kept)."""
+    return [n for n in nodes if any(u not in inside for u in n.users)]

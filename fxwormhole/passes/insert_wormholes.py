@@ -1,0 +1,109 @@
+"""Insert pass: materialise planned wormholes as modules and a (still acyclic) back edge.
+
+For each :class:`~fxwormhole.passes.plan_wormholes.WormholeSpec` this pass adds a
+:class:`~fxwormhole.runtime.wormhole.Wormhole` module ``wormhole_<i>`` and three nodes::
+
+    read_i  = wormhole_read(x)          # the injected signal; zeros until the cycle is closed
+    x_mod_i = x + read_i                # what the destination now consumes
+    write_i = wormhole_<i>(h_src)       # gate(h) * proj(h): the value that flows back
+
+The back edge ``write_i -> read_i`` is recorded in ``gm.meta["fxwormhole"]["back_edges"]`` instead
+of being drawn as a data edge, so the fx graph stays a DAG (fx cannot represent a cycle) and still
+runs: with ``read_i = 0`` it computes exactly the original network. The wrap pass turns each cycle
+into one fixed-point node.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..config import WormholeConfig
+from ..errors import PlacementError
+from ..runtime.wormhole import Wormhole
+from ._common import graph_meta, node_meta
+
+__all__ = ["InsertWormholes", "wormhole_read"]
+
+
+def wormhole_read(x: torch.Tensor) -> torch.Tensor:
+    """Placeholder op for the signal a wormhole injects into ``x`` (zero before the cycle closes)."""
+    return torch.zeros_like(x)
+
+
+def _after_placeholders(gm: fx.GraphModule) -> fx.Node:
+    """The node after the last placeholder (export graphs put get_attr nodes before them)."""
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    return last.next
+
+
+class InsertWormholes(PassBase):
+    """Add gate + projection modules and the read/write ends of every planned wormhole."""
+
+    def __init__(self, config: WormholeConfig):
+        super().__init__()
+        self.config = config
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        if "wormholes" not in graph_meta(gm):
+            raise PlacementError("InsertWormholes runs after PlanWormholes: no wormhole plan in gm.meta")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        cfg = self.config
+        specs = graph_meta(gm)["wormholes"]
+        nodes = {n.name: n for n in gm.graph.nodes}
+        back_edges = graph_meta(gm).setdefault("back_edges", [])
+        modules: dict[tuple[str, str], str] = {}
+        modulated: dict[tuple[str, fx.Node], fx.Node] = {}
+        for spec in specs:
+            # Call sites of the same (src, dst) pair share one set of parameters (cell loops).
+            name = modules.get((spec.src, spec.dst))
+            if name is None:
+                name = spec.module_name
+                modules[(spec.src, spec.dst)] = name
+                module = Wormhole(
+                    spec.src_shape,
+                    spec.dst_shape,
+                    gate=cfg.gate,
+                    gate_init=cfg.gate_init,
+                    proj_init=cfg.proj_init,
+                    proj_std=cfg.proj_std,
+                    gate_cap=cfg.gate_cap,
+                    src=spec.src,
+                    dst=spec.dst,
+                )
+                if cfg.spectral_norm:
+                    from ..runtime.contraction import cap_spectral_norm
+
+                    cap_spectral_norm(module.proj.map)
+                x_val = nodes[spec.dst_input].meta["val"]
+                module.to(device=x_val.device, dtype=x_val.dtype)
+                gm.add_submodule(name, module)
+
+            x, src = nodes[spec.dst_input], nodes[spec.src_node]
+            with gm.graph.inserting_before(_after_placeholders(gm) if x.op == "placeholder" else x.next):
+                read = gm.graph.call_function(wormhole_read, (x,))
+            read.meta["val"] = x.meta["val"]
+            node_meta(read).update(role="read", wormhole=spec.index)
+            # Several wormholes may modulate the same input of the same user: chain the additions.
+            groups: dict[fx.Node, list[fx.Node]] = {}
+            for user in spec.dst_users:
+                groups.setdefault(modulated.get((user, x), x), []).append(nodes[user])
+            for current, users in groups.items():
+                with gm.graph.inserting_after(read if current is x else current):
+                    x_mod = gm.graph.call_function(operator.add, (current, read))
+                x_mod.meta["val"] = x.meta["val"]
+                node_meta(x_mod).update(role="modulated", wormhole=spec.index)
+                for user in users:
+                    user.replace_input_with(current, x_mod)
+                    modulated[(user.name, x)] = x_mod
+            with gm.graph.inserting_after(src):
+                write = gm.graph.call_module(name, (src,))
+            write.meta["val"] = x.meta["val"]
+            node_meta(write).update(role="write", wormhole=spec.index)
+            back_edges.append((write.name, read.name, spec.index))
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, bool(specs))

@@ -1,0 +1,234 @@
+"""Plan pass: decide where wormholes go and write the plan into node metadata.
+
+Annotate, then materialise (as torchao's prepare_pt2e does): this pass only resolves names, checks
+that each wormhole is possible, and records :class:`WormholeSpec` objects under
+``gm.meta["fxwormhole"]["wormholes"]`` and ``node.meta["fxwormhole"]["wormhole_src"/"wormhole_dst"]``.
+:mod:`~fxwormhole.passes.insert_wormholes` then inserts the modules. Tests can check a plan without
+running the model.
+
+Names. ``src`` names the value that feeds back, ``dst`` the layer whose input is modulated. Each
+may be a module path of a parametrised layer (``"fc3"``, ``"encoder.layers.1.linear2"``), a path of
+any submodule whose forward was inlined into the graph (``"layers.1"`` of a transformer stack:
+its output, resp. its main input), or an fx node name. A layer called several times (a cell in a
+Python time loop) gets one wormhole per call site, paired in call order, sharing parameters.
+
+Automatic policies (``WormholeConfig.wormholes``):
+
+* ``"auto"``: the best candidate span of :func:`fxwormhole.analysis.candidate_spans`, i.e. the
+  deepest hidden layer of the main path back to the first layer;
+* ``"every:K"``: from every K-th hidden main-path layer back K layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .. import analysis
+from ..config import WormholeConfig
+from ..errors import PlacementError
+from ..runtime.wormhole import bridge_kind
+from ._common import graph_meta, node_meta, value_shape
+
+__all__ = ["WormholeSpec", "PlanWormholes", "resolve_pairs"]
+
+
+@dataclass(frozen=True)
+class WormholeSpec:
+    """One planned wormhole edge: ``dst_input += gate(src) * proj(src)`` for the ``dst_users``."""
+
+    index: int
+    src: str  # name as given (or chosen by the policy)
+    dst: str
+    src_node: str  # fx node whose value feeds back
+    dst_input: str  # fx node whose value is modulated
+    dst_users: tuple[str, ...]  # fx nodes whose use of dst_input gets the modulated value
+    src_shape: tuple[int, ...]
+    dst_shape: tuple[int, ...]
+
+    @property
+    def module_name(self) -> str:
+        return f"wormhole_{self.index}"
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    value: fx.Node
+    users: tuple[fx.Node, ...]
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _first_tensor_arg(node: fx.Node) -> fx.Node | None:
+    for a in node.args:
+        if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
+            return a
+    return None
+
+
+def _known_names(layers: Sequence[analysis.Layer], regions: dict) -> str:
+    names = list(dict.fromkeys(l.name for l in layers)) + [p for p in regions if p not in {l.name for l in layers}]
+    shown = ", ".join(repr(n) for n in names[:12])
+    return shown + (", ..." if len(names) > 12 else "")
+
+
+def _endpoints(gm: fx.GraphModule, name: str, role: str, layers, regions) -> list[_Endpoint]:
+    """All graph places ``name`` refers to, as a source (``role="src"``) or destination."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sites = [l for l in layers if l.name == name]
+    if sites:
+        out = []
+        for layer in sites:
+            call = nodes[layer.node]
+            if role == "src":
+                out.append(_Endpoint(nodes[layer.output_node], ()))
+            else:
+                x = _first_tensor_arg(call)
+                if x is None:
+                    raise PlacementError(f"wormhole dst {name!r}: layer node {call.name!r} has no tensor input to modulate")
+                out.append(_Endpoint(x, (call,)))
+        return out
+    region = regions.get(name)
+    if region is not None:
+        if role == "src":
+            if region.output is None:
+                raise PlacementError(
+                    f"wormhole src {name!r}: module {name!r} produces several values that leave it; "
+                    f"name one of its layers or an fx node instead"
+                )
+            return [_Endpoint(nodes[region.output], ())]
+        if not region.inputs:
+            raise PlacementError(f"wormhole dst {name!r}: module {name!r} consumes no value from outside")
+        x = nodes[region.inputs[0]]
+        inside = set(region.nodes)
+        # Only data consumers: export graphs also feed inputs to guard-checking nodes.
+        return [_Endpoint(x, tuple(u for u in x.users if u.name in inside and _is_tensor(u)))]
+    node = nodes.get(name)
+    if node is not None and node.op not in ("placeholder", "output"):
+        if role == "src":
+            return [_Endpoint(node, ())]
+        x = _first_tensor_arg(node)
+        if x is None:
+            raise PlacementError(f"wormhole dst {name!r}: node {name!r} has no tensor input to modulate")
+        return [_Endpoint(x, (node,))]
+    raise PlacementError(
+        f"wormhole {role} {name!r} names no layer, module or fx node of the captured graph; "
+        f"known layers and modules: {_known_names(layers, regions)}"
+    )
+
+
+def _policy_pairs(gm: fx.GraphModule, policy: str, layers) -> list[tuple[str, str]]:
+    if policy == "auto":
+        spans = analysis.candidate_spans(gm, layers)
+        if not spans:
+            raise PlacementError(
+                "wormholes='auto' found no candidate span: the main path needs at least two layers before the "
+                "output layer; name wormholes explicitly, e.g. WormholeConfig(wormholes=[('fc2', 'fc1')])"
+            )
+        return [tuple(spans[0])]
+    k = int(policy.split(":", 1)[1])
+    main = sorted((l for l in layers if l.on_main_path and l.depth is not None), key=lambda l: l.depth)
+    hidden = list(dict.fromkeys(l.name for l in main))[:-1]  # the output layer does not feed back
+    pairs = [(hidden[j], hidden[j - k]) for j in range(k, len(hidden), k)]
+    if not pairs:
+        raise PlacementError(
+            f"wormholes={policy!r}: the main path has {len(hidden)} hidden layers, too few for a span of {k}; "
+            f"use a smaller K or name wormholes explicitly"
+        )
+    return pairs
+
+
+def resolve_pairs(gm: fx.GraphModule, config: WormholeConfig) -> list[WormholeSpec]:
+    """Resolve the config's wormholes to concrete graph places and validate them."""
+    layers = analysis.layer_table(gm)
+    regions = analysis.module_regions(gm)
+    pairs = list(config.wormholes) if not isinstance(config.wormholes, str) else _policy_pairs(gm, config.wormholes, layers)
+    graph = analysis.to_networkx(gm)
+    specs: list[WormholeSpec] = []
+    for src, dst in pairs:
+        sources = _endpoints(gm, src, "src", layers, regions)
+        dests = _endpoints(gm, dst, "dst", layers, regions)
+        if len(sources) != len(dests):
+            if len(sources) == 1:
+                sources = sources * len(dests)
+            elif len(dests) == 1:
+                dests = dests * len(sources)
+            else:
+                raise PlacementError(
+                    f"wormhole ({src!r} -> {dst!r}): {src!r} is called {len(sources)} times and {dst!r} "
+                    f"{len(dests)} times; name fx nodes to pair call sites explicitly"
+                )
+        for s, d in zip(sources, dests):
+            specs.append(_validated(len(specs), src, dst, s, d, graph))
+    return specs
+
+
+def _validated(index: int, src: str, dst: str, s: _Endpoint, d: _Endpoint, graph: nx.DiGraph) -> WormholeSpec:
+    src_shape, dst_shape = value_shape(s.value), value_shape(d.value)
+    if src_shape is None or dst_shape is None:
+        raise PlacementError(
+            f"wormhole ({src!r} -> {dst!r}): node {s.value.name!r} or {d.value.name!r} is not a single tensor; "
+            f"pick a layer whose output and input are tensors"
+        )
+    if not d.users:
+        raise PlacementError(f"wormhole dst {dst!r}: its input {d.value.name!r} has no user inside it")
+    for user in d.users:
+        if user is not s.value and not nx.has_path(graph, user.name, s.value.name):
+            raise PlacementError(
+                f"wormhole ({src!r} -> {dst!r}): source node {s.value.name!r} does not depend on destination "
+                f"node {user.name!r}; a wormhole must go from a deeper layer back to an earlier one (swap them?)"
+            )
+    if src_shape[0] != dst_shape[0]:
+        raise PlacementError(
+            f"wormhole ({src!r} -> {dst!r}): batch sizes differ: {s.value.name!r} has shape {src_shape}, "
+            f"{d.value.name!r} has shape {dst_shape}; both ends need the batch in dim 0"
+        )
+    try:
+        bridge_kind(src_shape, dst_shape)
+    except PlacementError as exc:
+        raise PlacementError(
+            f"wormhole ({src!r} -> {dst!r}): {exc} (source node {s.value.name!r} {src_shape}, destination "
+            f"input {d.value.name!r} {dst_shape}); choose layers whose outputs are vectors or feature maps"
+        ) from None
+    return WormholeSpec(
+        index=index,
+        src=src,
+        dst=dst,
+        src_node=s.value.name,
+        dst_input=d.value.name,
+        dst_users=tuple(u.name for u in d.users),
+        src_shape=src_shape,
+        dst_shape=dst_shape,
+    )
+
+
+class PlanWormholes(PassBase):
+    """Resolve ``config.wormholes`` and record the plan in metadata (no graph change)."""
+
+    def __init__(self, config: WormholeConfig):
+        super().__init__()
+        self.config = config
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        missing = [n.name for n in gm.graph.nodes if n.op == "placeholder" and "val" not in n.meta]
+        if missing:
+            raise PlacementError(
+                f"PlanWormholes needs shapes on every node (missing on {missing[:5]}); capture the model with "
+                f"fxwormhole.capture, which propagates them"
+            )
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        specs = resolve_pairs(gm, self.config)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for spec in specs:
+            node_meta(nodes[spec.src_node]).setdefault("wormhole_src", []).append(spec.index)
+            for user in spec.dst_users:
+                node_meta(nodes[user]).setdefault("wormhole_dst", []).append(spec.index)
+        graph_meta(gm)["wormholes"] = specs
+        return PassResult(gm, False)

@@ -1,0 +1,218 @@
+"""Wrap pass: fuse each cycle closed by wormhole back edges into one fixed-point node.
+
+The graph plus its recorded back edges (``write_i -> read_i``) is viewed as a networkx DiGraph; each
+strongly connected component that contains a back edge becomes one
+:class:`~fxwormhole.runtime.fixed_point.FixedPoint` module, built from two GraphModules:
+
+* ``body(z, *ext) -> y``: the component's nodes, with each ``read_i`` replaced by the state ``z_i``
+  (the injected signal, starting at 0). ``y`` holds every value used outside the component (skip
+  connections, several outputs), every wormhole source and any destination input computed inside.
+* ``feedback(y, *ext) -> (z_next, scale)``: the wormhole modules, ``z_next_i = gate(h_i) proj(h_i)``,
+  and ``scale = ||x_dst||`` per sample, so convergence is judged by the change of the injected
+  signal relative to the signal it modulates. A closed wormhole (zero projection) gives
+  ``z_1 = z_0``: one body evaluation, the cost of the original network.
+
+Overlapping spans share nodes, hence one component; disjoint spans give several nodes. Values the
+component computes are read back outside through ``getitem`` nodes, evaluated at the fixed point.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import replace
+from typing import Any, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .. import analysis
+from ..config import WormholeConfig
+from ..errors import PlacementError
+from ..runtime.fixed_point import FixedPoint
+from ..runtime.wormhole import ZerosInit, per_sample_norm
+from ._common import graph_meta, legalize, node_meta
+
+__all__ = ["WrapFixedPoints", "cyclic_components"]
+
+
+def cyclic_components(gm: fx.GraphModule) -> list[set[str]]:
+    """Node-name sets of the strongly connected components closed by recorded back edges."""
+    graph = analysis.to_networkx(gm)
+    for write, read, _ in graph_meta(gm).get("back_edges", []):
+        graph.add_edge(write, read)
+    comps = [c for c in nx.strongly_connected_components(graph) if len(c) > 1]
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(comps, key=lambda c: min(order[n] for n in c))
+
+
+def _unique(nodes: Sequence[fx.Node]) -> list[fx.Node]:
+    return list(dict.fromkeys(nodes))
+
+
+class WrapFixedPoints(PassBase):
+    """Replace every wormhole cycle by one ``fixed_point_<k>`` call_module node.
+
+    Args:
+        config: the wormhole config (solver, gradient, failure policy).
+        example_inputs: the model's example inputs. When given, each body is checked for
+            coupling between samples (BatchNorm in training, attention over dim 0, ...): if a
+            sample's output depends on other samples, that node halts per batch, not per sample.
+    """
+
+    def __init__(self, config: WormholeConfig, example_inputs: Sequence[Any] | None = None):
+        super().__init__()
+        self.config = config
+        self.example_inputs = example_inputs
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        components = cyclic_components(gm)
+        if not components:
+            return PassResult(gm, False)
+        for k, comp in enumerate(components):
+            # Values are re-computed per component: an earlier fusion may feed this one.
+            self._fuse(gm, comp, f"fixed_point_{k}", self._example_values(gm))
+            legalize(gm)  # the fused node was inserted before the component; restore topological order
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        graph_meta(gm)["fixed_points"] = [f"fixed_point_{k}" for k in range(len(components))]
+        return PassResult(gm, True)
+
+    def _example_values(self, gm: fx.GraphModule) -> dict[str, Any] | None:
+        if self.example_inputs is None:
+            return None
+        interp = fx.Interpreter(gm, garbage_collect_values=False)
+        with torch.no_grad():
+            interp.run(*self.example_inputs)
+        return {n.name: v for n, v in interp.env.items()}
+
+    def _fuse(self, gm: fx.GraphModule, comp: set[str], name: str, values: dict | None) -> None:
+        graph = gm.graph
+        order = list(graph.nodes)
+        inside = [n for n in order if n.name in comp]
+        inside_set = set(inside)
+        role = lambda n: node_meta(n).get("role") if "fxwormhole" in n.meta else None  # noqa: E731
+        reads = sorted((n for n in inside if role(n) == "read"), key=lambda n: node_meta(n)["wormhole"])
+        writes = sorted((n for n in inside if role(n) == "write"), key=lambda n: node_meta(n)["wormhole"])
+        if not reads or len(reads) != len(writes):
+            raise PlacementError(f"{name}: malformed wormhole cycle (reads {reads}, writes {writes})")
+        body_nodes = [n for n in inside if n not in reads and n not in writes]
+        dst_inputs = [r.args[0] for r in reads]
+
+        # Inputs from outside the component (get_attr values are copied into the body instead).
+        ext = _unique(
+            [a for n in body_nodes + writes for a in n.all_input_nodes if a not in inside_set and a.op != "get_attr"]
+            + [x for x in dst_inputs if x not in inside_set]
+        )
+        escaping = [n for n in body_nodes if any(u not in inside_set for u in n.users)]
+        outputs = _unique(escaping + [w.args[0] for w in writes] + [x for x in dst_inputs if x in inside_set])
+
+        body = self._body_module(gm, reads, ext, body_nodes, outputs)
+        feedback = self._feedback_module(gm, writes, outputs, ext, dst_inputs)
+        solver = self.config.solver
+        batch = self._batch_size(reads)
+        batched = [self._is_batched(x, batch) for x in ext]
+        init = ZerosInit([(ext.index(x) if x in ext else None, tuple(x.meta["val"].shape[1:]), x.meta["val"].dtype) for x in dst_inputs])
+        if values is not None and solver.halting == "sample" and self._couples_samples(body, init, ext, batched, values):
+            solver = replace(solver, halting="batch")
+        fp = FixedPoint(
+            body,
+            feedback,
+            solver=solver,
+            grad=self.config.grad,
+            on_fail=self.config.on_fail,
+            name=name,
+            init=init,
+            batched=batched,
+        )
+        fp.wormholes = [graph_meta(gm)["wormholes"][node_meta(r)["wormhole"]] for r in reads]
+        gm.add_submodule(name, fp)
+
+        with graph.inserting_before(inside[0]):
+            fp_node = graph.call_module(name, tuple(ext))
+        fp_node.meta["val"] = tuple(o.meta.get("val") for o in outputs)
+        node_meta(fp_node).update(
+            role="fixed_point",
+            wormholes=[node_meta(r)["wormhole"] for r in reads],
+            fused_nodes=[n.name for n in inside],
+            outputs=[o.name for o in outputs],
+        )
+        for j, node in enumerate(outputs):
+            if node not in escaping:
+                continue
+            with graph.inserting_after(fp_node):
+                item = graph.call_function(operator.getitem, (fp_node, j))
+            item.meta["val"] = node.meta.get("val")
+            node_meta(item).update(role="fixed_point_output", of=node.name)
+            for user in [u for u in node.users if u not in inside_set]:
+                user.replace_input_with(node, item)
+        for node in reversed(inside):
+            graph.erase_node(node)
+
+    @staticmethod
+    def _body_module(gm, reads, ext, body_nodes, outputs) -> fx.GraphModule:
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        z = g.placeholder("z")  # one tensor, or a tuple with one entry per wormhole
+        for x in ext:
+            env[x] = g.placeholder(x.name)
+            env[x].meta["val"] = x.meta.get("val")
+        for i, r in enumerate(reads):
+            env[r] = z if len(reads) == 1 else g.call_function(operator.getitem, (z, i))
+            env[r].meta["val"] = r.meta.get("val")
+
+        def lookup(a: fx.Node) -> fx.Node:
+            if a not in env and a.op == "get_attr":
+                env[a] = g.get_attr(a.target)
+                env[a].meta = dict(a.meta)
+            return env[a]
+
+        for n in body_nodes:
+            env[n] = g.node_copy(n, lookup)
+        g.output(tuple(env[o] for o in outputs))
+        return fx.GraphModule(gm, g, class_name="FixedPointBody")
+
+    @staticmethod
+    def _feedback_module(gm, writes, outputs, ext, dst_inputs) -> fx.GraphModule:
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        y = g.placeholder("y")
+        ext_nodes = [g.placeholder(x.name) for x in ext]
+        env.update(zip(ext, ext_nodes))
+        for j, o in enumerate(outputs):
+            env[o] = g.call_function(operator.getitem, (y, j))
+        injected = [g.call_module(w.target, (env[w.args[0]],)) for w in writes]
+        scale = g.call_function(per_sample_norm, tuple(env[x] for x in dst_inputs))
+        state = injected[0] if len(injected) == 1 else tuple(injected)
+        g.output((state, scale))
+        return fx.GraphModule(gm, g, class_name="FixedPointFeedback")
+
+    @staticmethod
+    def _batch_size(reads) -> int:
+        return int(reads[0].meta["val"].shape[0])
+
+    @staticmethod
+    def _is_batched(node: fx.Node, batch: int) -> bool:
+        val = node.meta.get("val")
+        return isinstance(val, torch.Tensor) and val.dim() > 0 and int(val.shape[0]) == batch
+
+    @staticmethod
+    def _couples_samples(body, init, ext, batched, values) -> bool:
+        """True when a sample's body output depends on other samples of the batch."""
+        inputs = [values[x.name] for x in ext]
+        batch = next((v.shape[0] for v, b in zip(inputs, batched) if b), 0)
+        if batch < 2:
+            return False
+        half = batch // 2
+        with torch.no_grad():
+            full = body(init(*inputs), *inputs)
+            part_inputs = [v[:half] if b else v for v, b in zip(inputs, batched)]
+            try:
+                part = body(init(*part_inputs), *part_inputs)
+            except Exception:  # noqa: BLE001 - e.g. a graph specialised to the example's batch size
+                return True
+        for a, b in zip(full, part):
+            if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch:
+                if not torch.allclose(a[:half], b, rtol=1e-4, atol=1e-5):
+                    return True
+        return False

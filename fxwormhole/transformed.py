@@ -1,0 +1,139 @@
+"""The module ``fxwormhole.transform`` returns: an ordinary GraphModule with a few extras.
+
+A fixed-point node owns the layers of its cycle (they live in ``fixed_point_<k>.body``), yet users
+expect the original ``state_dict`` to load into the transformed model. So ``state_dict()`` shows
+*public* names -- the internal name with every ``fixed_point_<k>.body.`` / ``.feedback.`` segment
+removed, i.e. the original module paths -- and ``load_state_dict`` accepts public or internal names.
+``named_parameters()`` keeps the internal names (where the tensors really live).
+
+The class survives ``copy.deepcopy`` and ``torch.save``/``torch.load`` (pickling re-creates this
+class, hooks included), unlike a plain GraphModule subclass, which comes back as a GraphModule.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
+
+__all__ = ["TransformedModule", "public_name"]
+
+_INTERNAL = re.compile(r"(?:^|(?<=\.))fixed_point_\d+\.(?:body|feedback)\.")
+
+
+def public_name(name: str) -> str:
+    """``"fixed_point_0.body.fc2.weight"`` -> ``"fc2.weight"`` (names elsewhere are unchanged)."""
+    return _INTERNAL.sub("", name)
+
+
+def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    renamed = OrderedDict()
+    for key, value in state_dict.items():
+        if key.startswith(prefix):
+            key = prefix + public_name(key[len(prefix):])
+        renamed.setdefault(key, value)  # a layer shared inside and outside a cycle appears once
+    state_dict.clear()
+    state_dict.update(renamed)
+
+
+def _internal_names(module: nn.Module) -> dict[str, str]:
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in module.named_buffers(remove_duplicate=False)]
+    mapping: dict[str, str] = {}
+    for name in names:
+        mapping.setdefault(public_name(name), name)
+    return mapping
+
+
+def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    internal = _internal_names(module)
+    # Every alias of a shared tensor must be present, or strict loading reports it missing.
+    aliases: dict[str, list[str]] = {}
+    for name in [n for n, _ in module.named_parameters(remove_duplicate=False)] + [
+        n for n, _ in module.named_buffers(remove_duplicate=False)
+    ]:
+        aliases.setdefault(public_name(name), []).append(name)
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        local = key[len(prefix):]
+        if local in internal and internal[local] != local or local in aliases and len(aliases[local]) > 1:
+            value = state_dict.pop(key)
+            for name in aliases.get(local, [internal.get(local, local)]):
+                state_dict[prefix + name] = value
+
+
+def _load_post_hook(module: nn.Module, incompatible: Any) -> None:
+    for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+        keys[:] = list(dict.fromkeys(public_name(k) for k in keys))
+
+
+def _rebuild(body: dict, import_block: str) -> "TransformedModule":
+    fn_src = body.get("_code") or body["code"]
+    forward = _forward_from_src(import_block + fn_src, {})
+    return _deserialize_graph_module(forward, body, graph_module_cls=TransformedModule)
+
+
+class TransformedModule(fx.GraphModule):
+    """A model rewritten by fxwormhole: wormholes, fixed-point nodes and (optionally) probes."""
+
+    def __init__(self, root: nn.Module | dict, graph: fx.Graph, class_name: str = "TransformedModule"):
+        super().__init__(root, graph, class_name)
+        self._register_state_dict_hook(_state_dict_post_hook)
+        self._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
+        self.register_load_state_dict_post_hook(_load_post_hook)
+
+    def __reduce__(self):
+        _, (body, import_block) = super().__reduce__()
+        return (_rebuild, (body, import_block))
+
+    def _deepcopy_init(self):
+        return TransformedModule.__init__
+
+    # ------------------------------------------------------------------ reports
+    def fixed_point_modules(self) -> dict[str, nn.Module]:
+        """Every fixed-point runtime module, by module path (graph nodes and recurrent steps)."""
+        from .runtime.fixed_point import FixedPoint
+
+        return {name: m for name, m in self.named_modules() if isinstance(m, FixedPoint)}
+
+    def fixed_point_stats(self) -> dict[str, Any]:
+        """Stats of the last call of every fixed point, per node and per sample.
+
+        Keys are module paths (``"fixed_point_0"``); values are
+        :class:`~fxwormhole.runtime.stats.FixedPointStats` (None before the first call). Recurrent
+        modules with temporal wormholes report their per-step stats under their own path.
+        """
+        stats: dict[str, Any] = {name: m.stats for name, m in self.fixed_point_modules().items()}
+        for name, m in self.named_modules():
+            step_stats = getattr(m, "wormhole_stats", None)
+            if callable(step_stats):
+                stats[name] = step_stats()
+        return stats
+
+    @property
+    def wormholes(self) -> list:
+        """The planned wormholes (:class:`~fxwormhole.passes.plan_wormholes.WormholeSpec`)."""
+        return list(self.meta.get("fxwormhole", {}).get("wormholes", []))
+
+    def wormhole_parameters(self) -> list[str]:
+        """Public names of the parameters the transform added (gates and projections)."""
+        return [public_name(n) for n, _ in self.named_parameters() if "wormhole" in public_name(n)]
+
+    def summary(self) -> str:
+        """What the transform inserted: wormholes, gates, fixed-point nodes, new parameters."""
+        lines = []
+        for spec in self.wormholes:
+            lines.append(f"wormhole_{spec.index}: {spec.src} ({spec.src_node} {list(spec.src_shape)}) -> "
+                         f"{spec.dst} input ({spec.dst_input} {list(spec.dst_shape)})")
+        for name, m in self.fixed_point_modules().items():
+            cfg = m.solver_config if hasattr(m, "solver_config") else None
+            extra = f" solver={cfg.name} tol={cfg.tol} max_iter={cfg.max_iter} halting={cfg.halting}" if cfg else ""
+            lines.append(f"{name}: fixed point over wormholes {[s.index for s in getattr(m, 'wormholes', [])]}{extra}")
+        added = sum(p.numel() for n, p in self.named_parameters() if "wormhole" in public_name(n))
+        lines.append(f"new parameters: {added}")
+        return "\n".join(lines)
