@@ -75,8 +75,15 @@ def solve_eager(fmap: FMap, x0: Tensor, solver: FixedPointSolver, cfg: SolverCon
             aux, fx, scale = fmap(x, None if rows.numel() == B else rows)
         k += 1
         if is_check(k, cfg.check_every, max_iter):
-            r = residual(x, fx, scale).to(res.dtype)
+            r = residual(x, fx, scale)
             best = torch.fmin(best, r)
+            # fast path, one host sync: every live sample still pending (NaN compares False)
+            pending = (r > tol).logical_and_(r <= best * factor)
+            if not all_live:
+                pending.logical_or_(~live)
+            if k < max_iter and bool(pending.all()):
+                x, state = _advance(solver, state, x, fx, live, all_live or compact)
+                continue
             codes = _codes(r, best, factor, tol)
             if batch_halt:
                 done_now = (codes != MAX_ITER) & live  # failed or converged this check
@@ -105,13 +112,17 @@ def solve_eager(fmap: FMap, x0: Tensor, solver: FixedPointSolver, cfg: SolverCon
                     all_live = False
                 if rows.numel() == 0 or not bool(live.any()):
                     break
-        x_new, state_new = solver.step(state, x, fx)
-        if all_live or compact:
-            x, state = x_new, state_new
-        else:
-            x = torch.where(live.unsqueeze(1), x_new, x)
-            state = tuple(torch.where(live.view((-1,) + (1,) * (s.dim() - 1)), n, s) for n, s in zip(state_new, state))
+        x, state = _advance(solver, state, x, fx, live, all_live or compact)
     return out_x, (tuple(out_aux) if out_aux is not None else None), SolveStats(iters, res, status)
+
+
+def _advance(solver: FixedPointSolver, state, x: Tensor, fx: Tensor, live: Tensor, unmasked: bool):
+    """One solver step; rows that are not live keep their iterate and state."""
+    x_new, state_new = solver.step(state, x, fx)
+    if unmasked:
+        return x_new, state_new
+    x_new = torch.where(live.unsqueeze(1), x_new, x)
+    return x_new, tuple(torch.where(live.view((-1,) + (1,) * (s.dim() - 1)), n, s) for n, s in zip(state_new, state))
 
 
 def report(stats: SolveStats, *, name: str, on_fail: str, phase: str) -> None:
