@@ -72,19 +72,29 @@ def overhead(repeats: int) -> list[tuple]:
 
 
 def easy_vs_hard(repeats: int) -> list[tuple]:
+    """An input gate that opens along one direction of the source activation.
+
+    ``h_d`` is the deep layer's activation for a prototype input ``d``. The gate's logit is
+    ``gate_init + c <h, h_d> / ||h_d||^2``: inputs near ``d`` (hard) open the wormhole, inputs near
+    ``-d`` (easy) keep it shut. Both batches run through the same transformed model.
+    """
     torch.manual_seed(0)
     model = zoo.MLP(in_features=64, hidden=256, depth=4, out_features=10)
-    x = torch.randn(64, 64)
+    d = torch.randn(1, 64) * 2.0
     cfg = fw.WormholeConfig(wormholes=[("layers.3", "layers.0")], gate="input", gate_init=-6.0,
-                            proj_init="normal", proj_std=0.08, solver="picard", tol=1e-5, max_iter=100)
-    net = fw.transform(model, (x,), cfg).eval()
-    gate = net.get_submodule("fixed_point_0.feedback.wormhole_0.gate")
-    with torch.no_grad():  # gate logit = -6 + 12 * mean(h_src): opens when the deep layer is active
-        gate.map.map.weight.fill_(12.0 / gate.map.map.weight.shape[1])
-    easy = torch.randn(64, 64) * 0.05
-    hard = torch.randn(64, 64) * 3.0 + 1.0
+                            proj_init="normal", proj_std=0.05, solver="picard", tol=1e-5, max_iter=100)
+    net = fw.transform(model, (d.expand(64, 64).clone(),), cfg).eval()
+    with torch.no_grad():
+        h = d
+        for layer in model.layers:
+            h = torch.tanh(layer(h))
+        gate = net.get_submodule("fixed_point_0.feedback.wormhole_0.gate")
+        weight = gate.map.map.weight  # [dst features, src features]
+        weight.copy_((10.0 * h / h.square().sum()).expand_as(weight))
+    easy = -d + 0.3 * torch.randn(64, 64)
+    hard = d + 0.3 * torch.randn(64, 64)
     results = []
-    for label, batch in (("easy", easy), ("hard", hard)):
+    for label, batch in (("easy", easy), ("hard", hard), ("mixed 90/10", torch.cat([easy[:58], hard[:6]]))):
         def run(b=batch):
             with torch.no_grad():
                 net(b)
@@ -106,9 +116,9 @@ def main() -> None:
     for r in overhead(args.repeats):
         print(f"{r[0]:<14} {r[1]:9.2f} {r[2]:9.2f} {r[3]:6.2f} {r[4]:9.2f} {r[5]:9.2f} {r[6]:6.2f} {r[7]:6.2f}")
     print("\nEasy vs hard inputs (input gate, picard, tol 1e-5, batch 64)")
-    print(f"{'batch':<6} {'mean iters':>10} {'max iters':>9} {'time ms':>8}")
+    print(f"{'batch':<12} {'mean iters':>10} {'max iters':>9} {'time ms':>8}")
     for r in easy_vs_hard(args.repeats):
-        print(f"{r[0]:<6} {r[1]:10.2f} {r[2]:9d} {r[3]:8.2f}")
+        print(f"{r[0]:<12} {r[1]:10.2f} {r[2]:9d} {r[3]:8.2f}")
 
 
 if __name__ == "__main__":
