@@ -238,3 +238,12 @@ def test_single_tensor_example_and_functional_layer_call():
     gm = capture(m, x, front_end="export")
     assert [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target != "_guards_fn"] == ["a", "a"]
     torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["SeqLenLoop", "TransformerStack", "LSTMClassifier"])
+def test_export_graph_accepts_another_batch(name):
+    model = zoo.build(name).eval()
+    gm = capture(model, model.example_inputs(batch=3), front_end="export")
+    for batch in (5, 2):
+        args = model.example_inputs(batch=batch)
+        torch.testing.assert_close(gm(*args), model(*args))

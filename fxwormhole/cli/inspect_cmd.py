@@ -1,0 +1,73 @@
+"""``fxwormhole inspect MODEL --input SPEC ...``: capture a model and show its layers and spans."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+import torch.fx as fx
+from torch import nn
+
+from ..analysis import Layer, candidate_spans, format_layer_table, layer_table, main_path
+from ..capture import FRONT_ENDS, capture
+from .specs import load_model, parse_input_spec
+
+__all__ = ["register", "run", "inspect_model", "format_report"]
+
+SPANS_DRAWN = 3
+SPANS_PRINTED = 10
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="show how fxwormhole sees a model: front end, layers, main path, candidate spans",
+        description="Capture MODEL with example inputs and print the front end used, the layer table "
+                    "and candidate wormhole spans; optionally draw the graph.")
+    p.add_argument("model", metavar="MODEL", help="path/to/file.py:Name or package.module:Name (class or factory)")
+    p.add_argument("--input", "-i", dest="inputs", metavar="SPEC", action="append", required=True,
+                   help="one positional input per flag: [DTYPE:]DIMS[:HIGH], e.g. 4x8 or int64:8x20:100")
+    p.add_argument("--kwargs", metavar="JSON", help="constructor keyword arguments as a JSON object")
+    p.add_argument("--picture", metavar="FILE", help="draw the graph to FILE.png or FILE.svg (needs matplotlib)")
+    p.add_argument("--front-end", choices=FRONT_ENDS, default="auto", help="capture front end (default: auto)")
+    p.set_defaults(func=run)
+
+
+def inspect_model(model: nn.Module, inputs: Sequence, front_end: str = "auto"):
+    """Capture and analyse: returns ``(gm, layers, spans)``."""
+    gm = capture(model, tuple(inputs), front_end=front_end)
+    layers = layer_table(gm)
+    return gm, layers, candidate_spans(gm, layers)
+
+
+def format_report(gm: fx.GraphModule, layers: Sequence[Layer], spans: Sequence[tuple[str, str]], title: str) -> str:
+    """The text ``inspect`` prints."""
+    meta = gm.meta["fxwormhole"]
+    shapes = ", ".join("x".join(map(str, s)) for s in meta["input_shapes"])
+    lines = [f"model:      {title}", f"front end:  {meta['front_end']}"]
+    for name, why in meta["attempts"].items():
+        lines.append(f"            ({name} failed: {why})")
+    n_main = sum(l.on_main_path for l in layers)
+    lines += [f"inputs:     {shapes}",
+              f"graph:      {len(gm.graph.nodes)} nodes, {len(layers)} layer calls, "
+              f"{n_main} on the main path ({len(main_path(gm))} main-path nodes)", "",
+              format_layer_table(layers), ""]
+    if spans:
+        lines.append("candidate spans (src -> dst: the deep unit feeds back into the earlier one), best first:")
+        lines += [f"  {i:2d}. {s} -> {d}" for i, (s, d) in enumerate(spans[:SPANS_PRINTED], 1)]
+        if len(spans) > SPANS_PRINTED:
+            lines.append(f"      ... and {len(spans) - SPANS_PRINTED} more (fxwormhole.analysis.candidate_spans)")
+    else:
+        lines.append("candidate spans: none (fewer than two hidden units on the main path)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.kwargs)
+    inputs = [parse_input_spec(s) for s in args.inputs]
+    gm, layers, spans = inspect_model(model, inputs, args.front_end)
+    print(format_report(gm, layers, spans, args.model))
+    if args.picture:
+        from ..drawing import draw_graph
+
+        path = draw_graph(gm, args.picture, spans=spans[:SPANS_DRAWN], layers=layers, title=args.model)
+        print(f"\npicture:    {path}  (first {min(len(spans), SPANS_DRAWN)} spans drawn)")
+    return 0

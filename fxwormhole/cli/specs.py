@@ -1,0 +1,112 @@
+"""Parsing what a person types: ``MODEL`` specs, ``--kwargs`` JSON and ``--input`` tensor specs."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["load_model", "parse_input_spec", "parse_kwargs", "DTYPES"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
+    "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32,
+    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+
+_MODEL_FORMS = "'path/to/file.py:Name' or 'package.module:Name' (a class or a factory returning an nn.Module)"
+_INPUT_FORMS = ("'[DTYPE:]DIMS[:HIGH]', e.g. '4x8', 'float64:2x3x32x32' or 'int64:8x20:100' "
+                f"(DTYPE one of {', '.join(DTYPES)}; integer tensors are drawn from [0, HIGH), HIGH=2 by default)")
+
+
+def parse_kwargs(kwargs_json: str | None) -> dict:
+    """``--kwargs`` JSON -> dict (an object is required)."""
+    if kwargs_json is None or not kwargs_json.strip():
+        return {}
+    try:
+        value = json.loads(kwargs_json)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--kwargs {kwargs_json!r} is not valid JSON ({exc.msg} at char {exc.pos}): expected an object such as '{{\"hidden\": 32}}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--kwargs {kwargs_json!r} is a JSON {type(value).__name__}: expected an object such as '{{\"hidden\": 32}}'")
+    return value
+
+
+def _import_target(spec: str):
+    where, _, name = spec.rpartition(":")
+    if not where or not name or not name.isidentifier():
+        raise ConfigError(f"model {spec!r}: expected {_MODEL_FORMS}")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise ConfigError(f"model {spec!r}: file {where!r} does not exist; expected {_MODEL_FORMS}")
+        mod_name = "_fxwormhole_user_" + re.sub(r"\W", "_", str(path.resolve()))
+        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[mod_name] = module  # dataclasses and pickling look the module up by name
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(mod_name, None)
+            raise ConfigError(f"model {spec!r}: importing {where} failed with {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise ConfigError(f"model {spec!r}: cannot import module {where!r} ({type(exc).__name__}: {exc}); expected {_MODEL_FORMS}") from None
+    if not hasattr(module, name):
+        found = sorted(k for k, v in vars(module).items()
+                       if isinstance(v, type) and issubclass(v, nn.Module) and getattr(v, "__module__", "") == module.__name__)
+        hint = f"; nn.Module classes there: {', '.join(found)}" if found else ""
+        raise ConfigError(f"model {spec!r}: {where} has no attribute {name!r}{hint}")
+    return getattr(module, name)
+
+
+def load_model(spec: str, kwargs_json: str | None = None) -> nn.Module:
+    """Build the model named by ``spec`` with the keyword arguments in ``kwargs_json``.
+
+    ``spec`` is ``path/to/file.py:Name`` or ``package.module:Name``; ``Name`` is an ``nn.Module``
+    class or a function returning one. Any failure raises ConfigError saying what was expected.
+    """
+    kwargs = parse_kwargs(kwargs_json)
+    target = _import_target(spec)
+    if not callable(target):
+        raise ConfigError(f"model {spec!r} is a {type(target).__name__}, not a class or factory; expected {_MODEL_FORMS}")
+    try:
+        model = target(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model {spec!r} could not be built with --kwargs {kwargs}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {spec!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def parse_input_spec(spec: str) -> torch.Tensor:
+    """``"[DTYPE:]DIMS[:HIGH]"`` -> a tensor: float ``randn``, integers ``randint(0, HIGH)``, bool coin flips."""
+    parts = spec.strip().split(":")
+    dtype = torch.float32
+    if parts and parts[0].lower() in DTYPES:
+        dtype = DTYPES[parts.pop(0).lower()]
+    if len(parts) not in (1, 2) or not re.fullmatch(r"\d+(x\d+)*", parts[0]):
+        raise ConfigError(f"--input {spec!r}: expected {_INPUT_FORMS}")
+    shape = tuple(int(d) for d in parts[0].split("x"))
+    if any(d == 0 for d in shape):
+        raise ConfigError(f"--input {spec!r}: every dimension must be >= 1; expected {_INPUT_FORMS}")
+    high = 2
+    if len(parts) == 2:
+        if dtype.is_floating_point or dtype == torch.bool or not parts[1].isdigit() or int(parts[1]) < 1:
+            raise ConfigError(f"--input {spec!r}: HIGH is an integer >= 1 for integer dtypes only; expected {_INPUT_FORMS}")
+        high = int(parts[1])
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape).bool()
+    return torch.randint(0, high, shape, dtype=dtype)
