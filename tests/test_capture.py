@@ -247,3 +247,12 @@ def test_export_graph_accepts_another_batch(name):
     for batch in (5, 2):
         args = model.example_inputs(batch=batch)
         torch.testing.assert_close(gm(*args), model(*args))
+
+
+def test_package_level_capture_is_callable_after_submodule_import():
+    import fxwormhole
+    import fxwormhole.capture  # noqa: F401  binds the package attribute to the module
+
+    model = zoo.MLP()
+    gm = fxwormhole.capture(model, model.example_inputs())
+    assert gm.meta["fxwormhole"]["front_end"] == "symbolic_trace"
