@@ -24,9 +24,9 @@ from .errors import ConfigError, PlacementError
 from .passes._common import graph_meta, run_passes
 from .passes.sensitivity_annotate import ActivationSpec, SensitivityAnnotate
 from .passes.sensitivity_insert import SensitivityInsert
-from .runtime.sensitivity import probes_of
+from .runtime.sensitivity import SAL, probes_of
 
-__all__ = ["instrument", "instrument_graph", "sensitivity_report", "SensitivityReport", "SensitivityRow"]
+__all__ = ["instrument", "instrument_graph", "sensitivity_report", "SensitivityReport", "SensitivityRow", "SAL"]
 
 
 def _check_sal(sal: Any) -> SALConfig:
