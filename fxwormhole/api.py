@@ -1,7 +1,8 @@
 """The front door: ``fxwormhole.transform(model, example_inputs, config)``."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -9,7 +10,7 @@ import torch.nn as nn
 from .capture import capture
 from .config import SALConfig, WormholeConfig
 from .errors import ConfigError
-from .passes._common import graph_meta, run_passes
+from .passes._common import run_passes
 from .passes.insert_wormholes import InsertWormholes
 from .passes.plan_wormholes import PlanWormholes
 from .passes.wrap_fixed_points import WrapFixedPoints
@@ -79,9 +80,9 @@ def transform(
     inputs = _as_tuple(example_inputs)
 
     gm = capture(model, inputs, front_end=front_end)
-    gm = _rewrite_recurrent(gm, config)
-    if _wants_feedforward_wormholes(gm, config):
-        gm = run_passes(gm, [PlanWormholes(config), InsertWormholes(config), WrapFixedPoints(config, inputs)])
+    gm, feedforward = _rewrite_recurrent(gm, config)
+    if feedforward is not None:
+        gm = run_passes(gm, [PlanWormholes(feedforward), InsertWormholes(feedforward), WrapFixedPoints(feedforward, inputs)])
     if sal is not None:
         from .instrument import instrument_graph
 
@@ -95,24 +96,31 @@ def transform(
     return result
 
 
-def _recurrent_hooks():
-    try:
-        from .passes import recurrent
-    except ImportError:  # recurrent support not installed in this build
-        return None
-    return recurrent
+def _recurrent_modules(gm) -> dict[str, nn.Module]:
+    from .runtime.recurrent import ExplicitRecurrent
+
+    kinds = (nn.RNN, nn.LSTM, nn.GRU, ExplicitRecurrent)
+    return {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kinds)}
 
 
 def _rewrite_recurrent(gm, config: WormholeConfig):
-    """Decompose nn.RNN/LSTM/GRU into explicit steps and give them temporal wormholes."""
-    recurrent = _recurrent_hooks()
-    rewrite = getattr(recurrent, "rewrite_recurrent", None)
-    return gm if rewrite is None else rewrite(gm, config)
+    """Decompose nn.RNN/LSTM/GRU into explicit steps and give them temporal wormholes.
 
+    Returns the GraphModule and the config left for the feedforward passes: under a policy
+    (``"auto"``/``"every:K"``) a model with recurrent modules gets temporal wormholes only; explicit
+    pairs that name recurrent layers (``"rnn.layer1"``) are placed here and removed from the rest.
+    """
+    if not _recurrent_modules(gm):
+        return gm, config
+    from .passes.recurrent import DecomposeRecurrent
+    from .passes.temporal_wormhole import TemporalWormholes
+    from .runtime.recurrent import resolve_temporal_pairs
 
-def _wants_feedforward_wormholes(gm, config: WormholeConfig) -> bool:
-    """Recurrent models under ``"auto"`` get temporal wormholes only; explicit pairs always apply."""
-    if not isinstance(config.wormholes, str):
-        remaining = graph_meta(gm).get("feedforward_pairs", config.wormholes)
-        return bool(remaining)
-    return not graph_meta(gm).get("temporal_wormholes")
+    gm = run_passes(gm, [DecomposeRecurrent(), TemporalWormholes(config)])
+    if isinstance(config.wormholes, str):
+        return gm, None
+    modules = _recurrent_modules(gm)
+    remaining = [pair for pair in config.wormholes
+                 if not any(resolve_temporal_pairs(m, [pair], path) for path, m in modules.items())]
+    return gm, (replace(config, wormholes=remaining) if remaining else None)

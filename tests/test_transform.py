@@ -288,3 +288,34 @@ def test_batchnorm_in_training_halts_per_batch():
     mlp = zoo.MLP()
     net = fw.transform(mlp, mlp.example_inputs(), fw.WormholeConfig(wormholes=[("layers.2", "layers.0")]))
     assert net.get_submodule("fixed_point_0").solver_config.halting == "sample"
+
+
+def test_cell_loop_gets_a_wormhole_per_step_and_matches_unrolled_reference():
+    """A Python loop over a GRUCell: one fixed point per step, parameters shared across steps.
+
+    Regression: the implicit backward of step t must not follow its inputs into step t-1 (which
+    shares the cell's weights), or gradients are double counted.
+    """
+    torch.manual_seed(0)
+    model = zoo.GRUCellLoop().double()
+    (x,) = (t.double() for t in model.example_inputs(batch=3))
+    net = fw.transform(model, (x,), _open_config("auto")).double()
+    assert len(net.fixed_point_modules()) == model.steps
+    out = net(x)
+    upstream = torch.randn_like(out)
+    params = list(net.parameters())
+    grads = torch.autograd.grad(out, params, upstream)
+
+    cell = net.get_submodule("fixed_point_0.body.cell")
+    wormhole = net.get_submodule("fixed_point_0.feedback.wormhole_0")
+    h = x.new_zeros(3, model.hidden)
+    for t in range(model.steps):
+        z = torch.zeros_like(x[:, t])
+        for _ in range(300):
+            h_next = cell(x[:, t] + z, h)
+            z = wormhole(h_next)
+        h = h_next
+    ref_out = net.get_submodule("head")(h)
+    torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
+    for g, r in zip(grads, torch.autograd.grad(ref_out, params, upstream)):
+        assert _max_rel(g, r) < 1e-6

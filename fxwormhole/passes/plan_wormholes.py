@@ -15,7 +15,8 @@ Python time loop) gets one wormhole per call site, paired in call order, sharing
 Automatic policies (``WormholeConfig.wormholes``):
 
 * ``"auto"``: the best candidate span of :func:`fxwormhole.analysis.candidate_spans`, i.e. the
-  deepest hidden layer of the main path back to the first layer;
+  deepest hidden layer of the main path back to the first layer; for a Python loop over an RNN
+  cell, a wormhole per time step from the cell's output back to its input;
 * ``"every:K"``: from every K-th hidden main-path layer back K layers.
 """
 from __future__ import annotations
@@ -126,6 +127,11 @@ def _endpoints(gm: fx.GraphModule, name: str, role: str, layers, regions) -> lis
 def _policy_pairs(gm: fx.GraphModule, policy: str, layers) -> list[tuple[str, str]]:
     if policy == "auto":
         spans = analysis.candidate_spans(gm, layers)
+        cells = list(dict.fromkeys(l.name for l in layers if l.kind.endswith("_cell")))
+        if not spans and cells:
+            # A Python loop over a cell: each step's output feeds back into that step's input
+            # (per-call wormholes, one fixed point per time step, shared parameters).
+            return [(cells[-1], cells[0])]
         if not spans:
             raise PlacementError(
                 "wormholes='auto' found no candidate span: the main path needs at least two layers before the "

@@ -72,10 +72,15 @@ class _Tape:
 
     def __init__(self, p: Problem, z: Tensor) -> None:
         self.p = p
-        self.targets: List[Tensor] = []
+        self.wrt: List[Tensor] = []  # what VJPs differentiate against: targets, inputs as leaves
         self.z_leaf = z.detach().requires_grad_(True)
+        # Inputs become detached leaves too: differentiating the live inputs would follow them
+        # upstream and add total derivatives (e.g. through an earlier node sharing parameters).
+        self.inputs = tuple(x.detach().requires_grad_(True) if isinstance(x, Tensor) and x.requires_grad else x
+                            for x in p.inputs)
+        self._leaf_of = {id(x): leaf for x, leaf in zip(p.inputs, self.inputs) if leaf is not x}
         with torch.enable_grad():
-            y = p.run_body(self.z_leaf, p.inputs)
+            y = p.run_body(self.z_leaf, self.inputs)
             self.y = T.leaves(y)
             if p.feedback is None:
                 self.y_leaf: Tuple[Tensor, ...] = ()
@@ -83,7 +88,12 @@ class _Tape:
             else:
                 self.y_leaf = tuple(t.detach().requires_grad_(True) for t in self.y)
                 y_in = self.y_leaf if p.yspec.is_tuple else self.y_leaf[0]
-                self.fz, self.scale = p.run_feedback(y_in, p.inputs)
+                self.fz, self.scale = p.run_feedback(y_in, self.inputs)
+
+    def bind(self, targets: Sequence[Tensor]) -> List[Tensor]:
+        """Record the gradient targets; inputs among them are differentiated through their leaves."""
+        self.wrt = [self._leaf_of.get(id(t), t) for t in targets]
+        return self.wrt
 
     def first(self):
         return tuple(t.detach() for t in self.y), self.fz.detach(), self.scale
@@ -135,7 +145,7 @@ class _ImplicitFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *gys: Tensor):
         tape, stats = ctx.tape, ctx.stats
-        targets = tape.targets
+        targets = tape.wrt
         ctx.tape = None  # free the taped evaluation after this backward
         p = tape.p
         g = T.flatten(tuple(torch.zeros_like(y) if gy is None else gy for gy, y in zip(gys, tape.y)), p.yspec)
@@ -175,14 +185,14 @@ class ImplicitGrad(GradStrategy):
     def train_forward(self, p: Problem, z0: Tensor, targets: List[Tensor]):
         tape = _Tape(p, z0)
         if p.strict_targets:
-            check_no_hidden_leaves([*tape.y, tape.fz], [tape.z_leaf, *tape.y_leaf, *targets])
+            check_no_hidden_leaves([*tape.y, tape.fz], [tape.z_leaf, *tape.y_leaf, *tape.bind(targets)])
         with torch.no_grad():
             z_star, _, st = p.solve(z0, first=tape.first(), keep_aux=False)
         if not bool((st.iterations == 1).all()):
             tape = _Tape(p, z_star)  # the solve moved: tape one evaluation at z*
         stats = p.make_stats(st)
         p.report(st, "forward")
-        tape.targets = targets
+        tape.bind(targets)
         ys = _ImplicitFn.apply(tape, stats, *targets)
         return (ys if p.yspec.is_tuple else ys[0]), stats
 
