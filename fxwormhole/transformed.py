@@ -106,13 +106,20 @@ class TransformedModule(fx.GraphModule):
 
         Keys are module paths (``"fixed_point_0"``); values are
         :class:`~fxwormhole.runtime.stats.FixedPointStats` (None before the first call). Recurrent
-        modules with temporal wormholes report their per-step stats under their own path.
+        modules with temporal wormholes report a
+        :class:`~fxwormhole.runtime.recurrent.TemporalStats` (``[T, B]`` tensors) under their path.
         """
-        stats: dict[str, Any] = {name: m.stats for name, m in self.fixed_point_modules().items()}
+        from .runtime.recurrent import ExplicitRecurrent
+
+        stats: dict[str, Any] = {}
         for name, m in self.named_modules():
-            step_stats = getattr(m, "wormhole_stats", None)
-            if callable(step_stats):
-                stats[name] = step_stats()
+            if isinstance(m, ExplicitRecurrent) and m.temporal_pairs:
+                stats[public_name(name)] = m.stats  # TemporalStats: [T, B] tensors
+        # per-step FixedPoints of recurrent modules are reported through their module above
+        inner = tuple(f"{n}." for n in stats)
+        for name, m in self.fixed_point_modules().items():
+            if not public_name(name).startswith(inner):
+                stats[name] = m.stats
         return stats
 
     @property
