@@ -394,14 +394,10 @@ class ExplicitRecurrent(nn.Module):
             masks = [F.dropout(ones, self.dropout, True) for _ in range(L - 1)]
         outs, per_step = [], []
         z_width = sum(tmp.dst_sizes)
-        params = tuple(dict.fromkeys(p for p in tmp.fp.parameters() if p.requires_grad))
         for t in range(T):
-            inputs = (x[t], *flat, *[m[t] for m in masks])
-            z0 = x.new_zeros(B, z_width)
-            if torch.is_grad_enabled() and any(v.requires_grad for v in (*inputs, *params)):
-                y = _IsolatedStep.apply(tmp.fp, z0, len(inputs), *inputs, *params)
-            else:
-                y = tmp.fp(*inputs, z0=z0)
+            # The runtime tapes each step from detached input leaves, so the step's VJP stays
+            # local and the gradient w.r.t. h_{t-1} flows to the previous step by plain autograd.
+            y = tmp.fp(x[t], *flat, *[m[t] for m in masks], z0=x.new_zeros(B, z_width))
             per_step.append(tmp.fp.stats)
             flat = list(y)
             outs.append(flat[L - 1])
@@ -511,41 +507,6 @@ class _WormholeFeedback(nn.Module):
         parts = [wh(y[src]) for wh, src in zip(self.wormholes.values(), self.src_layers)]
         z = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
         return z, torch.linalg.vector_norm(x_t, dim=-1)
-
-
-class _IsolatedStep(torch.autograd.Function):
-    """Run one step's fixed point on detached copies of its inputs and bridge the gradient.
-
-    The step's inputs (``h_{t-1}``, ...) were computed with the same parameters the fixed point
-    differentiates. The runtime's implicit backward asks autograd for the gradient w.r.t. those
-    parameters *and* inputs from one taped evaluation; if the inputs still carried their history,
-    that request would walk back through the previous steps (a total instead of a partial
-    derivative: double-counted gradients, and a freed tape on the way back). Cutting the history
-    here keeps each step's VJP local; the gradient w.r.t. the inputs is handed to the previous step
-    by ordinary autograd (BPTT between steps).
-    """
-
-    @staticmethod
-    def forward(ctx, fp: nn.Module, z0: Tensor, n_inputs: int, *args: Tensor) -> Tuple[Tensor, ...]:
-        leaves = tuple(a.detach().requires_grad_(a.requires_grad) for a in args[:n_inputs])
-        with torch.enable_grad():
-            ys = tuple(fp(*leaves, z0=z0))
-        ctx.ys, ctx.wrt = ys, leaves + tuple(args[n_inputs:])
-        return tuple(y.detach() for y in ys)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads: Tensor) -> Tuple[Optional[Tensor], ...]:
-        pairs = [(y, g) for y, g in zip(ctx.ys, grads) if g is not None and y.requires_grad]
-        need = [i for i, w in enumerate(ctx.wrt) if w.requires_grad]
-        out: List[Optional[Tensor]] = [None] * len(ctx.wrt)
-        if pairs and need:
-            got = torch.autograd.grad([y for y, _ in pairs], [ctx.wrt[i] for i in need],
-                                      [g for _, g in pairs], allow_unused=True)
-            for i, g in zip(need, got):
-                out[i] = g
-        ctx.ys = ctx.wrt = None  # free the step's tape
-        return (None, None, None, *out)
 
 
 class _Temporal:
