@@ -53,6 +53,14 @@ def solve_eager(fmap: FMap, x0: Tensor, solver: FixedPointSolver, cfg: SolverCon
     active set, so later evaluations only cost the hard samples; otherwise finished samples are
     frozen by a mask (``halting="batch"`` keeps iterating until every sample converged)."""
     B, dev = x0.shape[0], x0.device
+    if first is None:
+        first = fmap(x0, None)
+    r1 = residual(x0, first[1], first[2])
+    if bool((r1 <= tol).all()):
+        # Every sample settled at the first evaluation (closed wormholes): no bookkeeping, no
+        # solver state; this is what keeps a closed node at the cost of one body evaluation.
+        ones = torch.ones(B, dtype=torch.int64, device=dev)
+        return x0, (first[0] if keep_aux else None), SolveStats(ones, r1, torch.full((B,), CONVERGED, dtype=torch.int8, device=dev))
     batch_halt = cfg.halting == "batch"
     compact = compact and not batch_halt
     factor = float(cfg.divergence_factor)
