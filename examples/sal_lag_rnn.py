@@ -47,7 +47,7 @@ def batch(lag: int, b: int, noise: float, gen: torch.Generator):
     return x, (sign > 0).float()
 
 
-def run(mode: str, lag: int, iters: int, hidden: int = 32, b: int = 32, lr: float = 0.05, eta_abs: float = 1e-3,
+def run(mode: str, lag: int, iters: int, hidden: int = 32, b: int = 32, lr: float = 0.05, eta_abs: float = 1e-4,
         noise: float = 0.0, g0: float = 0.5, rho: float = 1.0, seed: int = 0, report: int = 100, log=print):
     torch.manual_seed(seed)
     net = LagNet(hidden)
@@ -94,7 +94,7 @@ def main(argv=None):
     ap.add_argument("--lag", type=int, default=100)
     ap.add_argument("--iters", type=int, default=60)
     ap.add_argument("--noise", type=float, default=0.0)
-    ap.add_argument("--eta-abs", type=float, default=1e-3)
+    ap.add_argument("--eta-abs", type=float, default=1e-4, help="SAL step per time step (1e-3 runs away at lag 100, caveat C1)")
     ap.add_argument("--rho", type=float, default=1.0)
     ap.add_argument("--modes", default="bptt,sal,sal_rec,spectral")
     ap.add_argument("--report", type=int, default=None)

@@ -35,6 +35,6 @@ def test_deep_mlp_short():
 
 
 def test_lag_rnn_short():
-    out = load("sal_lag_rnn").main(["--iters", "3", "--report", "3", "--modes", "bptt,sal"])
-    assert out["sal"][-1][4] > out["bptt"][-1][4]  # SAL grows the recurrent weights from the small start
+    out = load("sal_lag_rnn").main(["--iters", "10", "--report", "10", "--modes", "bptt,sal"])
+    assert out["sal"][-1][4] > out["bptt"][-1][4] + 0.01  # SAL grows the recurrent weights from the small start
     assert out["bptt"][-1][4] == pytest.approx(0.5, abs=0.05)

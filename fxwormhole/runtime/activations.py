@@ -76,6 +76,7 @@ class Derivatives:
         ratio: ``f''(u)/f'(u)``, 0 where ``f'(u) = 0`` (used by the log form of SAL).
         source: ``"sympy"`` (closed form printed to torch code) or ``"autograd"`` (fallback).
         exprs: sympy expressions ``(f, f', f'', f''/f')`` for the sympy source, else None.
+        d1_d2: ``u -> (f'(u), f''(u))`` in one pass over shared subexpressions.
     """
 
     name: str
@@ -85,6 +86,11 @@ class Derivatives:
     ratio: Fn
     source: str
     exprs: Optional[Tuple[sympy.Expr, ...]] = field(default=None, compare=False)
+    d1_d2: Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]] = field(default=None, compare=False)
+
+    def first_and_second(self, u: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(f'(u), f''(u))``, sharing work where the closed forms allow."""
+        return self.d1_d2(u) if self.d1_d2 is not None else (self.d1(u), self.d2(u))
 
 
 # ------------------------------------------------------------------ registry of sympy definitions
@@ -181,10 +187,17 @@ def _src(e: sympy.Expr) -> str:
             return repr(bool(e))
         return repr(float(e))
     if isinstance(e, sympy.Symbol):
-        return "u"
+        return "u" if e == U else e.name  # the input, or a common subexpression of _compile_many
     if isinstance(e, sympy.Add):
-        return "(" + " + ".join(_src(a) for a in e.args) + ")"
+        # Terms with a negative coefficient print as subtractions: one tensor op each, not two.
+        pos = [a for a in e.args if not a.could_extract_minus_sign()]
+        neg = [-a for a in e.args if a.could_extract_minus_sign()]
+        head = " + ".join(_src(a) for a in pos) if pos else f"-{_src(neg.pop(0))}"
+        return "(" + head + "".join(f" - {_src(a)}" for a in neg) + ")"
     if isinstance(e, sympy.Mul):
+        coeff, rest = e.as_coeff_Mul()
+        if coeff != 1 and rest.free_symbols:  # the number rides on the last product: no separate negation
+            return f"({_src(rest)} * {float(coeff)!r})"
         return "(" + " * ".join(_src(a) for a in e.args) + ")"
     if isinstance(e, sympy.Pow):
         base, ex = e.args
@@ -219,8 +232,19 @@ def _src_tensor(e: sympy.Expr) -> str:
 
 
 def _compile(e: sympy.Expr, name: str) -> Fn:
-    body = _src_tensor(e)
-    code = f"def {name}(u):\n    return {body}\n"
+    one = _compile_many((e,), name)
+    fn = lambda u: one(u)[0]  # noqa: E731
+    fn.__source__ = one.__source__  # type: ignore[attr-defined]
+    return fn
+
+
+def _compile_many(exprs: Tuple[sympy.Expr, ...], name: str) -> Callable[[Tensor], Tuple[Tensor, ...]]:
+    """One function returning several expressions, sharing common subexpressions (sympy.cse):
+    e.g. ``f'`` and ``f''`` of tanh evaluate ``tanh(u)`` and ``1 - tanh(u)**2`` once."""
+    subs, reduced = sympy.cse([sympy.factor_terms(e) for e in exprs], symbols=sympy.numbered_symbols("_c"))
+    lines = [f"    {sym.name} = {_src(val)}" for sym, val in subs]
+    outs = "".join(_src_tensor(e) + ", " for e in reduced)
+    code = f"def {name}(u):\n" + "\n".join(lines + [f"    return {outs}"]) + "\n"
     namespace: Dict[str, Any] = {"torch": torch}
     exec(compile(code, f"<fxwormhole.activations:{name}>", "exec"), namespace)  # noqa: S102 - our own printed code
     fn = namespace[name]
@@ -251,8 +275,9 @@ def _from_expr(name: str, f: sympy.Expr) -> Derivatives:
         g = d1_fn(u)
         return torch.where(g != 0, raw(torch.where(g != 0, u, torch.zeros_like(u))), torch.zeros_like(u))
 
+    joint = _compile_many((d1, d2), "d1_d2") if d1.free_symbols and d2.free_symbols else None
     return Derivatives(name, _compile(f, "f"), d1_fn, d2_fn, ratio_fn if ratio.free_symbols else raw,
-                       "sympy", (f, d1, d2, ratio))
+                       "sympy", (f, d1, d2, ratio), joint)
 
 
 def _params_key(params: Dict[str, Any]) -> Tuple[Tuple[str, Any], ...]:

@@ -67,7 +67,7 @@ class _Rule:
                    cfg.enabled and cfg.eta > 0, max(1, int(n_calls)))
 
 
-def _row_coefficients(rule: _Rule, gate: Tensor, norm: Tensor, mean_d1: Tensor, frac_active: Tensor,
+def _row_coefficients(rule: _Rule, gate: Tensor, norm: Tensor, mean_d1: Tensor, frac_active: Optional[Tensor],
                       n: int) -> Tuple[Tensor, Tensor]:
     """Per-neuron factors of the SAL gradient (already negated: they are added to ``.grad``).
 
@@ -76,17 +76,21 @@ def _row_coefficients(rule: _Rule, gate: Tensor, norm: Tensor, mean_d1: Tensor, 
     """
     scale = -rule.eta * gate / rule.n_calls
     if rule.log_form:
+        assert frac_active is not None
         return scale / n, scale * frac_active / norm.square()
     return scale * norm / n, scale * mean_d1 / norm
 
 
-def _neuron_stats(d1: Tensor, norm: Tensor, dim: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Mean ``s`` per neuron, mean ``s^2`` over the layer, mean ``f'`` and share of ``f' != 0`` per neuron."""
-    shape = [1] * d1.dim()
-    shape[dim] = -1
-    s = d1 * norm.view(shape)
+def _neuron_stats(d1: Tensor, norm: Tensor, dim: int, need_frac: bool = False
+                  ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Mean ``s`` per neuron, mean ``s^2`` over the layer, mean ``f'`` and (if asked) share of
+    ``f' != 0`` per neuron. ``||w_j||`` is constant per neuron, so only ``f'`` is reduced."""
     dims = [i for i in range(d1.dim()) if i != dim]
-    return s.mean(dims), s.square().mean(), d1.mean(dims), (d1 != 0).to(d1.dtype).mean(dims)
+    n = d1.numel() // d1.shape[dim]
+    mean_d1 = d1.mean(dims)
+    mean_d1_sq = d1.square().mean(dims)
+    frac = (d1 != 0).sum(dims).to(d1.dtype) / n if need_frac else None
+    return norm * mean_d1, (norm.square() * mean_d1_sq).mean(), mean_d1, frac
 
 
 # ------------------------------------------------------------------------------ dense layers
@@ -139,11 +143,13 @@ class _SALDense(torch.autograd.Function):
         u = spec.op(x, w, b)
         with torch.no_grad():
             norm = w.detach().flatten(1).norm(dim=1).clamp_min(_EPS)
-            d1 = spec.act.d1(u)
-            mean_s, mean_s2, mean_d1, frac = _neuron_stats(d1, norm, spec.channel_dim % u.dim())
+            if spec.rule.log_form:
+                d1, e = spec.act.d1(u), spec.act.ratio(u)
+            else:
+                d1, e = spec.act.first_and_second(u)
+            mean_s, mean_s2, mean_d1, frac = _neuron_stats(d1, norm, spec.channel_dim % u.dim(), spec.rule.log_form)
             n = u.numel() // u.shape[spec.channel_dim]
             c_u, c_w = _row_coefficients(spec.rule, gate, norm, mean_d1, frac, n)
-            e = spec.act.ratio(u) if spec.rule.log_form else spec.act.d2(u)
         return u, mean_s, mean_s2, e, c_u, c_w
 
     @staticmethod
@@ -160,9 +166,9 @@ class _SALDense(torch.autograd.Function):
         spec: _DenseSpec = ctx.spec
         shape = [1] * e.dim()
         shape[spec.channel_dim] = -1
-        g_aug = g + e * c_u.view(shape)
+        g_aug = torch.addcmul(g, e, c_u.view(shape))
         gx, gw, gb = spec.backward(x, w, g, g_aug, ctx.has_bias)
-        gw = gw + c_w.view([-1] + [1] * (w.dim() - 1)) * w
+        gw = gw.addcmul_(c_w.view([-1] + [1] * (w.dim() - 1)), w)
         return gx, gw, gb, None, None
 
 
@@ -394,7 +400,7 @@ class RecurrentProbe(NeuronProbe):
                 d1, e = self._derivs(u)
                 sq = w_hh.square().sum(1) if self.rule.recurrent_only else w_ih.square().sum(1) + w_hh.square().sum(1)
                 norm = sq.sqrt().clamp_min(_EPS)
-                mean_s, mean_s2, mean_d1, frac = _neuron_stats(d1, norm, 1)
+                mean_s, mean_s2, mean_d1, frac = _neuron_stats(d1, norm, 1, self.rule.log_form)
                 s_parts.append(mean_s)
                 s2_sum = s2_sum + mean_s2 * d1.numel()
                 n_total += d1.numel()
