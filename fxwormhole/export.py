@@ -20,6 +20,7 @@ import json
 import re
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -79,6 +80,11 @@ class _InferenceMode:
 
     def __enter__(self):
         self.modes = {m: m.training for m in self.model.modules()}
+        # The compiled path writes stats tensors on the FixedPoint; export's would be stale tracer values.
+        self.cstats = {m: dict(m._cstats) for m in self.model.modules() if isinstance(getattr(m, "_cstats", None), dict)}
+        self.warnings = warnings.catch_warnings()
+        self.warnings.__enter__()
+        warnings.filterwarnings("ignore", message=r".*were assigned during export")
         self.model.eval()
         self.grad = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
@@ -88,6 +94,10 @@ class _InferenceMode:
         torch.set_grad_enabled(self.grad)
         for m, mode in self.modes.items():
             m.training = mode
+        for m, stats in self.cstats.items():
+            m._cstats.clear()
+            m._cstats.update(stats)
+        self.warnings.__exit__(*exc)
         return False
 
 
