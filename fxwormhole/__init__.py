@@ -8,6 +8,11 @@ Public surface (imported lazily so that ``import fxwormhole`` stays cheap)::
     fxwormhole.fixed_point(f, z0, *args, ...)            -> z*  (functional fixed point)
     fxwormhole.FixedPoint(body, ...)                     -> nn.Module solving z = body(z, *inputs)
     fxwormhole.compile(model) / fxwormhole.export(model, example_inputs, path)
+
+Functions whose names are also submodule names (``capture``, ``instrument``, ``compile``,
+``export``) are imported eagerly: importing a submodule binds the package attribute to the
+module, so a lazy function of the same name would stop being callable once anything imported
+``fxwormhole.capture``.
 """
 from __future__ import annotations
 
@@ -24,20 +29,19 @@ from .errors import (
     PlacementError,
 )
 
+from .capture import capture
+from .instrument import SAL, instrument, sensitivity_report
+
 __version__ = "0.1.0"
 
 # name -> module that defines it
 _LAZY = {
-    "capture": "fxwormhole.capture",
     "layer_table": "fxwormhole.analysis",
     "FixedPoint": "fxwormhole.runtime.fixed_point",
     "fixed_point": "fxwormhole.runtime.fixed_point",
     "FixedPointStats": "fxwormhole.runtime.stats",
     "register_solver": "fxwormhole.runtime.solvers",
     "transform": "fxwormhole.api",
-    "instrument": "fxwormhole.instrument",
-    "sensitivity_report": "fxwormhole.instrument",
-    "SAL": "fxwormhole.instrument",
     "compile": "fxwormhole.compile",
     "export": "fxwormhole.export",
 }
@@ -53,6 +57,10 @@ __all__ = [
     "PlacementError",
     "ConvergenceError",
     "ExportError",
+    "capture",
+    "instrument",
+    "sensitivity_report",
+    "SAL",
     *_LAZY,
 ]
 

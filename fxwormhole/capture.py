@@ -23,9 +23,7 @@ import inspect
 import io
 import logging
 import os
-import sys
 import traceback
-import types
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -517,14 +515,3 @@ def _capture_error_message(model_name: str, attempts: dict[str, str]) -> str:
         "steps instead of `break`; or pass front_end='symbolic_trace' / front_end='export' "
         "(CLI: --front-end) to see one front end's error alone."
     )
-
-
-class _CallableModule(types.ModuleType):
-    """``fxwormhole.capture`` is both this module and the function: once a submodule import has
-    bound the package attribute to the module, ``fxwormhole.capture(model, x)`` must still work."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> fx.GraphModule:
-        return capture(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -133,6 +133,8 @@ def sensitivity_report(model: nn.Module) -> SensitivityReport:
     Raises:
         ConfigError: ``model`` has no probes (it was not instrumented).
     """
+    from .transformed import public_name  # layers inside fixed points report their original paths
+
     probes = probes_of(model)
     if not probes:
         raise ConfigError("sensitivity_report: the model has no sensitivity probes; build it with "
@@ -142,6 +144,6 @@ def sensitivity_report(model: nn.Module) -> SensitivityReport:
         target = p.rule.target
         with torch.no_grad():
             s = p.s_bar.float()
-            rows.append(SensitivityRow(p.layer, p.kind, p.activation, p.source, p.neurons, float(s.mean()),
+            rows.append(SensitivityRow(public_name(p.layer), p.kind, p.activation, p.source, p.neurons, float(s.mean()),
                                        float(p.log_rms), float((s < p.rule.target).float().mean()), int(p.count)))
     return SensitivityReport(rows, target)
