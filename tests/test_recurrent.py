@@ -25,6 +25,7 @@ from fxwormhole.runtime.recurrent import (
     ExplicitRNN,
     explicit_from_module,
 )
+from test_recurrent_common import one_thread, rel  # noqa: F401  (autouse fixture)
 
 KINDS = {
     "lstm": lambda **kw: nn.LSTM(**kw),
@@ -34,11 +35,6 @@ KINDS = {
     "rnn_relu": lambda **kw: nn.RNN(nonlinearity="relu", **kw),
 }
 I, H, T, B = 5, 6, 7, 3
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def _initial_state(m: nn.RNNBase, batched: bool, dtype: torch.dtype):
@@ -74,7 +70,7 @@ def test_equivalence_grid(kind, layers, batch_first, bias, bidirectional):
             assert len(ref) == len(got)
             for r, g in zip(ref, got):
                 assert g.shape == r.shape and g.dtype == r.dtype
-                assert _rel(g, r) < tol, (kind, dtype, batched, given, _rel(g, r))
+                assert rel(g, r) < tol, (kind, dtype, batched, given, rel(g, r))
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -96,7 +92,7 @@ def test_parameter_names_and_strict_state_dict(kind):
     m2.load_state_dict(fresh.state_dict(), strict=True)
     x = torch.randn(T, B, I)
     for r, g in zip(tree_leaves(m2(x)), tree_leaves(fresh(x))):
-        assert _rel(g, r) < 1e-5
+        assert rel(g, r) < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "rnn_tanh"])
@@ -116,7 +112,7 @@ def test_gradients_match_autograd_float64(kind):
         return torch.autograd.grad(loss, [xs, *h0, *mod.parameters()])
 
     for g, r in zip(grads(e), grads(m)):
-        assert _rel(g, r) < 1e-10
+        assert rel(g, r) < 1e-10
 
 
 def test_train_mode_dropout_matches_torch_under_same_seed():
@@ -129,7 +125,7 @@ def test_train_mode_dropout_matches_torch_under_same_seed():
     torch.manual_seed(5)
     got = tree_leaves(e(x))
     for r, g in zip(ref, got):
-        assert _rel(g, r) < 1e-5
+        assert rel(g, r) < 1e-5
     torch.manual_seed(6)
     other = e(x)[0]
     assert not torch.allclose(other, got[0])  # dropout is active in training mode
@@ -227,9 +223,9 @@ def test_decompose_pass_keeps_outputs_and_state_dict(rnn):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert set(gm.state_dict()) == set(model.state_dict())
     gm.load_state_dict(model.state_dict(), strict=True)
-    assert _rel(gm(x), model(x)) < 1e-5
+    assert rel(gm(x), model(x)) < 1e-5
     x_long = torch.randn(B, 3 * T, 4)  # call_module leaf: any sequence length
-    assert _rel(gm(x_long), model(x_long)) < 1e-5
+    assert rel(gm(x_long), model(x_long)) < 1e-5
     nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "block.rnn"]
     info = nodes[0].meta["fxwormhole"]["recurrent"]
     assert info["decomposed"] and info["num_layers"] == rnn.num_layers and info["mode"] == rnn.mode
@@ -301,4 +297,4 @@ def test_user_cell_loops_are_left_intact(model):
     n_nodes = len(gm.graph.nodes)
     res = PassManager([DecomposeRecurrent(), TemporalWormholes(WormholeConfig())])(gm)
     assert not res.modified and len(res.graph_module.graph.nodes) == n_nodes
-    assert _rel(res.graph_module(x), model(x)) < 1e-6
+    assert rel(res.graph_module(x), model(x)) < 1e-6

@@ -14,11 +14,7 @@ from torch._dynamo.testing import CompileCounter
 
 from fxwormhole.config import WormholeConfig
 from fxwormhole.runtime.recurrent import ExplicitGRU, ExplicitLSTM, add_temporal_wormhole, explicit_from_module
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+from test_recurrent_common import one_thread, rel  # noqa: F401  (autouse fixture)
 
 
 def _fwd_bwd(mod: nn.Module, x: torch.Tensor, w: torch.Tensor):
@@ -44,12 +40,12 @@ def test_compiled_step_matches_eager(make):
     w = torch.randn_like(eager(x)[0])
     out_e, g_e = _fwd_bwd(eager, x, w)
     out_c, g_c = _fwd_bwd(compiled, x, w)
-    assert _rel(out_c, out_e) < 1e-6
+    assert rel(out_c, out_e) < 1e-6
     for a, b in zip(g_c, g_e):
-        assert _rel(a, b) < 1e-5
+        assert rel(a, b) < 1e-5
     # another length reuses the same compiled cell
     x2 = torch.randn(3, 4, 5) if m.batch_first else torch.randn(4, 3, 5)
-    assert _rel(compiled(x2)[0], eager(x2)[0]) < 1e-6
+    assert rel(compiled(x2)[0], eager(x2)[0]) < 1e-6
 
 
 class Net(nn.Module):
@@ -70,7 +66,7 @@ def test_compiling_a_model_does_not_unroll_the_time_loop():
         counter = CompileCounter()
         x = torch.randn(2, T, 4)
         y = torch.compile(net, backend=counter)(x)
-        assert _rel(y, net(x)) < 1e-6
+        assert rel(y, net(x)) < 1e-6
         counts[T] = (counter.frame_count, counter.op_count)
     assert counts[5] == counts[40]  # graph size independent of T: the loop runs outside the graph
 
@@ -86,9 +82,9 @@ def test_compiled_step_inside_temporal_wormholes():
     out_e, g_e = _fwd_bwd(eager, x, w)
     out_c, g_c = _fwd_bwd(compiled, x, w)
     assert int(compiled.stats.iterations.max()) > 1
-    assert _rel(out_c, out_e) < 1e-5
+    assert rel(out_c, out_e) < 1e-5
     for a, b in zip(g_c, g_e):
-        assert _rel(a, b) < 1e-4
+        assert rel(a, b) < 1e-4
 
 
 @pytest.mark.slow
@@ -105,7 +101,7 @@ def test_inductor_compile_time_at_t300_and_no_parameter_mutation():
     elapsed = time.perf_counter() - start
     assert elapsed < 60, elapsed
     out_e, g_e = _fwd_bwd(eager, x, w)
-    assert _rel(out_c, out_e) < 1e-5
+    assert rel(out_c, out_e) < 1e-5
     for a, b in zip(g_c, g_e):
-        assert _rel(a, b) < 1e-4
+        assert rel(a, b) < 1e-4
     assert all(torch.equal(v, compiled.state_dict()[k]) for k, v in before.items())

@@ -18,13 +18,9 @@ from fxwormhole.passes._common import run_passes
 from fxwormhole.passes.recurrent import DecomposeRecurrent
 from fxwormhole.passes.temporal_wormhole import TemporalWormholes
 from fxwormhole.runtime.recurrent import ExplicitRecurrent, add_temporal_wormhole, resolve_temporal_pairs
+from test_recurrent_common import one_thread, rel  # noqa: F401  (autouse fixture)
 
 I, H, T, B = 4, 6, 6, 3
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 # ---- closed gates: the original model, one evaluation per step -------------------------------
@@ -38,7 +34,7 @@ def test_closed_gates_equal_original_and_settle_in_one_step(make):
     x = torch.randn(B, T, I) if m.batch_first else torch.randn(T, B, I)
     ref, got = tree_leaves(m(x)), tree_leaves(e(x))
     for r, g in zip(ref, got):
-        assert g.shape == r.shape and _rel(g, r) < 1e-5
+        assert g.shape == r.shape and rel(g, r) < 1e-5
     it = e.stats.iterations
     assert it.shape == (T, B) and bool((it == 1).all())
     assert e.stats.backward_iterations is None  # no backward yet
@@ -57,7 +53,7 @@ def test_closed_gates_gradients_equal_original_float64():
     lstm_params = [p for n, p in e.named_parameters() if not n.startswith("temporal_wormholes")]
     g_got = torch.autograd.grad((e(x)[0] * w).sum(), lstm_params)
     for a, b in zip(g_got, g_ref):
-        assert _rel(a, b) < 1e-10
+        assert rel(a, b) < 1e-10
 
 
 def test_train_mode_dropout_matches_torch_under_same_seed():
@@ -68,7 +64,7 @@ def test_train_mode_dropout_matches_torch_under_same_seed():
     ref = m(x)[0]
     torch.manual_seed(11)
     got = e(x)[0]
-    assert _rel(got, ref) < 1e-5
+    assert rel(got, ref) < 1e-5
     assert not torch.allclose(got, e.eval()(x)[0])
 
 
@@ -138,12 +134,12 @@ def test_open_wormhole_gradients_match_unrolled_reference_float64(name, make, wo
 
     state0 = [(h0[k], c0[k]) for k in range(e.num_layers)] if name == "lstm" else [h0[k] for k in range(e.num_layers)]
     r_out, r_states = _unrolled_reference(e, x, state0, iters=80)
-    assert _rel(out, r_out) < 1e-10
+    assert rel(out, r_out) < 1e-10
     r_loss = (r_out * w_out).sum() + sum(t.sum() for s in r_states for t in (s if isinstance(s, tuple) else (s,)))
     ref = torch.autograd.grad(r_loss, wrt)
     names = ["x", "h0", *(["c0"] if name == "lstm" else []), *[n for n, _ in e.named_parameters()]]
     for n, a, b in zip(names, got, ref):
-        assert _rel(a, b) < 1e-6, (n, _rel(a, b))
+        assert rel(a, b) < 1e-6, (n, rel(a, b))
 
 
 # ---- the passes on a GraphModule --------------------------------------------------------------
@@ -175,7 +171,7 @@ def test_passes_on_graph_module_closed_then_trainable():
     info = node.meta["fxwormhole"]["recurrent"]
     assert info["decomposed"] and info["temporal_wormholes"] == [("layer1", "layer0")]
     assert gm.meta["fxwormhole"]["temporal_wormholes"] == {"rnn": [("layer1", "layer0")]}
-    assert _rel(gm(x), model(x)) < 1e-5 and bool((rnn.stats.iterations == 1).all())
+    assert rel(gm(x), model(x)) < 1e-5 and bool((rnn.stats.iterations == 1).all())
     # the original state_dict loads; only the wormhole parameters are new
     res = gm.load_state_dict(model.state_dict(), strict=False)
     assert not res.unexpected_keys and all(k.startswith("rnn.temporal_wormholes.") for k in res.missing_keys)
@@ -226,7 +222,7 @@ def test_temporal_wormhole_unbatched_input_and_initial_state():
     e = add_temporal_wormhole(m)
     x, h0 = torch.randn(T, I), torch.randn(2, H)
     for r, g in zip(m(x, h0), e(x, h0)):
-        assert g.shape == r.shape and _rel(g, r) < 1e-5
+        assert g.shape == r.shape and rel(g, r) < 1e-5
     assert e.stats.iterations.shape == (T, 1)
 
 

@@ -110,10 +110,13 @@ def _time_loop(cell: Callable[..., State], gi: Tensor, state: State, w_hh: Tenso
 
     Disabled for dynamo on purpose: a compiled surrounding model must not unroll T steps.
     """
-    steps = range(gi.shape[0] - 1, -1, -1) if reverse else range(gi.shape[0])
-    outs: List[Optional[Tensor]] = [None] * gi.shape[0]
+    # unbind once: indexing gi[t] per step would give each step's backward a full-size zero
+    # tensor (select_backward), i.e. O(T^2) memory traffic.
+    gis = gi.unbind(0)
+    steps = range(len(gis) - 1, -1, -1) if reverse else range(len(gis))
+    outs: List[Optional[Tensor]] = [None] * len(gis)
     for t in steps:
-        state = cell(gi[t], state, w_hh, b_hh, w_hr)
+        state = cell(gis[t], state, w_hh, b_hh, w_hr)
         outs[t] = state[0]
     return torch.stack(outs), state  # type: ignore[arg-type]
 
@@ -394,10 +397,11 @@ class ExplicitRecurrent(nn.Module):
             masks = [F.dropout(ones, self.dropout, True) for _ in range(L - 1)]
         outs, per_step = [], []
         z_width = sum(tmp.dst_sizes)
+        xs, ms = x.unbind(0), [m.unbind(0) for m in masks]  # unbind once (see _time_loop)
         for t in range(T):
             # The runtime tapes each step from detached input leaves, so the step's VJP stays
             # local and the gradient w.r.t. h_{t-1} flows to the previous step by plain autograd.
-            y = tmp.fp(x[t], *flat, *[m[t] for m in masks], z0=x.new_zeros(B, z_width))
+            y = tmp.fp(xs[t], *flat, *[m[t] for m in ms], z0=x.new_zeros(B, z_width))
             per_step.append(tmp.fp.stats)
             flat = list(y)
             outs.append(flat[L - 1])
