@@ -17,7 +17,7 @@ from ..errors import FxWormholeError
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: command modules (in fxwormhole.cli), in the order ``--help`` lists them
-COMMANDS: list[str] = ["inspect_cmd", "demo_cmd"]
+COMMANDS: list[str] = ["inspect_cmd", "demo_cmd", "rewrite_cmd", "compile_cmd", "export_cmd", "bench_cmd"]
 
 
 class UsageError(Exception):
