@@ -1,33 +1,36 @@
-"""``fxwormhole demo [--out DIR]``: inspect a bundled zoo model and draw it (temporary demo)."""
+"""``fxwormhole demo [--out DIR] [--quick]``: the end-to-end demo (see :mod:`fxwormhole.demo`)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-from .. import zoo
-from .inspect_cmd import SPANS_DRAWN, format_report, inspect_model
 
 __all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="inspect a bundled model and write DIR/graph.png",
-                              description="Capture a small bundled model, print its layer table and "
-                                          "candidate spans, and draw DIR/graph.png.")
+    p = subparsers.add_parser(
+        "demo", help="train an LSTM with temporal wormholes + SAL on digit rows; write plots and a report",
+        description="Train a small LSTM classifier on scikit-learn's 8x8 digits (one row per step), as it is "
+                    "and rewritten with temporal wormholes and SAL; print a results table and write plots "
+                    "and DIR/report.md.")
     p.add_argument("--out", metavar="DIR", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--model", choices=sorted(n for n in zoo.ZOO if n != "DataDependentBreak"),
-                   default="ResidualMLP", help="zoo model to show (default: ResidualMLP)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long run (tiny model, few steps)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 300; --quick 12)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..drawing import draw_graph
+    from dataclasses import replace
 
-    model = zoo.build(args.model).eval()
-    gm, layers, spans = inspect_model(model, model.example_inputs(batch=4))
-    title = f"fxwormhole.zoo:{args.model}"
-    print(format_report(gm, layers, spans, title))
-    out = Path(args.out)
-    path = draw_graph(gm, out / "graph.png", spans=spans[:SPANS_DRAWN], layers=layers, title=title)
-    print(f"\npicture:    {path}")
+    from ..demo import DemoConfig, run_demo
+    from ..errors import ConfigError
+
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ConfigError(f"--steps {args.steps}: expected an int >= 1")
+        cfg = replace(cfg, steps=args.steps, eval_every=min(cfg.eval_every, args.steps))
+    cfg = replace(cfg, seed=args.seed)
+    run_demo(args.out, cfg, show_progress=not args.no_progress)
     return 0
