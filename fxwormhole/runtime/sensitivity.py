@@ -163,6 +163,9 @@ class _SALDense(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, *unused):
         x, w, e, c_u, c_w = ctx.saved_tensors
+        # Under autocast the op ran in bf16/fp16 but this backward runs outside autocast: compute
+        # it in the weight's dtype (autograd casts the input gradient back to the input's dtype).
+        g, e, x = g.to(w.dtype), e.to(w.dtype), x.to(w.dtype)
         spec: _DenseSpec = ctx.spec
         shape = [1] * e.dim()
         shape[spec.channel_dim] = -1
