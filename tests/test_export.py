@@ -111,3 +111,18 @@ def test_export_failure_is_wrapped_with_the_line(tmp_path):
 
     with pytest.raises(ExportError, match=r"torch.export failed at test_export.py:\d+ in forward"):
         fxwormhole.export(Branchy(), (torch.randn(3, 2),), tmp_path / "b.pt2")
+
+
+def test_pipeline_example_runs(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "compile_and_export.py"
+    spec = importlib.util.spec_from_file_location("compile_and_export", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch._dynamo.reset()
+    code = example.main(["--backend", "aot_eager", "--formats", "pt2", "--out", str(tmp_path), "--steps", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "all checks passed" in out and (tmp_path / "mlp_wormhole.pt2").is_file()
