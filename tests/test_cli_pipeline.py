@@ -99,3 +99,17 @@ def test_bad_arguments_are_one_line_and_exit_2(argv, message, capsys, tmp_path, 
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fxwormhole: error:"), err
     assert message in lines[0]
+
+
+def test_inspect_after_draws_the_rewritten_graph(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    from fxwormhole.cli.inspect_cmd import after_highlights
+
+    code, out, _ = _run(capsys, "inspect", "fxwormhole.zoo:MLP", "--input", "4x8", "--picture",
+                        str(tmp_path / "g.png"), "--after")
+    assert code == 0
+    assert "after transform:" in out and "fixed_point_0" in out
+    assert (tmp_path / "g_after.png").stat().st_size > 1000
+    model = zoo.MLP()
+    marks = after_highlights(fxwormhole.transform(model, model.example_inputs(4)))
+    assert marks.get("fixed_point_0") == "fixed_point"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Sequence
 
 import torch.fx as fx
@@ -11,7 +12,7 @@ from ..analysis import Layer, candidate_spans, format_layer_table, layer_table, 
 from ..capture import FRONT_ENDS, capture
 from .specs import load_model, parse_input_spec
 
-__all__ = ["register", "run", "inspect_model", "format_report"]
+__all__ = ["register", "run", "inspect_model", "format_report", "after_highlights"]
 
 SPANS_DRAWN = 3
 SPANS_PRINTED = 10
@@ -28,7 +29,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kwargs", metavar="JSON", help="constructor keyword arguments as a JSON object")
     p.add_argument("--picture", metavar="FILE", help="draw the graph to FILE.png or FILE.svg (needs matplotlib)")
     p.add_argument("--front-end", choices=FRONT_ENDS, default="auto", help="capture front end (default: auto)")
+    p.add_argument("--after", action="store_true",
+                   help="also transform MODEL (default WormholeConfig), print what was inserted and, with --picture, "
+                        "draw the rewritten graph to FILE_after.png with fixed-point and wormhole nodes marked")
     p.set_defaults(func=run)
+
+
+def after_highlights(gm: fx.GraphModule) -> dict[str, str]:
+    """Node name -> highlight category of the rewritten graph (fixed points, wormholes, probes)."""
+    marks = {}
+    for n in gm.graph.nodes:
+        role = n.meta.get("fxwormhole", {}).get("role", "")
+        target = str(n.target) if n.op == "call_module" else ""
+        if role.startswith("fixed_point") or target.startswith("fixed_point"):
+            marks[n.name] = "fixed_point"
+        elif "wormhole" in target or "wormhole" in role:
+            marks[n.name] = "wormhole"
+        elif "probe" in target or "probe" in role:
+            marks[n.name] = "probe"
+    return marks
 
 
 def inspect_model(model: nn.Module, inputs: Sequence, front_end: str = "auto"):
@@ -70,4 +89,16 @@ def run(args: argparse.Namespace) -> int:
 
         path = draw_graph(gm, args.picture, spans=spans[:SPANS_DRAWN], layers=layers, title=args.model)
         print(f"\npicture:    {path}  (first {min(len(spans), SPANS_DRAWN)} spans drawn)")
+    if args.after:
+        from ..api import transform
+
+        net = transform(model, tuple(inputs))
+        print(f"\nafter transform:\n{net.summary()}")
+        if args.picture:
+            from ..drawing import draw_graph
+
+            pic = Path(args.picture)
+            after = draw_graph(net, pic.with_name(f"{pic.stem}_after{pic.suffix}"), highlights=after_highlights(net),
+                               title=f"{args.model} (after transform)")
+            print(f"picture:    {after}  (rewritten graph; fixed-point and wormhole nodes marked)")
     return 0
