@@ -105,34 +105,29 @@ class GradConfig:
         _check(isinstance(self.tau, (int, float)) and 0 < self.tau <= 1, c, "tau", self.tau, "a float in (0, 1]")
 
 
-def coerce_solver(value: Union[str, SolverConfig, None], **overrides: Any) -> SolverConfig:
-    """Accept a solver name or a :class:`SolverConfig`; apply keyword overrides that are not None."""
+def _coerce(cls: type, key: str, value: Any, what: str, overrides: dict) -> Any:
+    """A ``cls`` from None, an instance or a name (stored in field ``key``), with overrides applied."""
     if value is None:
-        base = SolverConfig()
-    elif isinstance(value, SolverConfig):
+        base = cls()
+    elif isinstance(value, cls):
         base = value
     elif isinstance(value, str):
-        base = SolverConfig(name=value)
+        base = cls(**{key: value})
     else:
-        raise ConfigError(f"solver={value!r} is invalid: expected a solver name or a SolverConfig")
-    known = {f.name for f in fields(SolverConfig)}
+        raise ConfigError(f"{what}={value!r} is invalid: expected a name or a {cls.__name__}")
+    known = {f.name for f in fields(cls)}
     kw = {k: v for k, v in overrides.items() if v is not None and k in known}
     return replace(base, **kw) if kw else base
+
+
+def coerce_solver(value: Union[str, SolverConfig, None], **overrides: Any) -> SolverConfig:
+    """Accept a solver name or a :class:`SolverConfig`; apply keyword overrides that are not None."""
+    return _coerce(SolverConfig, "name", value, "solver", overrides)
 
 
 def coerce_grad(value: Union[str, GradConfig, None], **overrides: Any) -> GradConfig:
     """Accept a gradient mode name or a :class:`GradConfig`; apply overrides that are not None."""
-    if value is None:
-        base = GradConfig()
-    elif isinstance(value, GradConfig):
-        base = value
-    elif isinstance(value, str):
-        base = GradConfig(mode=value)
-    else:
-        raise ConfigError(f"grad={value!r} is invalid: expected one of {GRAD_MODES} or a GradConfig")
-    known = {f.name for f in fields(GradConfig)}
-    kw = {k: v for k, v in overrides.items() if v is not None and k in known}
-    return replace(base, **kw) if kw else base
+    return _coerce(GradConfig, "mode", value, "grad", overrides)
 
 
 Span = Tuple[str, str]
