@@ -56,7 +56,7 @@ def main() -> None:
     model = zoo.MLP(in_features=args.width, hidden=args.width, out_features=10, depth=args.depth)
     x = torch.randn(args.batch, args.width)
     config = WormholeConfig(wormholes=[(f"layers.{args.depth - 1}", "layers.1")], gate_init=0.0,
-                            proj_init="normal", proj_std=0.5 / args.width**0.5, tol=1e-4, max_iter=50)
+                            proj_init="normal", proj_std=1.0 / args.width**0.5, tol=1e-5, max_iter=50)
     net = fxwormhole.transform(model, (x,), config)
     g = torch.randn(args.batch, 10)
     state = {k: v.clone() for k, v in net.state_dict().items()}
