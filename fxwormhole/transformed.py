@@ -75,7 +75,9 @@ def _load_post_hook(module: nn.Module, incompatible: Any) -> None:
 def _rebuild(body: dict, import_block: str) -> "TransformedModule":
     fn_src = body.get("_code") or body["code"]
     forward = _forward_from_src(import_block + fn_src, {})
-    return _deserialize_graph_module(forward, body, graph_module_cls=TransformedModule)
+    gm = _deserialize_graph_module(forward, body, graph_module_cls=TransformedModule)
+    gm.meta = body.get("meta", {})  # the plan (wormholes, back edges, ...): GraphModule starts empty
+    return gm
 
 
 class TransformedModule(fx.GraphModule):

@@ -94,6 +94,7 @@ def test_transformed_model_is_an_ordinary_module(tmp_path):
     loaded = torch.load(buf, weights_only=False)
     assert isinstance(loaded, TransformedModule)
     torch.testing.assert_close(loaded(x), ref)
+    assert loaded.wormholes == net.wormholes and loaded.summary() == net.summary()
     assert set(loaded.state_dict()) == set(net.state_dict())
 
     path = tmp_path / "sd.pt"
