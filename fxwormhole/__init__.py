@@ -30,6 +30,8 @@ from .errors import (
 )
 
 from .capture import capture
+from .compile import compile  # noqa: A001 - the public name; torch.compile is unaffected
+from .export import export
 from .instrument import SAL, instrument, sensitivity_report
 
 __version__ = "0.1.0"
@@ -42,8 +44,6 @@ _LAZY = {
     "FixedPointStats": "fxwormhole.runtime.stats",
     "register_solver": "fxwormhole.runtime.solvers",
     "transform": "fxwormhole.api",
-    "compile": "fxwormhole.compile",
-    "export": "fxwormhole.export",
 }
 
 __all__ = [
@@ -58,6 +58,8 @@ __all__ = [
     "ConvergenceError",
     "ExportError",
     "capture",
+    "compile",
+    "export",
     "instrument",
     "sensitivity_report",
     "SAL",

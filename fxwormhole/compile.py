@@ -21,8 +21,6 @@ What it does, in order (see ``docs/pipeline.md``):
 """
 from __future__ import annotations
 
-import sys
-import types
 import warnings
 from typing import Any, Iterator, Sequence
 
@@ -282,14 +280,4 @@ def compile(model: nn.Module, *, example_inputs: Sequence[Any] | Tensor | None =
     return compiled
 
 
-compile.prepare = prepare  # type: ignore[attr-defined]  # fxwormhole.compile.prepare when the function won
-
-
-class _CallableModule(types.ModuleType):
-    """``fxwormhole.compile`` is both this module and the function (whichever import ran first)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
-        return compile(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+compile.prepare = prepare  # type: ignore[attr-defined]  # reachable as fxwormhole.compile.prepare

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-import types
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -287,14 +285,4 @@ def load(path: str | Path) -> ExportedModel:
     return ExportedModel(ep.module(), path=path, format="pt2", meta=meta)
 
 
-export.load = load  # type: ignore[attr-defined]  # fxwormhole.export.load when the function won
-
-
-class _CallableModule(types.ModuleType):
-    """``fxwormhole.export`` is both this module and the function (whichever import ran first)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Path:
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+export.load = load  # type: ignore[attr-defined]  # reachable as fxwormhole.export.load
