@@ -77,6 +77,10 @@ def transform(
         raise ConfigError(f"config must be a WormholeConfig, got {type(config).__name__}")
     if sal is not None and not isinstance(sal, SALConfig):
         raise ConfigError(f"sal must be a SALConfig or None, got {type(sal).__name__}")
+    from .runtime.solvers import get_solver
+
+    get_solver(config.solver.name)  # unknown names fail here, not at the first forward/backward
+    get_solver(config.grad.solver)
     inputs = _as_tuple(example_inputs)
 
     gm = capture(model, inputs, front_end=front_end)

@@ -113,7 +113,13 @@ def capture(
             log.debug("capture: %s failed: %s", name, attempts[name])
             continue
         gm.training = model.training
-        propagate_shapes(gm, args, kwargs)
+        try:
+            propagate_shapes(gm, args, kwargs)
+        except Exception as exc:  # the trace is shape-agnostic: wrong shapes surface only here
+            raise CaptureError(
+                f"{type(model).__name__}: the example inputs do not fit the model: running the captured graph on "
+                f"them failed with {_describe_failure(exc)}; pass example_inputs that model(*example_inputs) "
+                f"accepts (check their number, shapes and dtypes)") from exc
         gm.meta["fxwormhole"] = {
             "front_end": name,
             "input_shapes": [tuple(t.shape) for t in _tensors(args, kwargs)],
@@ -506,8 +512,14 @@ def _user_frame(exc: BaseException) -> str | None:
     return None
 
 
+_ARITY = ("missing a required argument", "too many positional arguments", "got an unexpected keyword argument")
+
+
 def _capture_error_message(model_name: str, attempts: dict[str, str]) -> str:
     tried = "; ".join(f"{name} failed with {why}" for name, why in attempts.items())
+    if attempts and all(any(a in why for a in _ARITY) for why in attempts.values()):
+        return (f"could not capture {model_name}: {tried}. What to do: example_inputs must hold one tensor per "
+                f"positional argument of {model_name}.forward, in order (a single tensor or a tuple).")
     return (
         f"could not capture {model_name}: {tried}. "
         "What to do: remove data-dependent Python control flow from forward (an `if`/`break` on a "

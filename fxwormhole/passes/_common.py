@@ -40,8 +40,22 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Any]) -> fx.GraphModule:
             cause = cause.__cause__
         if cause is not None:
             raise cause.with_traceback(None) from None
-        raise
+        # Anything else: still a typed error (the cause stays chained), saying where it happened.
+        root = exc.__cause__ or exc
+        first = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")[:300]
+        raise FxWormholeError(
+            f"{_pass_name(exc)} failed with {type(root).__name__}: {first}; check that example_inputs are a valid "
+            "call of the model (number, shapes, dtypes and devices of the tensors, matching the model's parameters); "
+            "if they are, please report this model to fxwormhole") from root
     return result.graph_module
+
+
+def _pass_name(exc: BaseException) -> str:
+    """``"pass 'InsertWormholes'"`` from PassManager's wrapper message (or a generic phrase)."""
+    import re
+
+    found = re.search(r"running the '(\w+)' pass", str(exc))
+    return f"pass {found.group(1)!r}" if found else "a graph pass"
 
 
 def legalize(gm: fx.GraphModule) -> fx.GraphModule:

@@ -190,6 +190,13 @@ def _validated(index: int, src: str, dst: str, s: _Endpoint, d: _Endpoint, graph
                 f"wormhole ({src!r} -> {dst!r}): source node {s.value.name!r} does not depend on destination "
                 f"node {user.name!r}; a wormhole must go from a deeper layer back to an earlier one (swap them?)"
             )
+    dst_val = d.value.meta.get("val")
+    if isinstance(dst_val, torch.Tensor) and not dst_val.dtype.is_floating_point:
+        raise PlacementError(
+            f"wormhole ({src!r} -> {dst!r}): destination input {d.value.name!r} is {dst_val.dtype} (e.g. token ids); "
+            f"a wormhole adds a real-valued signal: pick a destination whose input is floating point "
+            f"(a layer after the embedding), or check the dtype of example_inputs"
+        )
     if src_shape[0] != dst_shape[0]:
         raise PlacementError(
             f"wormhole ({src!r} -> {dst!r}): batch sizes differ: {s.value.name!r} has shape {src_shape}, "
