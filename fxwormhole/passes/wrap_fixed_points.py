@@ -50,6 +50,19 @@ def _unique(nodes: Sequence[fx.Node]) -> list[fx.Node]:
     return list(dict.fromkeys(nodes))
 
 
+def _shape_nodes_read(order: list[fx.Node], body_nodes: list[fx.Node], inside: set[fx.Node]) -> list[fx.Node]:
+    """The outside shape-only nodes ``body_nodes`` read (transitively), in graph order."""
+    pulled: set[fx.Node] = set()
+    stack = [a for n in body_nodes for a in n.all_input_nodes]
+    while stack:
+        a = stack.pop()
+        if a in inside or a in pulled or not analysis.is_shape_node(a):
+            continue
+        pulled.add(a)
+        stack.extend(a.all_input_nodes)
+    return [n for n in order if n in pulled]
+
+
 class WrapFixedPoints(PassBase):
     """Replace every wormhole cycle by one ``fixed_point_<k>`` call_module node.
 
@@ -97,17 +110,23 @@ class WrapFixedPoints(PassBase):
         if not reads or len(reads) != len(writes):
             raise PlacementError(f"{name}: malformed wormhole cycle (reads {reads}, writes {writes})")
         body_nodes = [n for n in inside if n not in reads and n not in writes]
+        # Sizes computed outside (dynamic-batch export graphs: sym_size of the input) are recomputed
+        # in the body from tensors: ints cannot cross the node boundary of a compiled backward, and a
+        # shrunk active set needs the shrunk batch size.
+        shape_nodes = _shape_nodes_read(order, body_nodes, inside_set)
+        copied = shape_nodes + body_nodes  # shape nodes are copied in, and stay outside for others
         dst_inputs = [r.args[0] for r in reads]
 
         # Inputs from outside the component (get_attr values are copied into the body instead).
+        local = inside_set | set(shape_nodes)
         ext = _unique(
-            [a for n in body_nodes + writes for a in n.all_input_nodes if a not in inside_set and a.op != "get_attr"]
+            [a for n in copied + writes for a in n.all_input_nodes if a not in local and a.op != "get_attr"]
             + [x for x in dst_inputs if x not in inside_set]
         )
         escaping = [n for n in body_nodes if any(u not in inside_set for u in n.users)]
         outputs = _unique(escaping + [w.args[0] for w in writes] + [x for x in dst_inputs if x in inside_set])
 
-        body = self._body_module(gm, reads, ext, body_nodes, outputs)
+        body = self._body_module(gm, reads, ext, copied, outputs)
         feedback = self._feedback_module(gm, writes, outputs, ext, dst_inputs)
         solver = self.config.solver
         batch = self._batch_size(reads)
