@@ -68,7 +68,8 @@ def main(argv=None) -> int:
         print(f"running: {shown}", file=sys.stderr, flush=True)
         out, seconds, rc = run(cmd, a.timeout)
         failed += rc != 0
-        sections.append(f"## {title}\n\n`{shown}` ({seconds:.0f} s{', FAILED rc=%d' % rc if rc else ''})\n\n{out}\n")
+        body = out if "|---" in out else f"```\n{out}\n```"  # plain-text tables read better fenced
+        sections.append(f"## {title}\n\n`{shown}` ({seconds:.0f} s{', FAILED rc=%d' % rc if rc else ''})\n\n{body}\n")
     Path(a.out).write_text("\n".join(sections))
     print(f"wrote {a.out}", file=sys.stderr)
     return 1 if failed else 0
