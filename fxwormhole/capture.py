@@ -114,7 +114,9 @@ def capture(
             continue
         gm.training = model.training
         try:
-            propagate_shapes(gm, args, kwargs)
+            # FakeTensor logs a traceback of a failing op at ERROR level; the CaptureError says it in one line
+            with _quiet(("torch._subclasses.fake_tensor",), logging.CRITICAL):
+                propagate_shapes(gm, args, kwargs)
         except Exception as exc:  # the trace is shape-agnostic: wrong shapes surface only here
             raise CaptureError(
                 f"{type(model).__name__}: the example inputs do not fit the model: running the captured graph on "
@@ -191,11 +193,11 @@ _NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "tor
 
 
 @contextlib.contextmanager
-def _quiet(names: Sequence[str]):
+def _quiet(names: Sequence[str], level: int = logging.ERROR):
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(level)
     try:
         yield
     finally:
