@@ -13,18 +13,12 @@ import torch.nn.functional as F
 import fxwormhole as fw
 from fxwormhole.runtime import solvers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NODE = "fixed_point_0"
 # bf16 has an 8-bit mantissa: relative residuals bottom out near 1e-3, so ask for that, not 1e-5.
 BF16_CONFIG = dict(gate_init=0.0, proj_init="normal", proj_std=0.1, solver="anderson", tol=2e-3, max_iter=60,
                    grad=fw.GradConfig(tol=2e-3, max_iter=60))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

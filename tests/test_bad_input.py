@@ -26,15 +26,9 @@ from fxwormhole import zoo
 from fxwormhole.cli import main as cli_main
 from fxwormhole.errors import CaptureError, ConfigError, ExportError, FxWormholeError, PlacementError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 X = torch.randn(3, 4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------- models

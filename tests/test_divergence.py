@@ -19,15 +19,9 @@ from fxwormhole.runtime.contraction import SpectralCap
 from fxwormhole.runtime.stats import CONVERGED
 from fxwormhole.runtime.wormhole import Gate, Wormhole
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NODE = "fixed_point_0"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(act=nn.Tanh) -> nn.Sequential:

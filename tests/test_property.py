@@ -41,6 +41,9 @@ import fxwormhole as fw
 from fxwormhole.errors import FxWormholeError
 from fxwormhole.runtime.wormhole import Wormhole
 from fxwormhole.transformed import public_name
+from test_bad_input import _assert_unchanged, _snapshot  # the same "model untouched" check
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXAMPLES = Counter()  # property -> examples run (printed with -s; see docs/reliability.md)
 
@@ -173,29 +176,6 @@ def sal_configs(draw):
 
 
 # ------------------------------------------------------------------------------------------ helpers
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and immune to OpenMP contention on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _snapshot(model: nn.Module):
-    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    return state, [m.training for m in model.modules()]
-
-
-def _assert_unchanged(model: nn.Module, snap) -> None:
-    state, flags = snap
-    now = model.state_dict(keep_vars=True)
-    assert list(now) == list(state), "the user's model gained or lost parameters/buffers"
-    for k, v in now.items():
-        assert torch.equal(v.detach(), state[k]), f"the user's model changed: {k}"
-    assert [m.training for m in model.modules()] == flags, "the user's model changed its training flags"
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
