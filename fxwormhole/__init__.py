@@ -67,7 +67,13 @@ __all__ = [
 ]
 
 
+# submodules reachable as attributes without an explicit import (``fxwormhole.zoo.MLP()``)
+_SUBMODULES = ("analysis", "zoo", "drawing", "passes", "runtime", "transformed")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'fxwormhole' has no attribute {name!r}")
@@ -77,4 +83,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
