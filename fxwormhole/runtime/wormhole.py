@@ -177,12 +177,12 @@ class Wormhole(nn.Module):
 
 
 def per_sample_norm(*tensors: torch.Tensor) -> torch.Tensor:
-    """``sqrt(sum_i ||t_i||^2)`` per sample (batch dim 0), in float32 or wider."""
-    total = None
-    for t in tensors:
-        sq = t.detach().flatten(1).to(torch.promote_types(t.dtype, torch.float32)).square().sum(1)
-        total = sq if total is None else total + sq
-    return total.sqrt()
+    """``sqrt(sum_i ||t_i||^2)`` per sample (batch dim 0), accumulated in float32 or wider."""
+    norms = [
+        torch.linalg.vector_norm(t.detach().flatten(1), dim=1, dtype=torch.promote_types(t.dtype, torch.float32))
+        for t in tensors
+    ]
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms, 1), dim=1)
 
 
 def default_gate_value(gate_init: float) -> float:
