@@ -45,7 +45,17 @@ from test_bad_input import _assert_unchanged, _snapshot  # the same "model untou
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EXAMPLES = Counter()  # property -> examples run (printed with -s; see docs/reliability.md)
+EXAMPLES = Counter()  # property -> examples run (printed after the module; see docs/reliability.md)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _report_examples(request):
+    yield
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None and EXAMPLES:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nproperty examples: {dict(sorted(EXAMPLES.items()))}")
 
 PROPERTY = settings(max_examples=20, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -393,10 +403,3 @@ def test_recurrent_implicit_gradients_match_unrolled_float64(arch, gate, policy,
         if a is not None:
             assert float((a - b).norm()) <= 1e-7 * float(b.norm()) + 1e-12
     EXAMPLES["gradient:rnn"] += 1
-
-
-def test_zz_report_examples(capsys):
-    """Print how many examples each property ran (run the file with -s to see it)."""
-    if EXAMPLES:
-        with capsys.disabled():
-            print("\nproperty examples:", dict(sorted(EXAMPLES.items())))
