@@ -143,6 +143,9 @@ class TransformedModule(fx.GraphModule):
             cfg = m.solver_config if hasattr(m, "solver_config") else None
             extra = f" solver={cfg.name} tol={cfg.tol} max_iter={cfg.max_iter} halting={cfg.halting}" if cfg else ""
             lines.append(f"{name}: fixed point over wormholes {[s.index for s in getattr(m, 'wormholes', [])]}{extra}")
+        for path, pairs in self.meta.get("fxwormhole", {}).get("temporal_wormholes", {}).items():
+            edges = ", ".join(f"{src} -> {dst}" for src, dst in pairs)
+            lines.append(f"{path}: temporal wormholes {edges} (one fixed point per time step)")
         added = sum(p.numel() for n, p in self.named_parameters() if "wormhole" in public_name(n))
         lines.append(f"new parameters: {added}")
         return "\n".join(lines)
