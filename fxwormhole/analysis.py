@@ -27,6 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ._text import text_table
 from .capture import LAYER_TYPES
 
 __all__ = [
@@ -491,7 +492,4 @@ def format_layer_table(layers: Iterable[Layer]) -> str:
         if l.is_output_layer:
             depth += " (out)"
         rows.append((str(i), l.name, l.node, l.kind, act, _fmt_shape(l.in_shape), _fmt_shape(l.out_shape), depth))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(header, rows[1:], left=len(header))

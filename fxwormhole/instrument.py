@@ -20,6 +20,7 @@ from torch import nn
 
 from .capture import capture
 from .config import SALConfig
+from ._text import text_table
 from .errors import ConfigError, PlacementError
 from .passes._common import graph_meta, run_passes
 from .passes.sensitivity_annotate import ActivationSpec, SensitivityAnnotate
@@ -122,9 +123,7 @@ class SensitivityReport:
                 f"s_bar<{self.target:g}", "updates")
         body = [(r.layer, r.kind, r.activation, r.source, str(r.neurons), f"{r.mean_s_bar:.4f}",
                  f"{r.log_rms_s:+.4f}", f"{100 * r.below_target:.1f}%", str(r.updates)) for r in self.rows]
-        widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-        line = lambda cells: "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-        return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+        return text_table(head, body, left=4)
 
 
 def sensitivity_report(model: nn.Module) -> SensitivityReport:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .._text import text_table
 from .rewrite_cmd import add_model_arguments, add_wormhole_arguments, parse_inputs, wormhole_config
 from .specs import load_model
 
@@ -92,9 +93,7 @@ def format_table(rows: Sequence[dict]) -> str:
     head = ("variant", "step ms", "first call s", "fp iters", rows[0]["mem_label"] if rows else "mem")
     body = [(r["name"], f"{r['step'] * 1e3:.2f}", f"{r['first']:.2f}",
              "-" if r["iters"] is None else f"{r['iters']:.1f}", f"{r['mem']:.2f}") for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *[line(b) for b in body]])
+    return text_table(head, body)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
