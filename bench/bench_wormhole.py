@@ -17,7 +17,6 @@ import statistics
 import time
 
 import torch
-import torch.nn as nn
 
 import fxwormhole as fw
 from fxwormhole import zoo

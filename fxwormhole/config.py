@@ -6,7 +6,7 @@ field and the values it accepts, so a mistake surfaces where it was made, not de
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence, Tuple, Union
 
 from .errors import ConfigError

@@ -26,7 +26,6 @@ Properties:
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections import Counter

@@ -13,7 +13,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 from fxwormhole.config import WormholeConfig
-from fxwormhole.runtime.recurrent import ExplicitGRU, ExplicitLSTM, add_temporal_wormhole, explicit_from_module
+from fxwormhole.runtime.recurrent import ExplicitGRU, add_temporal_wormhole, explicit_from_module
 from test_recurrent_common import one_thread, rel  # noqa: F401  (autouse fixture)
 
 

@@ -67,7 +67,7 @@ def test_open_feedback_tapes_once_more_and_shrinks_batch():
     node = FixedPoint(Spy(), solver="picard", tol=1e-10, max_iter=200)
     x = torch.randn(6, 6, dtype=torch.float64)
     x[0] *= 30  # saturated tanh: converges much faster than the rest? no matter, sizes must shrink
-    y = node(x.requires_grad_())
+    node(x.requires_grad_())
     total = int(node.stats.iterations.sum())
     # per-sample halting: evaluated rows = sum of per-sample iterations, + one full taped evaluation at z*
     assert sum(seen) == total + 6

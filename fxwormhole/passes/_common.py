@@ -1,7 +1,7 @@
 """Helpers shared by the passes: metadata access, running passes with typed errors, legalising."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -10,7 +10,7 @@ from torch.fx.passes.tools_common import stable_topological_sort
 
 from ..errors import FxWormholeError
 
-__all__ = ["META_KEY", "node_meta", "graph_meta", "run_passes", "legalize", "fake_value", "value_shape"]
+__all__ = ["META_KEY", "node_meta", "graph_meta", "run_passes", "legalize", "value_shape"]
 
 META_KEY = "fxwormhole"
 
@@ -69,21 +69,9 @@ def legalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def fake_value(node: Any) -> Any:
-    """``meta['val']`` of an fx node, or None (non-node args return themselves)."""
-    if isinstance(node, fx.Node):
-        return node.meta.get("val")
-    return node
-
-
 def value_shape(node: fx.Node) -> tuple[int, ...] | None:
     """Static shape of a node's tensor value, from its fake value (None if unknown / not a tensor)."""
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         return tuple(int(s) for s in val.shape)
     return None
-
-
-def users_outside(nodes: Iterable[fx.Node], inside: set[fx.Node]) -> list[fx.Node]:
-    """Nodes of ``nodes`` that have at least one user outside ``inside`` (graph order kept)."""
-    return [n for n in nodes if any(u not in inside for u in n.users)]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from ..config import GradConfig, SolverConfig

@@ -37,7 +37,7 @@ from . import _tree as T
 from ._loop import solve_eager
 from ._problem import Problem, check_no_hidden_leaves
 from .solvers import make_solver
-from .stats import FixedPointStats, SolveStats
+from .stats import FixedPointStats
 
 __all__ = ["GradStrategy", "ImplicitGrad", "PhantomGrad", "JFBGrad", "UnrolledGrad", "make_grad"]
 

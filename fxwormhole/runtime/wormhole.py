@@ -11,7 +11,6 @@ single evaluation. Training opens the wormhole where it helps.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -183,11 +182,6 @@ def per_sample_norm(*tensors: torch.Tensor) -> torch.Tensor:
         for t in tensors
     ]
     return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms, 1), dim=1)
-
-
-def default_gate_value(gate_init: float) -> float:
-    """The closed gate's value, ``sigmoid(gate_init)`` (for documentation and reports)."""
-    return 1.0 / (1.0 + math.exp(-gate_init))
 
 
 class ZerosInit:
