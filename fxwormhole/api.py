@@ -91,9 +91,6 @@ def transform(
         from .instrument import instrument_graph
 
         gm = instrument_graph(gm, sal)
-    for node in gm.graph.nodes:  # string annotations (PEP 563 sources) break GraphModule pickling
-        if isinstance(node.type, str):
-            node.type = None
     result = TransformedModule(gm, gm.graph)
     result.meta = dict(gm.meta)
     result.train(model.training)

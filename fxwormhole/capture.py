@@ -113,6 +113,10 @@ def capture(
             log.debug("capture: %s failed: %s", name, attempts[name])
             continue
         gm.training = model.training
+        for node in gm.graph.nodes:  # string annotations (PEP 563 sources) break GraphModule pickling
+            if isinstance(node.type, str):
+                node.type = None
+        gm.recompile()
         try:
             # FakeTensor logs a traceback of a failing op at ERROR level; the CaptureError says it in one line
             with _quiet(("torch._subclasses.fake_tensor",), logging.CRITICAL):
@@ -163,12 +167,44 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
                                  dynamic_shapes=_batch_dynamic(model, args, kwargs))
     egm = ep.module()
     n = _normalise_export_layers(egm, model)
+    if isinstance(getattr(egm, "_guards_fn", None), nn.Module):
+        # export's guard (refusing, e.g., a sequence length the export specialised) is a closure
+        # that cannot be pickled: enforce the same contract with a module that can
+        shapes = [_static_shape(n.meta.get("val")) for n in egm.graph.nodes if n.op == "placeholder"]
+        egm._guards_fn = InputShapeGuard(type(model).__name__, shapes)
     egm.graph.lint()
+    # GraphModule's unpickler re-traces with the recorded tracer class; export's needs arguments
+    egm.graph._tracer_cls = None
     # Re-wrap as a plain GraphModule: ep.module() refuses .train()/.eval(), which passes need.
     gm = fx.GraphModule(egm, egm.graph, class_name=type(model).__name__)
     gm.meta.update(egm.meta)
     gm.meta["_fxw_normalised"] = n
     return gm
+
+
+def _static_shape(val: Any) -> tuple | None:
+    """A fake value's shape with symbolic dims as None (None for non-tensors)."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(d if isinstance(d, int) else None for d in val.shape)
+
+
+class InputShapeGuard(nn.Module):
+    """Refuses inputs whose fixed dims differ from those torch.export specialised the graph to."""
+
+    def __init__(self, model_name: str, shapes: Sequence[tuple | None]):
+        super().__init__()
+        self.model_name, self.shapes = model_name, [None if s is None else tuple(s) for s in shapes]
+
+    def forward(self, *inputs: Any) -> None:
+        for i, (x, want) in enumerate(zip(inputs, self.shapes)):
+            if want is None or not isinstance(x, torch.Tensor):
+                continue
+            if x.dim() != len(want) or any(w is not None and w != d for w, d in zip(want, x.shape)):
+                raise CaptureError(
+                    f"{self.model_name}: input {i} has shape {tuple(x.shape)}, but torch.export captured this graph "
+                    f"for shape {tuple('*' if w is None else w for w in want)} (* = any size); capture or transform "
+                    f"again with example inputs of the new shape")
 
 
 def _batch_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:

@@ -15,7 +15,6 @@ import re
 from collections import OrderedDict
 from typing import Any
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
@@ -40,30 +39,23 @@ def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, loca
     state_dict.update(renamed)
 
 
-def _internal_names(module: nn.Module) -> dict[str, str]:
-    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
-    names += [n for n, _ in module.named_buffers(remove_duplicate=False)]
-    mapping: dict[str, str] = {}
-    for name in names:
-        mapping.setdefault(public_name(name), name)
-    return mapping
+def _aliases(module: nn.Module) -> dict[str, list[str]]:
+    """Public name -> every internal name of that tensor (a layer shared inside and outside a cycle has two)."""
+    aliases: dict[str, list[str]] = {}
+    for name, _ in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        aliases.setdefault(public_name(name), []).append(name)
+    return aliases
 
 
 def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
-    internal = _internal_names(module)
-    # Every alias of a shared tensor must be present, or strict loading reports it missing.
-    aliases: dict[str, list[str]] = {}
-    for name in [n for n, _ in module.named_parameters(remove_duplicate=False)] + [
-        n for n, _ in module.named_buffers(remove_duplicate=False)
-    ]:
-        aliases.setdefault(public_name(name), []).append(name)
+    aliases = _aliases(module)
     for key in list(state_dict):
         if not key.startswith(prefix):
             continue
-        local = key[len(prefix):]
-        if local in internal and internal[local] != local or local in aliases and len(aliases[local]) > 1:
+        names = aliases.get(key[len(prefix):])
+        if names and names != [key[len(prefix):]]:  # a public name: store it under every internal one
             value = state_dict.pop(key)
-            for name in aliases.get(local, [internal.get(local, local)]):
+            for name in names:
                 state_dict[prefix + name] = value
 
 

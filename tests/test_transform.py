@@ -320,3 +320,16 @@ def test_cell_loop_gets_a_wormhole_per_step_and_matches_unrolled_reference():
     torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
     for g, r in zip(grads, torch.autograd.grad(ref_out, params, upstream)):
         assert _max_rel(g, r) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["MLP", "TransformerStack", "LSTMClassifier", "SeqLenLoop", "GRUCellLoop"])
+def test_capture_transform_and_instrument_outputs_survive_torch_save(name):
+    """Both front ends' graphs (export's included), fixed points and SAL probes pickle and reload."""
+    model = zoo.build(name).eval()
+    inputs = model.example_inputs()
+    for built in (fw.capture(model, inputs), fw.transform(model, inputs), fw.instrument(model, inputs)):
+        built.eval()
+        buf = io.BytesIO()
+        torch.save(built, buf)
+        buf.seek(0)
+        torch.testing.assert_close(torch.load(buf, weights_only=False)(*inputs), built(*inputs))

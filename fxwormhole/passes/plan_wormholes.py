@@ -108,7 +108,7 @@ def _endpoints(gm: fx.GraphModule, name: str, role: str, layers, regions) -> lis
             raise PlacementError(f"wormhole dst {name!r}: module {name!r} consumes no value from outside")
         x = nodes[region.inputs[0]]
         inside = set(region.nodes)
-        # Only data consumers: export graphs also feed inputs to guard-checking nodes.
+        # Only data consumers: export graphs also feed inputs to their input-shape guard.
         return [_Endpoint(x, tuple(u for u in x.users if u.name in inside and _is_tensor(u)))]
     node = nodes.get(name)
     if node is not None and node.op not in ("placeholder", "output"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import sympy
@@ -87,6 +87,14 @@ class Derivatives:
     source: str
     exprs: Optional[Tuple[sympy.Expr, ...]] = field(default=None, compare=False)
     d1_d2: Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]] = field(default=None, compare=False)
+    params: Optional[Tuple[Tuple[str, Any], ...]] = field(default=None, compare=False)  # set for registry entries
+
+    def __reduce__(self):
+        # The torch callables are generated code (not picklable); a registry entry is re-derived
+        # from its name and parameters, so probes holding it survive torch.save / deepcopy.
+        if self.params is not None:
+            return (_rebuild_registered, (self.name, self.params))
+        return super().__reduce__()
 
     def first_and_second(self, u: Tensor) -> Tuple[Tensor, Tensor]:
         """``(f'(u), f''(u))``, sharing work where the closed forms allow."""
@@ -286,7 +294,11 @@ def _params_key(params: Dict[str, Any]) -> Tuple[Tuple[str, Any], ...]:
 
 @functools.lru_cache(maxsize=None)
 def _cached(name: str, key: Tuple[Tuple[str, Any], ...]) -> Derivatives:
-    return _from_expr(name, _REGISTRY[name](U, **dict(key)))
+    return replace(_from_expr(name, _REGISTRY[name](U, **dict(key))), params=key)
+
+
+def _rebuild_registered(name: str, key: Tuple[Tuple[str, Any], ...]) -> Derivatives:
+    return derivatives(name, **dict(key))
 
 
 def derivatives(name: str, **params: Any) -> Derivatives:
