@@ -7,12 +7,16 @@ What runs (facts from shared/research/torch-tooling.md section 3, torch 2.13):
   unrolls k evaluations per loop trip (one residual check, i.e. one host sync on GPU, per trip).
   The solver is the configured one, except Anderson, which falls back to the damped iteration
   (see :func:`compiled_config`): iteration counts then differ from eager, the fixed point does not.
-* backward (implicit mode): an ``autograd.Function`` whose backward runs a second ``while_loop``
-  over VJP graphs of body and feedback built ONCE, eagerly, by ``make_fx`` in ``prepare()``
-  (autodiff calls inside a while_loop body do not trace), then one ``torch.func.vjp`` per
-  module for parameter and input gradients. Adjoint stats are not recorded (a compiled backward
-  cannot write Python state).
-* phantom / jfb: no-grad while_loop solve, then the differentiable steps (plain autograd).
+* gradients: the solve runs under ``no_grad``; one differentiable step ``y = body(feedback(y*))``
+  from the detached solution carries parameter and input gradients through ordinary autograd.
+  In implicit mode an identity ``autograd.Function`` in front of that step turns the incoming
+  cotangent ``g`` into the adjoint solution ``ybar = g + F_y^T B_z^T ybar``, found by a second
+  ``while_loop`` over VJP graphs of body and feedback built ONCE, eagerly, by ``make_fx`` in
+  ``prepare()`` (autodiff calls inside a while_loop body do not trace). The Function's forward is
+  the identity, so dynamo sees no solver state and no symbolic sizes cross it (a solve inside the
+  Function made dynamo return every body intermediate from it and specialise the batch size).
+  Adjoint stats are not recorded (a compiled backward cannot write Python state).
+* phantom / jfb: the same no-grad solve, then k damped differentiable steps.
 * unrolled: not supported under compile (native while_loop autograd is BPTT and is silently
   wrong when the initial carry does not require grad); use it eagerly.
 
@@ -22,8 +26,9 @@ Parameter in the research repro).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +36,7 @@ from torch.func import functional_call
 
 from ..errors import ConfigError, FxWormholeError
 from . import _tree as T
+from ._hoist import Hoisted, functionalize
 from ._loop import solve_compiled
 from ._problem import Problem
 from .solvers import make_solver
@@ -87,93 +93,115 @@ def compiled_forward(node, inputs: Sequence[Any], z0: Any, zspec: T.Spec, batche
                 "run one eager forward and call .prepare(), or call .prepare(*example_inputs) before torch.compile")
         if not all(isinstance(x, Tensor) for x in inputs):
             raise ConfigError(f"FixedPoint {node.name!r}: compiled training needs tensor inputs only")
-        out = _CompiledImplicit.apply(node, z0f, len(inputs), len(tb), tuple(batched), zspec, *inputs, *tb, *tf)
-        ny = len(out) - 3
-        aux, (iters, res, status) = out[:ny], out[ny:]
-        is_tuple = node._graphs["yspec"].is_tuple
-    elif need_grad and mode == "unrolled":
+    if need_grad and mode == "unrolled":
         raise ConfigError(f"FixedPoint {node.name!r}: grad='unrolled' is eager-only; use 'implicit' under torch.compile")
-    else:
-        p = _problem(node, inputs, batched, zspec, tb, tf)
-        with torch.no_grad():
-            _, aux, iters, res, status = _solve(p, z0f)
-        is_tuple = p.yspec.is_tuple
-        if need_grad:  # phantom / jfb: k differentiable steps from the detached solution
-            y = T.flatten(tuple(aux), p.yspec)
+    p = _problem(node, inputs, batched, zspec, tb, tf)
+    with torch.no_grad():
+        z_star, aux, iters, res, status = _solve(p, z0f)
+    if need_grad:
+        # One differentiable step y = body(feedback(y*)) from the detached solution carries the
+        # parameter and input gradients through ordinary autograd; for the implicit mode an
+        # identity Function in front of it turns the incoming cotangent g into the adjoint
+        # solution ybar = g + J^T ybar. Keeping the solve out of the autograd.Function keeps
+        # dynamo's view of that Function tiny: no body intermediates or sizes cross it.
+        y_star = T.flatten(tuple(aux), p.yspec)
+        if mode == "implicit":
+            y = _ImplicitAdjoint.apply(node, p.output_map(y_star), z_star, y_star, len(inputs), len(tb),
+                                       *inputs, *tb, *tf)
+        else:  # phantom / jfb: k damped steps
+            y = y_star
             k, tau = (1, 1.0) if mode == "jfb" else (node.grad_config.k, node.grad_config.tau)
             for _ in range(k):
                 y = torch.lerp(y, p.output_map(y), tau)
-            aux = T.leaves(T.unflatten(y, p.yspec))
+        aux = T.leaves(T.unflatten(y, p.yspec))
+    is_tuple = p.yspec.is_tuple
     node._cstats.update(iterations=iters, residual=res, status=status)
     return tuple(aux) if is_tuple else aux[0]
 
 
-class _CompiledImplicit(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, node, z0, n_in, n_b, batched, zspec, *rest):
-        ins, tb, tf = rest[:n_in], rest[n_in:n_in + n_b], rest[n_in + n_b:]
-        p = _problem(node, ins, batched, zspec, tb, tf)
-        x, aux, iters, res, status = _solve(p, z0)
-        ctx.node, ctx.n_in, ctx.n_b, ctx.n_y, ctx.batched, ctx.zspec = node, n_in, n_b, len(aux), batched, zspec
-        ctx.save_for_backward(x, *aux, *rest)
-        ctx.mark_non_differentiable(iters, res, status)
-        return (*aux, iters, res, status)
+class _ImplicitAdjoint(torch.autograd.Function):
+    """Identity on the flat body output whose backward solves the adjoint fixed point
+    ``ybar = g + F_y^T B_z^T ybar`` with the ``make_fx`` VJP graphs in a ``while_loop``."""
 
     @staticmethod
-    def backward(ctx, *grads):
-        node, n_in, n_b, n_y, zspec = ctx.node, ctx.n_in, ctx.n_b, ctx.n_y, ctx.zspec
-        saved = ctx.saved_tensors
-        x, aux, rest = saved[0], saved[1:1 + n_y], saved[1 + n_y:]
+    def forward(ctx, node, y, z_star, y_star, n_in, n_b, *rest):
+        ctx.node, ctx.n_in, ctx.n_b = node, n_in, n_b
+        ctx.save_for_backward(z_star, y_star, *rest)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        node, n_in, n_b = ctx.node, ctx.n_in, ctx.n_b
+        z_star, y_star, *rest = ctx.saved_tensors
         ins, tb, tf = rest[:n_in], rest[n_in:n_in + n_b], rest[n_in + n_b:]
         graphs = node._graphs
-        yspec = graphs["yspec"]
-        gy = tuple(torch.zeros_like(a) if g is None else g for g, a in zip(grads[:n_y], aux))
-        g = T.flatten(gy, yspec).clone()  # HOP inputs must not alias saved tensors
-        yflat = T.flatten(tuple(aux), yspec)
-        vb, vf = graphs["body"], graphs.get("feedback")
+        # The linearisations at z* and y* are computed once; the loop runs only the transposes.
+        vb = graphs["body"].bind(z_star, *ins, *tb, *tf)
+        vf = graphs["feedback"].bind(y_star, *ins, *tb, *tf) if "feedback" in graphs else None
+        g = g.clone()  # HOP inputs must not alias saved tensors
 
         def adj(ybar):
-            zbar = vb(x, ybar, *ins, *tb, *tf)
-            ynext = g + (vf(yflat, zbar, *ins, *tb, *tf) if vf is not None else zbar)
-            return (zbar,), ynext, None
+            zbar = vb(ybar)
+            ynext = g + (vf(zbar) if vf is not None else zbar)
+            return (), ynext, None
 
         gcfg = node.grad_config
         acfg = compiled_config(replace(node.solver_config, name=gcfg.solver, tol=gcfg.tol, max_iter=gcfg.max_iter))
         y0 = torch.zeros_like(g) + g  # a fresh carry, distinct from the closed-over g
-        ybar, (zbar,), _, _, _ = solve_compiled(adj, y0, make_solver(acfg), acfg, tol=acfg.tol,
-                                                max_iter=acfg.max_iter, first=adj(y0))
-        p = _problem(node, ins, ctx.batched, zspec, tb, tf)
-        p.yspec = yspec
+        ybar = solve_compiled(adj, y0, make_solver(acfg), acfg, tol=acfg.tol, max_iter=acfg.max_iter,
+                              first=adj(y0))[0]
+        return (None, ybar.to(g.dtype), None, None, None, None, *(None for _ in rest))
 
-        def body_flat(ins_, tb_):
-            q = _problem(node, ins_, ctx.batched, zspec, tb_, tf)
-            return T.flatten(q.body(T.unflatten(x, zspec), *ins_), yspec)
 
-        _, pull = torch.func.vjp(body_flat, tuple(ins), tuple(tb))
-        g_in, g_tb = pull(ybar.to(yflat.dtype))
-        g_tf: Tuple[Any, ...] = tuple(None for _ in tf)
-        if node.feedback is not None:
-            def fb_flat(ins_, tf_):
-                q = _problem(node, ins_, ctx.batched, zspec, tb, tf_)
-                return q.run_feedback(T.unflatten(yflat, yspec), ins_)[0]
+def _vjp(f: Callable[[Tensor], Tensor], primal: Tensor, cotangent: Tensor) -> Tensor:
+    """``J_f(primal)^T cotangent`` through ``torch.autograd.grad``, for tracing by ``make_fx``.
 
-            _, pull = torch.func.vjp(fb_flat, tuple(ins), tuple(tf))
-            g_in_f, g_tf = pull(zbar)
-            g_in = tuple(a + b for a, b in zip(g_in, g_in_f))
-        return (None, None, None, None, None, None, *g_in, *g_tb, *g_tf)
+    Not ``torch.func.vjp``: under symbolic ``make_fx`` (torch 2.13) its decomposition of a linear
+    layer on a 3-d input bakes the example shape into a ``view`` (e.g. ``[B*T, d]``), so the graph
+    only runs at the example batch. Plain autograd keeps every size symbolic."""
+    with torch.enable_grad():
+        leaf = primal.detach().requires_grad_()
+        out = f(leaf)
+        if not out.requires_grad:  # the map does not depend on its argument
+            return torch.zeros_like(primal)
+        (grad,) = torch.autograd.grad(out, leaf, cotangent, allow_unused=True)
+    return torch.zeros_like(primal) if grad is None else grad
+
+
+@contextmanager
+def _refuse_buffer_updates(node) -> Iterator[None]:
+    """Raise if the body or feedback updates a buffer in place (BatchNorm's running stats in
+    training mode): the traced VJP graphs would replay no update and the while_loop cannot make
+    one. The buffers are restored first, so preparing never changes the model."""
+    named = [(f"{part}.{n}", b) for part in ("body", "feedback") if isinstance(getattr(node, part), nn.Module)
+             for n, b in getattr(node, part).named_buffers()]
+    before = [(n, b, b._version, b.detach().clone()) for n, b in named]
+    changed: List[Tuple[str, Tensor, Tensor]] = []
+    try:
+        yield
+    finally:
+        changed = [(n, b, old) for n, b, v, old in before if b._version != v]
+        with torch.no_grad():
+            for _, b, old in changed:
+                b.copy_(old)
+    if changed:
+        raise FxWormholeError(
+            f"FixedPoint {node.name!r}: buffer {changed[0][0]!r} is updated in place at every evaluation "
+            "(BatchNorm in training mode?), which a compiled fixed point cannot replay; call model.eval() "
+            "before compiling, or train this model eagerly")
 
 
 def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
     """Trace the VJP graphs ``B_z^T ybar`` and ``F_y^T zbar`` with ``make_fx`` (symbolic batch)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     zspec = T.spec_of(z0)
     batched = T.batched_mask(example_inputs, T.batch_size(z0), node.batched)
     nb, tb = _tensors(node.body)
     nf, tf = _tensors(node.feedback)
     n_in, n_b = len(example_inputs), len(tb)
-    with torch.no_grad():
+    with torch.no_grad(), _refuse_buffer_updates(node):
         y = node.body(z0, *example_inputs)
+        if node.feedback is not None:
+            node.feedback(y, *example_inputs)
     yspec = T.spec_of(y, "body output")
 
     def split(rest):
@@ -182,14 +210,12 @@ def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
     def vjp_body(zf, ybar, *rest):
         ins, tb_, tf_ = split(rest)
         p = _problem(node, ins, batched, zspec, tb_, tf_)
-        f = lambda zz: T.flatten(p.body(T.unflatten(zz, zspec), *ins), yspec)
-        return torch.func.vjp(f, zf)[1](ybar)[0]
+        return _vjp(lambda zz: T.flatten(p.body(T.unflatten(zz, zspec), *ins), yspec), zf, ybar)
 
     def vjp_feedback(yf, zbar, *rest):
         ins, tb_, tf_ = split(rest)
         p = _problem(node, ins, batched, zspec, tb_, tf_)
-        f = lambda yy: p.run_feedback(T.unflatten(yy, yspec), ins)[0]
-        return torch.func.vjp(f, yf)[1](zbar)[0]
+        return _vjp(lambda yy: p.run_feedback(T.unflatten(yy, yspec), ins)[0], yf, zbar)
 
     # make_fx keys proxies by tensor identity: every example must be a distinct tensor object.
     def fresh(t):
@@ -198,8 +224,16 @@ def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
     zf = torch.randn_like(T.flatten(z0, zspec))
     yf = torch.randn_like(T.flatten(y, yspec))
     rest = [fresh(t) for t in (*example_inputs, *tb, *tf)]
-    graphs = {"yspec": yspec, "zspec": zspec,
-              "body": make_fx(vjp_body, tracing_mode="symbolic")(zf, yf.clone(), *rest)}
+    graphs = {"yspec": yspec, "zspec": zspec, "body": _loop_graph(vjp_body, (zf, yf.clone(), *rest))}
     if node.feedback is not None:
-        graphs["feedback"] = make_fx(vjp_feedback, tracing_mode="symbolic")(yf, zf.clone(), *rest)
+        graphs["feedback"] = _loop_graph(vjp_feedback, (yf, zf.clone(), *rest))
     return graphs
+
+
+def _loop_graph(vjp: Callable, example_args: Sequence[Tensor]) -> Hoisted:
+    """Trace ``vjp(primal, cotangent, *rest)`` with a symbolic batch and hoist everything that does
+    not depend on the cotangent out of the adjoint loop."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(vjp, tracing_mode="symbolic")(*example_args)
+    return Hoisted(functionalize(gm, example_args), varying=[1])
