@@ -21,7 +21,9 @@ class SpectralCap(nn.Module):
         self.cap = float(cap)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        sigma = torch.linalg.matrix_norm(weight.flatten(1).float(), ord=2).to(weight.dtype)
+        # at least float32 (no half-precision SVD on CPU), and float64 stays float64
+        flat = weight.flatten(1).to(torch.promote_types(weight.dtype, torch.float32))
+        sigma = torch.linalg.matrix_norm(flat, ord=2).to(weight.dtype)
         return weight / torch.clamp(sigma / self.cap, min=1.0)
 
 

@@ -641,9 +641,6 @@ def add_temporal_wormhole(module: nn.Module, config: WormholeConfig = WormholeCo
     if rnn.bidirectional:
         raise PlacementError(f"temporal wormholes at {where}: a bidirectional stack has no per-step order "
                              "(the reverse direction needs future inputs); use bidirectional=False")
-    if config.spectral_norm:
-        raise ConfigError(f"WormholeConfig.spectral_norm=True is not supported by temporal wormholes (at {where}); "
-                          "use gate_cap to bound the feedback instead")
     idx = tuple(pairs) if pairs is not None else resolve_temporal_pairs(rnn, config.wormholes, path)
     if not idx:
         raise PlacementError(f"temporal wormholes at {where}: config.wormholes={config.wormholes!r} names no "
@@ -660,6 +657,10 @@ def add_temporal_wormhole(module: nn.Module, config: WormholeConfig = WormholeCo
         ).to(device=ref.device, dtype=ref.dtype)
         for (a, b), size in zip(idx, dst_sizes)
     })
+    if config.spectral_norm:  # the same divergence guard as feed-forward wormholes (zero stays zero)
+        from .contraction import cap_spectral_norm
+        for wormhole in rnn.temporal_wormholes.values():
+            cap_spectral_norm(wormhole.proj.map)
     body = _StackBody(rnn, [b for _, b in idx], dst_sizes)
     feedback = _WormholeFeedback(rnn.temporal_wormholes, [a for a, _ in idx])
     fp = FixedPoint(body, feedback, solver=config.solver, grad=config.grad, on_fail=config.on_fail,
