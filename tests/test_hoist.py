@@ -88,3 +88,23 @@ def test_views_are_recomputed_so_no_two_saved_tensors_alias():
     assert not any(getattr(o.target, "is_view", False) for o in outputs if o.op == "call_function")
     z, ybar = torch.randn(5, 3), torch.randn(5, 3)
     torch.testing.assert_close(hoisted.bind(z)(ybar), f(z, ybar))
+
+
+def test_loop_step_is_cut_down_to_the_first_output():
+    # vjp wrt (z, w1, w2): the loop needs z's gradient only, not the weight-gradient products
+    def vjp(z, ybar, w1, w2):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (z, w1, w2)]
+            return torch.autograd.grad(_mlp(*leaves), leaves, ybar)
+
+    torch.manual_seed(1)
+    w1, w2 = torch.randn(8, 16, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
+    example = (torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), w1, w2)
+    hoisted = Hoisted(functionalize(make_fx(vjp, tracing_mode="symbolic")(*example), example), [1], loop_outputs=1)
+    z, ybar = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    bound = hoisted.bind(z, w1, w2)
+    want = torch.func.vjp(_mlp, z, w1, w2)[1](ybar)
+    for a, b in zip(bound(ybar), want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bound.loop(ybar), want[0], rtol=1e-12, atol=1e-12)
+    assert _ops(hoisted.step, "aten.mm") == 4 and _ops(hoisted.loop_step, "aten.mm") == 2

@@ -55,3 +55,36 @@ def test_inductor_matches_eager_and_mutates_nothing(feedback):
         assert torch.equal(v, snap[k]), f"{k} changed during compiled forward+backward"
     assert net.fp.stats.iterations.shape == eager_iters.shape
     assert net.fp.stats.residual.max() <= 1e-6
+
+
+class MixedInputsBody(nn.Module):
+    """Float inputs, an integer input (token ids) and a per-sample scale: gradients must reach the
+    float inputs and every parameter, and the integer input must simply be carried along."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.emb = nn.Embedding(10, 6)
+
+    def forward(self, z, x, ids, scale):
+        return torch.tanh(0.5 * self.lin(z) + x + scale * self.emb(ids))
+
+
+def test_compiled_gradients_reach_float_inputs_and_parameters_with_an_integer_input():
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    fp = FixedPoint(MixedInputsBody(), solver="picard", tol=1e-10, max_iter=200).double()
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(5, 1, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 10, (5,))
+    wrt = [x, scale, *fp.parameters()]
+    y = fp(x, ids, scale)
+    g = torch.randn_like(y)
+    want = torch.autograd.grad(y, wrt, g)
+    fp.prepare()
+    compiled = torch.compile(fp, fullgraph=True, backend="aot_eager")
+    yc = compiled(x, ids, scale)
+    got = torch.autograd.grad(yc, wrt, g)
+    torch.testing.assert_close(yc, y, atol=1e-9, rtol=1e-9)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-8)

@@ -7,15 +7,15 @@ What runs (facts from shared/research/torch-tooling.md section 3, torch 2.13):
   unrolls k evaluations per loop trip (one residual check, i.e. one host sync on GPU, per trip).
   The solver is the configured one, except Anderson, which falls back to the damped iteration
   (see :func:`compiled_config`): iteration counts then differ from eager, the fixed point does not.
-* gradients: the solve runs under ``no_grad``; one differentiable step ``y = body(feedback(y*))``
-  from the detached solution carries parameter and input gradients through ordinary autograd.
-  In implicit mode an identity ``autograd.Function`` in front of that step turns the incoming
-  cotangent ``g`` into the adjoint solution ``ybar = g + F_y^T B_z^T ybar``, found by a second
-  ``while_loop`` over VJP graphs of body and feedback built ONCE, eagerly, by ``make_fx`` in
-  ``prepare()`` (autodiff calls inside a while_loop body do not trace). The Function's forward is
-  the identity, so dynamo sees no solver state and no symbolic sizes cross it (a solve inside the
-  Function made dynamo return every body intermediate from it and specialise the batch size).
-  Adjoint stats are not recorded (a compiled backward cannot write Python state).
+* gradients (implicit mode): the solve runs under ``no_grad``, outside any ``autograd.Function``.
+  An identity Function on ``y*`` turns the incoming cotangent ``g`` into the adjoint solution
+  ``ybar = g + F_y^T B_z^T ybar`` with a second ``while_loop``, then returns the input and
+  parameter gradients. Both use VJP graphs of body and feedback built ONCE, eagerly, by
+  ``make_fx`` in ``prepare()`` (autodiff calls inside a while_loop body do not trace), with the
+  forward at ``z*`` hoisted out of the loop (``_hoist.py``). Dynamo sees no solver state and no
+  symbolic sizes crossing the Function (a solve inside it made dynamo return every body
+  intermediate from the Function and specialise the batch size). Adjoint stats are not recorded
+  (a compiled backward cannot write Python state).
 * phantom / jfb: the same no-grad solve, then k damped differentiable steps.
 * unrolled: not supported under compile (native while_loop autograd is BPTT and is silently
   wrong when the initial carry does not require grad); use it eagerly.
@@ -99,16 +99,12 @@ def compiled_forward(node, inputs: Sequence[Any], z0: Any, zspec: T.Spec, batche
     with torch.no_grad():
         z_star, aux, iters, res, status = _solve(p, z0f)
     if need_grad:
-        # One differentiable step y = body(feedback(y*)) from the detached solution carries the
-        # parameter and input gradients through ordinary autograd; for the implicit mode an
-        # identity Function in front of it turns the incoming cotangent g into the adjoint
-        # solution ybar = g + J^T ybar. Keeping the solve out of the autograd.Function keeps
-        # dynamo's view of that Function tiny: no body intermediates or sizes cross it.
         y_star = T.flatten(tuple(aux), p.yspec)
         if mode == "implicit":
-            y = _ImplicitAdjoint.apply(node, p.output_map(y_star), z_star, y_star, len(inputs), len(tb),
-                                       *inputs, *tb, *tf)
-        else:  # phantom / jfb: k damped steps
+            # The solve stays outside the autograd.Function, whose forward is the identity: dynamo
+            # then sees no solver state and no symbolic sizes crossing it.
+            y = _ImplicitAdjoint.apply(node, y_star, z_star, len(inputs), len(tb), *inputs, *tb, *tf)
+        else:  # phantom / jfb: k damped differentiable steps from the detached solution
             y = y_star
             k, tau = (1, 1.0) if mode == "jfb" else (node.grad_config.k, node.grad_config.tau)
             for _ in range(k):
@@ -120,52 +116,64 @@ def compiled_forward(node, inputs: Sequence[Any], z0: Any, zspec: T.Spec, batche
 
 
 class _ImplicitAdjoint(torch.autograd.Function):
-    """Identity on the flat body output whose backward solves the adjoint fixed point
-    ``ybar = g + F_y^T B_z^T ybar`` with the ``make_fx`` VJP graphs in a ``while_loop``."""
+    """Identity on the flat solution ``y*``. Its backward solves the adjoint fixed point
+    ``ybar = g + F_y^T B_z^T ybar`` in a ``while_loop`` over the hoisted VJP graphs, then returns
+    ``B_(x,theta)^T ybar + F_(x,phi)^T zbar`` for the inputs and parameters."""
 
     @staticmethod
-    def forward(ctx, node, y, z_star, y_star, n_in, n_b, *rest):
+    def forward(ctx, node, y_star, z_star, n_in, n_b, *rest):
         ctx.node, ctx.n_in, ctx.n_b = node, n_in, n_b
         ctx.save_for_backward(z_star, y_star, *rest)
-        return y.view_as(y)
+        return y_star.view_as(y_star)
 
     @staticmethod
     def backward(ctx, g):
         node, n_in, n_b = ctx.node, ctx.n_in, ctx.n_b
         z_star, y_star, *rest = ctx.saved_tensors
-        ins, tb, tf = rest[:n_in], rest[n_in:n_in + n_b], rest[n_in + n_b:]
         graphs = node._graphs
         # The linearisations at z* and y* are computed once; the loop runs only the transposes.
-        vb = graphs["body"].bind(z_star, *ins, *tb, *tf)
-        vf = graphs["feedback"].bind(y_star, *ins, *tb, *tf) if "feedback" in graphs else None
+        vb = graphs["body"].bind(z_star, *rest)
+        vf = graphs["feedback"].bind(y_star, *rest) if "feedback" in graphs else None
         g = g.clone()  # HOP inputs must not alias saved tensors
 
         def adj(ybar):
-            zbar = vb(ybar)
-            ynext = g + (vf(zbar) if vf is not None else zbar)
+            zbar = vb.loop(ybar)
+            ynext = g + (vf.loop(zbar) if vf is not None else zbar)
             return (), ynext, None
 
         gcfg = node.grad_config
         acfg = compiled_config(replace(node.solver_config, name=gcfg.solver, tol=gcfg.tol, max_iter=gcfg.max_iter))
         y0 = torch.zeros_like(g) + g  # a fresh carry, distinct from the closed-over g
         ybar = solve_compiled(adj, y0, make_solver(acfg), acfg, tol=acfg.tol, max_iter=acfg.max_iter,
-                              first=adj(y0))[0]
-        return (None, ybar.to(g.dtype), None, None, None, None, *(None for _ in rest))
+                              first=adj(y0))[0].to(g.dtype)
+
+        diff = graphs["diff_inputs"]
+        g_in: List[Optional[Tensor]] = [None] * n_in
+        zbar, *g_rest = vb(ybar)
+        for i, gi in zip(diff, g_rest):
+            g_in[i] = gi
+        g_tb, g_tf = g_rest[len(diff):], [None] * (len(rest) - n_in - n_b)
+        if vf is not None:
+            _, *g_rest = vf(zbar)
+            for i, gi in zip(diff, g_rest):
+                g_in[i] = g_in[i] + gi
+            g_tf = g_rest[len(diff):]
+        return (None, None, None, None, None, *g_in, *g_tb, *g_tf)
 
 
-def _vjp(f: Callable[[Tensor], Tensor], primal: Tensor, cotangent: Tensor) -> Tensor:
-    """``J_f(primal)^T cotangent`` through ``torch.autograd.grad``, for tracing by ``make_fx``.
+def _vjp(f: Callable[..., Tensor], primals: Sequence[Tensor], cotangent: Tensor) -> Tuple[Tensor, ...]:
+    """``J_f(primals)^T cotangent`` (one tensor per primal) through ``torch.autograd.grad``, for
+    tracing by ``make_fx``.
 
     Not ``torch.func.vjp``: under symbolic ``make_fx`` (torch 2.13) its decomposition of a linear
     layer on a 3-d input bakes the example shape into a ``view`` (e.g. ``[B*T, d]``), so the graph
     only runs at the example batch. Plain autograd keeps every size symbolic."""
     with torch.enable_grad():
-        leaf = primal.detach().requires_grad_()
-        out = f(leaf)
-        if not out.requires_grad:  # the map does not depend on its argument
-            return torch.zeros_like(primal)
-        (grad,) = torch.autograd.grad(out, leaf, cotangent, allow_unused=True)
-    return torch.zeros_like(primal) if grad is None else grad
+        leaves = [t.detach().requires_grad_() for t in primals]
+        out = f(*leaves)
+        grads = (torch.autograd.grad(out, leaves, cotangent, allow_unused=True) if out.requires_grad
+                 else (None,) * len(leaves))  # the map depends on none of its arguments
+    return tuple(torch.zeros_like(t) if gr is None else gr for t, gr in zip(primals, grads))
 
 
 @contextmanager
@@ -204,18 +212,34 @@ def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
             node.feedback(y, *example_inputs)
     yspec = T.spec_of(y, "body output")
 
+    # Gradients flow to the floating-point inputs (not to integer ones such as token ids).
+    diff = tuple(i for i, x in enumerate(example_inputs) if isinstance(x, Tensor) and x.is_floating_point())
+
     def split(rest):
-        return rest[:n_in], rest[n_in:n_in + n_b], rest[n_in + n_b:]
+        return list(rest[:n_in]), rest[n_in:n_in + n_b], rest[n_in + n_b:]
+
+    def with_inputs(ins, diff_ins):
+        for i, x in zip(diff, diff_ins):
+            ins[i] = x
+        return ins
 
     def vjp_body(zf, ybar, *rest):
+        """``B^T ybar`` for (z, float inputs, body parameters)."""
         ins, tb_, tf_ = split(rest)
-        p = _problem(node, ins, batched, zspec, tb_, tf_)
-        return _vjp(lambda zz: T.flatten(p.body(T.unflatten(zz, zspec), *ins), yspec), zf, ybar)
+
+        def body(zz, *d):
+            x, w = with_inputs(ins, d[:len(diff)]), d[len(diff):]
+            return T.flatten(_problem(node, x, batched, zspec, w, tf_).body(T.unflatten(zz, zspec), *x), yspec)
+        return _vjp(body, (zf, *(ins[i] for i in diff), *tb_), ybar)
 
     def vjp_feedback(yf, zbar, *rest):
+        """``F^T zbar`` for (y, float inputs, feedback parameters)."""
         ins, tb_, tf_ = split(rest)
-        p = _problem(node, ins, batched, zspec, tb_, tf_)
-        return _vjp(lambda yy: p.run_feedback(T.unflatten(yy, yspec), ins)[0], yf, zbar)
+
+        def feedback(yy, *d):
+            x, w = with_inputs(ins, d[:len(diff)]), d[len(diff):]
+            return _problem(node, x, batched, zspec, tb_, w).run_feedback(T.unflatten(yy, yspec), x)[0]
+        return _vjp(feedback, (yf, *(ins[i] for i in diff), *tf_), zbar)
 
     # make_fx keys proxies by tensor identity: every example must be a distinct tensor object.
     def fresh(t):
@@ -224,16 +248,18 @@ def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
     zf = torch.randn_like(T.flatten(z0, zspec))
     yf = torch.randn_like(T.flatten(y, yspec))
     rest = [fresh(t) for t in (*example_inputs, *tb, *tf)]
-    graphs = {"yspec": yspec, "zspec": zspec, "body": _loop_graph(vjp_body, (zf, yf.clone(), *rest))}
+    graphs = {"yspec": yspec, "zspec": zspec, "diff_inputs": diff,
+              "body": _loop_graph(vjp_body, (zf, yf.clone(), *rest))}
     if node.feedback is not None:
         graphs["feedback"] = _loop_graph(vjp_feedback, (yf, zf.clone(), *rest))
     return graphs
 
 
 def _loop_graph(vjp: Callable, example_args: Sequence[Tensor]) -> Hoisted:
-    """Trace ``vjp(primal, cotangent, *rest)`` with a symbolic batch and hoist everything that does
-    not depend on the cotangent out of the adjoint loop."""
+    """Trace ``vjp(primal, cotangent, *rest) -> (primal grad, *other grads)`` with a symbolic batch
+    and hoist everything that does not depend on the cotangent out of the adjoint loop, which needs
+    the primal's gradient only."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     gm = make_fx(vjp, tracing_mode="symbolic")(*example_args)
-    return Hoisted(functionalize(gm, example_args), varying=[1])
+    return Hoisted(functionalize(gm, example_args), varying=[1], loop_outputs=1)

@@ -15,7 +15,7 @@ tensors that alias each other, which saving both a tensor and its ``detach`` wou
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import fx
@@ -105,14 +105,47 @@ def hoist_invariants(gm: fx.GraphModule, varying: Sequence[int]) -> Tuple[fx.Gra
     return prelude_gm, step_gm
 
 
-class Hoisted:
-    """``fn(*args)`` with ``args[varying]`` changing per call: :meth:`bind` runs the prelude once on
-    the other arguments; the returned callable takes the varying arguments only."""
+def restrict_outputs(gm: fx.GraphModule, keep: int) -> fx.GraphModule:
+    """A copy of ``gm``, whose output is a tuple, returning only its first ``keep`` entries (and
+    computing only what they need)."""
+    graph = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            graph.output(tuple(env[n] for n in node.args[0][:keep]))
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    graph.eliminate_dead_code()
+    return fx.GraphModule(gm, graph, type(gm).__name__)
 
-    def __init__(self, gm: fx.GraphModule, varying: Sequence[int]) -> None:
+
+class Hoisted:
+    """``fn(*args)`` with ``args[varying]`` changing per call, split by :func:`hoist_invariants`.
+
+    :meth:`bind` runs the prelude once on the other arguments and returns a :class:`Bound`: calling
+    it runs the whole step; ``.loop(...)`` runs a step cut down to the first ``loop_outputs``
+    outputs (e.g. only the primal's gradient inside an adjoint loop, the parameter gradients once
+    after it)."""
+
+    def __init__(self, gm: fx.GraphModule, varying: Sequence[int], loop_outputs: Optional[int] = None) -> None:
         self.varying = tuple(varying)
         self.prelude, self.step = hoist_invariants(gm, self.varying)
+        self.loop_step = self.step if loop_outputs is None else restrict_outputs(self.step, loop_outputs)
+        self.loop_outputs = loop_outputs
 
-    def bind(self, *invariant_args: torch.Tensor):
-        saved: List[torch.Tensor] = list(self.prelude(*invariant_args))
-        return lambda *varying_args: self.step(*varying_args, *saved)
+    def bind(self, *invariant_args: torch.Tensor) -> "Bound":
+        return Bound(self, list(self.prelude(*invariant_args)))
+
+
+class Bound:
+    """A :class:`Hoisted` graph with its prelude evaluated."""
+
+    def __init__(self, hoisted: Hoisted, saved: List[torch.Tensor]) -> None:
+        self.hoisted, self.saved = hoisted, saved
+
+    def __call__(self, *varying_args: torch.Tensor):
+        return self.hoisted.step(*varying_args, *self.saved)
+
+    def loop(self, *varying_args: torch.Tensor):
+        out = self.hoisted.loop_step(*varying_args, *self.saved)
+        return out[0] if self.hoisted.loop_outputs == 1 else out
