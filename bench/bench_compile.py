@@ -8,8 +8,7 @@ gradient) + SGD update. The two variants share the parameters and take turns ste
 so machine-load drift hits both alike. Reports the median step time of eager and
 fxwormhole.compile (Inductor, inplace_buffers=False), the median per-round speed-up (goal
 >= 1.5x), the first-call (compile) time and the mean
-fixed-point iterations of each variant (Anderson eagerly; under compile the runtime falls back to
-the damped iteration, so the iteration counts differ while the fixed point is the same).
+fixed-point iterations of each variant (Anderson in both).
 """
 from __future__ import annotations
 

@@ -138,3 +138,35 @@ def test_batched_flags_and_stats_helpers():
     assert node.stats.worst_residual <= 1e-10 and node.stats.mean_iterations > 1
     with pytest.raises(ConfigError, match="one bool per positional input"):
         FixedPoint(body, batched=[True])(x, s)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+def test_unrolled_spd_solve_equals_lapack_and_stays_finite_when_singular(m):
+    from fxwormhole.runtime.solvers import spd_solve_unrolled
+
+    torch.manual_seed(m)
+    G = torch.randn(6, m, 3 * m, dtype=torch.float64)
+    A = G @ G.transpose(1, 2) + 1e-6 * torch.eye(m, dtype=torch.float64)
+    b = torch.randn(6, m, dtype=torch.float64)
+    torch.testing.assert_close(spd_solve_unrolled(A, b), torch.linalg.solve(A, b), rtol=1e-9, atol=1e-9)
+    singular = G[:, :1].transpose(1, 2) @ G[:, :1] if m > 1 else torch.zeros(6, 1, 1, dtype=torch.float64)
+    assert torch.isfinite(spd_solve_unrolled(singular[:, :m, :m], b)).all()
+
+
+def test_anderson_step_under_compile_equals_the_eager_step():
+    """The compiled Anderson solves its system by the unrolled Cholesky: the iterates must agree."""
+    torch.manual_seed(0)
+    solver = make_solver(SolverConfig(name="anderson", memory=4))
+    f = lambda z: torch.tanh(z @ W + 0.1)
+    W = 0.9 * torch.randn(5, 5, dtype=torch.float64) / 5 ** 0.5
+
+    def run(z):
+        state = solver.init(z)
+        for _ in range(6):
+            z, state = solver.step(state, z, f(z))
+        return z
+
+    z0 = torch.randn(3, 5, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(run, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(z0), run(z0), rtol=1e-10, atol=1e-12)

@@ -5,8 +5,9 @@ What runs (facts from shared/research/torch-tooling.md section 3, torch 2.13):
 * forward: ``torch.while_loop`` with early exit once no sample is active; converged samples are
   frozen by ``torch.where`` (shapes are fixed); ``tol`` is a 0-d tensor; ``check_every=k``
   unrolls k evaluations per loop trip (one residual check, i.e. one host sync on GPU, per trip).
-  The solver is the configured one, except Anderson, which falls back to the damped iteration
-  (see :func:`compiled_config`): iteration counts then differ from eager, the fixed point does not.
+  The solver is the configured one; Anderson solves its small system by an unrolled Cholesky
+  (``solvers.spd_solve_unrolled``), because ``linalg.solve`` inside a while_loop body does not
+  lower in Inductor 2.13.
 * gradients (implicit mode): the solve runs under ``no_grad``, outside any ``autograd.Function``.
   An identity Function on ``y*`` turns the incoming cotangent ``g`` into the adjoint solution
   ``ybar = g + F_y^T B_z^T ybar`` with a second ``while_loop``, then returns the input and
@@ -66,15 +67,8 @@ def _problem(node, inputs, batched, zspec, tb, tf) -> Problem:
                    node.solver_config, node.grad_config, node.name, node.on_fail)
 
 
-def compiled_config(cfg):
-    """The solver that runs under compile: Anderson's ``linalg.solve`` inside a while_loop body
-    fails to lower in Inductor 2.13 ("Unexpected fake buffer"), so it falls back to the damped
-    iteration with the same damping (plain Picard at damping 1); other solvers run as configured."""
-    return replace(cfg, name="damped") if cfg.name == "anderson" else cfg
-
-
 def _solve(p: Problem, z0: Tensor, cfg=None):
-    cfg = compiled_config(cfg or p.solver_cfg)
+    cfg = cfg or p.solver_cfg
     full = lambda x: p.fmap(x, None)
     return solve_compiled(full, z0, make_solver(cfg), cfg, tol=cfg.tol, max_iter=cfg.max_iter, first=full(z0))
 
@@ -142,7 +136,7 @@ class _ImplicitAdjoint(torch.autograd.Function):
             return (), ynext, None
 
         gcfg = node.grad_config
-        acfg = compiled_config(replace(node.solver_config, name=gcfg.solver, tol=gcfg.tol, max_iter=gcfg.max_iter))
+        acfg = replace(node.solver_config, name=gcfg.solver, tol=gcfg.tol, max_iter=gcfg.max_iter)
         y0 = torch.zeros_like(g) + g  # a fresh carry, distinct from the closed-over g
         ybar = solve_compiled(adj, y0, make_solver(acfg), acfg, tol=acfg.tol, max_iter=acfg.max_iter,
                               first=adj(y0))[0].to(g.dtype)

@@ -81,6 +81,31 @@ def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def spd_solve_unrolled(A: Tensor, b: Tensor) -> Tensor:
+    """Solve ``A x = b`` for a batch of small symmetric positive definite ``A`` ([n, m, m], b
+    [n, m]) by a Cholesky factorisation unrolled over ``m`` into elementwise ops on [n] vectors.
+
+    For ``torch.compile``: it needs no LAPACK call and no in-place slice writes (neither works
+    inside a ``torch.while_loop`` body), and Inductor fuses it into one kernel. Pivots are floored
+    at a tiny multiple of the diagonal's scale, so a singular ``A`` gives a finite answer."""
+    m = A.shape[-1]
+    floor = A.diagonal(dim1=1, dim2=2).abs().amax(1) * torch.finfo(A.dtype).eps + torch.finfo(A.dtype).tiny
+    L = [[None] * m for _ in range(m)]
+    for j in range(m):
+        s = A[:, j, j] - sum((L[j][k] * L[j][k] for k in range(j)), torch.zeros_like(floor))
+        L[j][j] = torch.sqrt(torch.maximum(s, floor))
+        for i in range(j + 1, m):
+            t = A[:, i, j] - sum((L[i][k] * L[j][k] for k in range(j)), torch.zeros_like(floor))
+            L[i][j] = t / L[j][j]
+    y = []
+    for i in range(m):  # L y = b
+        y.append((b[:, i] - sum((L[i][k] * y[k] for k in range(i)), torch.zeros_like(floor))) / L[i][i])
+    x = [None] * m
+    for i in reversed(range(m)):  # L^T x = y
+        x[i] = (y[i] - sum((L[k][i] * x[k] for k in range(i + 1, m)), torch.zeros_like(floor))) / L[i][i]
+    return torch.stack(x, 1)
+
+
 class Anderson(FixedPointSolver):
     """Type-II Anderson acceleration with a fixed-size (ring) history of ``m = config.memory``.
 
@@ -119,12 +144,17 @@ class Anderson(FixedPointSolver):
         eye = (slots.unsqueeze(2) == slots.unsqueeze(1)).to(sd)
         # valid block: H + reg I ; invalid slots: identity row/col so their alpha is exactly 0
         Hm = H * pair + eye * (reg.view(-1, 1, 1) * pair + (1.0 - pair))
-        # bordered system [[0, 1^T], [1, H]] [mu; alpha] = [1; 0], built without in-place writes
-        # (in-place slice assignment does not trace inside torch.while_loop)
-        corner = torch.zeros_like(vf[:, :1]).unsqueeze(2)
-        A = torch.cat([torch.cat([corner, vf.unsqueeze(1)], 2), torch.cat([vf.unsqueeze(2), Hm], 2)], 1)
-        rhs = torch.cat([torch.ones_like(corner), torch.zeros_like(vf).unsqueeze(2)], 1)
-        alpha = torch.linalg.solve(A, rhs)[:, 1:]  # [b, m, 1]
+        if torch.compiler.is_compiling():
+            # alpha = Hm^-1 1 / (1^T Hm^-1 1) by an unrolled Cholesky: linalg.solve inside a
+            # while_loop body does not lower in Inductor 2.13 ("Unexpected fake buffer").
+            beta = spd_solve_unrolled(Hm, vf)
+            alpha = (beta / beta.sum(1, keepdim=True)).unsqueeze(2)
+        else:
+            # bordered system [[0, 1^T], [1, H]] [mu; alpha] = [1; 0] (LU with pivoting)
+            corner = torch.zeros_like(vf[:, :1]).unsqueeze(2)
+            A = torch.cat([torch.cat([corner, vf.unsqueeze(1)], 2), torch.cat([vf.unsqueeze(2), Hm], 2)], 1)
+            rhs = torch.cat([torch.ones_like(corner), torch.zeros_like(vf).unsqueeze(2)], 1)
+            alpha = torch.linalg.solve(A, rhs)[:, 1:]  # [b, m, 1]
         d = float(self.config.damping)
         mix_f = (alpha.transpose(1, 2) @ F.to(sd)).squeeze(1)
         if d != 1.0:
