@@ -205,3 +205,20 @@ def test_lstm_temporal_wormholes_compiled_match_eager():
     assert int(net.rnn.stats.iterations.max()) > 3
     with pytest.raises(ConfigError, match="fullgraph=True is impossible"):
         fxwormhole.compile(net, fullgraph=True)
+
+
+def test_sal_inside_a_cycle_compiles_for_inference_and_refuses_compiled_training():
+    from fxwormhole import SALConfig
+
+    torch._dynamo.reset()
+    model = zoo.MLP()
+    (x,) = model.example_inputs(4)
+    net = fxwormhole.transform(model, (x,), OPEN, sal=SALConfig())
+    snap = _snapshot(net)
+    with pytest.raises(FxWormholeError, match=r"DenseProbe at 'body\.sal_probe_.*SAL probe.*model\.eval\(\)"):
+        fxwormhole.compile(net)
+    _assert_unchanged(net, snap)  # the statistics the failed preparation touched are restored
+    net.eval()
+    compiled = fxwormhole.compile(net, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), atol=1e-6, rtol=1e-5)

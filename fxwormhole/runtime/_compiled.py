@@ -187,10 +187,14 @@ def _refuse_buffer_updates(node) -> Iterator[None]:
             for _, b, old in changed:
                 b.copy_(old)
     if changed:
+        name = changed[0][0]
+        owner = node.get_submodule(name.rpartition(".")[0])
+        what = ("its sensitivity statistics (a SAL probe inside the cycle)" if hasattr(owner, "update_stats")
+                else f"its buffer {name.rpartition('.')[2]!r}")
         raise FxWormholeError(
-            f"FixedPoint {node.name!r}: buffer {changed[0][0]!r} is updated in place at every evaluation "
-            "(BatchNorm in training mode?), which a compiled fixed point cannot replay; call model.eval() "
-            "before compiling, or train this model eagerly")
+            f"FixedPoint {node.name!r}: {type(owner).__name__} at {name.rpartition('.')[0]!r} updates {what} in "
+            "place at every evaluation in training mode, which a compiled fixed point cannot replay; call "
+            "model.eval() before compiling (inference), or train this model eagerly")
 
 
 def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
