@@ -13,7 +13,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
 from fxwormhole.config import GradConfig, SolverConfig, WormholeConfig
-from fxwormhole.errors import ConfigError, PlacementError
+from fxwormhole.errors import PlacementError
 from fxwormhole.passes._common import run_passes
 from fxwormhole.passes.recurrent import DecomposeRecurrent
 from fxwormhole.passes.temporal_wormhole import TemporalWormholes

@@ -67,8 +67,8 @@ def _problem(node, inputs, batched, zspec, tb, tf) -> Problem:
                    node.solver_config, node.grad_config, node.name, node.on_fail)
 
 
-def _solve(p: Problem, z0: Tensor, cfg=None):
-    cfg = cfg or p.solver_cfg
+def _solve(p: Problem, z0: Tensor):
+    cfg = p.solver_cfg
     full = lambda x: p.fmap(x, None)
     return solve_compiled(full, z0, make_solver(cfg), cfg, tol=cfg.tol, max_iter=cfg.max_iter, first=full(z0))
 
@@ -201,8 +201,8 @@ def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
     """Trace the VJP graphs ``B_z^T ybar`` and ``F_y^T zbar`` with ``make_fx`` (symbolic batch)."""
     zspec = T.spec_of(z0)
     batched = T.batched_mask(example_inputs, T.batch_size(z0), node.batched)
-    nb, tb = _tensors(node.body)
-    nf, tf = _tensors(node.feedback)
+    _, tb = _tensors(node.body)
+    _, tf = _tensors(node.feedback)
     n_in, n_b = len(example_inputs), len(tb)
     with torch.no_grad(), _refuse_buffer_updates(node):
         y = node.body(z0, *example_inputs)
