@@ -19,6 +19,16 @@ def _mlp(z, w1, w2):
     return torch.tanh(torch.tanh(z @ w1) @ w2)
 
 
+def _split(f, example, loop_outputs=None):
+    """Trace ``f(primal, cotangent, *rest)`` symbolically and hoist what does not depend on the cotangent."""
+    gm = make_fx(f, tracing_mode="symbolic")(*example)
+    return Hoisted(functionalize(gm, example), varying=[1], loop_outputs=loop_outputs)
+
+
+def _prelude_outputs(hoisted):
+    return next(n for n in hoisted.prelude.graph.nodes if n.op == "output").args[0]
+
+
 def _ops(gm, name):
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and name in str(n.target))
 
@@ -50,8 +60,7 @@ def test_in_place_update_of_a_hoisted_tensor_does_not_leak_between_iterations():
 
     w = torch.randn(5, 5)
     example = (torch.randn(4, 5), torch.randn(4, 5), w)
-    gm = make_fx(f, tracing_mode="symbolic")(*example)
-    hoisted = Hoisted(functionalize(gm, example), varying=[1])
+    hoisted = _split(f, example)
     z = torch.randn(6, 5)
     step = hoisted.bind(z, w)
     for _ in range(3):
@@ -66,9 +75,8 @@ def test_sizes_are_recomputed_in_the_step_not_passed_between_graphs():
         return (h * ybar.reshape(b * 2, -1)).reshape(b, -1)
 
     example = (torch.randn(4, 6), torch.randn(4, 6))
-    gm = make_fx(f, tracing_mode="symbolic")(*example)
-    hoisted = Hoisted(functionalize(gm, example), varying=[1])
-    outputs = [n for n in hoisted.prelude.graph.nodes if n.op == "output"][0].args[0]
+    hoisted = _split(f, example)
+    outputs = _prelude_outputs(hoisted)
     assert all(isinstance(o.meta.get("val"), torch.Tensor) for o in outputs), "the prelude returns tensors only"
     z, ybar = torch.randn(9, 6), torch.randn(9, 6)
     torch.testing.assert_close(hoisted.bind(z)(ybar), f(z, ybar))
@@ -82,9 +90,8 @@ def test_views_are_recomputed_so_no_two_saved_tensors_alias():
         return ybar * h + ybar.sum() * h.detach().t().t()
 
     example = (torch.randn(4, 3), torch.randn(4, 3))
-    gm = make_fx(f, tracing_mode="symbolic")(*example)
-    hoisted = Hoisted(functionalize(gm, example), varying=[1])
-    outputs = [n for n in hoisted.prelude.graph.nodes if n.op == "output"][0].args[0]
+    hoisted = _split(f, example)
+    outputs = _prelude_outputs(hoisted)
     assert not any(getattr(o.target, "is_view", False) for o in outputs if o.op == "call_function")
     z, ybar = torch.randn(5, 3), torch.randn(5, 3)
     torch.testing.assert_close(hoisted.bind(z)(ybar), f(z, ybar))
@@ -100,7 +107,7 @@ def test_loop_step_is_cut_down_to_the_first_output():
     torch.manual_seed(1)
     w1, w2 = torch.randn(8, 16, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
     example = (torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), w1, w2)
-    hoisted = Hoisted(functionalize(make_fx(vjp, tracing_mode="symbolic")(*example), example), [1], loop_outputs=1)
+    hoisted = _split(vjp, example, loop_outputs=1)
     z, ybar = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
     bound = hoisted.bind(z, w1, w2)
     want = torch.func.vjp(_mlp, z, w1, w2)[1](ybar)
