@@ -1,12 +1,12 @@
 """Helpers shared by the passes: metadata access, running passes with typed errors, legalising."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import heapq
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_manager import PassManager
-from torch.fx.passes.tools_common import stable_topological_sort
 
 from ..errors import FxWormholeError
 
@@ -58,12 +58,42 @@ def _pass_name(exc: BaseException) -> str:
     return f"pass {found.group(1)!r}" if found else "a graph pass"
 
 
-def legalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Re-order nodes topologically, keeping the original order where data flow allows; lint; recompile.
+def legalize(gm: fx.GraphModule, order: Iterable[tuple[str, str]] = ()) -> fx.GraphModule:
+    """Re-order nodes topologically, keeping the original order where dependencies allow; lint; recompile.
 
-    The graph's Node objects are replaced: refer to nodes by name across this call.
+    Dependencies are the data edges plus ``order``: ``(before, after)`` node names that must stay in
+    that order although no data edge says so (in-place updates, see ``_mutation.ordering_edges``).
+    torch's ``stable_topological_sort`` knows only data edges and would move a read of a buffer
+    across the update that fills it.
     """
-    stable_topological_sort(gm)
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    by_name = {n.name: n for n in nodes}
+    preds = {n: set(n.all_input_nodes) for n in nodes}
+    for before, after in order:
+        if before in by_name and after in by_name and before != after:
+            preds[by_name[after]].add(by_name[before])
+    users: dict[fx.Node, list[fx.Node]] = {n: [] for n in nodes}
+    for n, ps in preds.items():
+        for p in ps:
+            users[p].append(n)
+    waiting = {n: len(ps) for n, ps in preds.items()}
+    ready = [(position[n], n) for n in nodes if not waiting[n]]
+    heapq.heapify(ready)
+    ordered: list[fx.Node] = []
+    while ready:
+        _, node = heapq.heappop(ready)
+        ordered.append(node)
+        for user in users[node]:
+            waiting[user] -= 1
+            if not waiting[user]:
+                heapq.heappush(ready, (position[user], user))
+    if len(ordered) != len(nodes):
+        stuck = [n.name for n in nodes if waiting[n]][:5]
+        raise FxWormholeError(f"legalize: the graph has a dependency cycle through {stuck}; please report this model")
+    for prev, node in zip(ordered, ordered[1:]):
+        if prev.next is not node:
+            prev.append(node)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -32,6 +32,7 @@ from ..errors import PlacementError
 from ..runtime.fixed_point import FixedPoint
 from ..runtime.wormhole import ZerosInit, per_sample_norm
 from ._common import graph_meta, legalize, node_meta
+from ._mutation import alias_roots, mutated_inputs, ordering_edges
 
 __all__ = ["WrapFixedPoints", "cyclic_components"]
 
@@ -41,6 +42,10 @@ def cyclic_components(gm: fx.GraphModule) -> list[set[str]]:
     graph = analysis.to_networkx(gm)
     for write, read, _ in graph_meta(gm).get("back_edges", []):
         graph.add_edge(write, read)
+    # In-place updates: a read of a buffer depends on the update that filled it (RWKV's WKV loop
+    # writes ``out[:, t] = ...`` into a zeros buffer that a later node reads). Without these edges
+    # the updates fall outside the component and run after the fixed point.
+    graph.add_edges_from(ordering_edges(gm))
     comps = [c for c in nx.strongly_connected_components(graph) if len(c) > 1]
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(comps, key=lambda c: min(order[n] for n in c))
@@ -82,10 +87,15 @@ class WrapFixedPoints(PassBase):
         components = cyclic_components(gm)
         if not components:
             return PassResult(gm, False)
+        order = ordering_edges(gm)  # in-place updates: node orders that data edges do not record
+        fused_into: dict[str, str] = {}
         for k, comp in enumerate(components):
             # Values are re-computed per component: an earlier fusion may feed this one.
             self._fuse(gm, comp, f"fixed_point_{k}", self._example_values(gm))
-            legalize(gm)  # the fused node was inserted before the component; restore topological order
+            fused_into.update(dict.fromkeys(comp, f"fixed_point_{k}"))
+            # The fused node was inserted before the component; restore topological order, keeping
+            # the in-place orders (now to and from the fused node).
+            legalize(gm, [(fused_into.get(a, a), fused_into.get(b, b)) for a, b in order])
         gm.delete_all_unused_submodules()
         gm.recompile()
         graph_meta(gm)["fixed_points"] = [f"fixed_point_{k}" for k in range(len(components))]
@@ -110,6 +120,7 @@ class WrapFixedPoints(PassBase):
         if not reads or len(reads) != len(writes):
             raise PlacementError(f"{name}: malformed wormhole cycle (reads {reads}, writes {writes})")
         body_nodes = [n for n in inside if n not in reads and n not in writes]
+        self._check_updates_stay_inside(gm, name, inside)
         # Sizes computed outside (dynamic-batch export graphs: sym_size of the input) are recomputed
         # in the body from tensors: ints cannot cross the node boundary of a compiled backward, and a
         # shrunk active set needs the shrunk batch size.
@@ -167,6 +178,24 @@ class WrapFixedPoints(PassBase):
                 user.replace_input_with(node, item)
         for node in reversed(inside):
             graph.erase_node(node)
+
+    @staticmethod
+    def _check_updates_stay_inside(gm: fx.GraphModule, name: str, inside: list[fx.Node]) -> None:
+        """Refuse a body that updates in place a tensor it did not allocate.
+
+        The body runs once per solver iteration (and on row subsets under per-sample halting): an
+        update of an outside tensor would be applied several times, or to a copy.
+        """
+        roots, inside_set = alias_roots(gm), set(inside)
+        for node in inside:  # graph order: the first offending update is named
+            for target in mutated_inputs(gm, node):
+                if roots[target] not in inside_set:
+                    raise PlacementError(
+                        f"{name}: node {node.name!r} updates {roots[target].name!r} in place, a tensor computed "
+                        f"outside the wormhole span; the fixed point evaluates its body once per iteration, so the "
+                        f"update would repeat. Choose a span that contains {roots[target].name!r} or none of its "
+                        f"updates, or compute the value out of place (e.g. torch.stack instead of filling a buffer)"
+                    )
 
     @staticmethod
     def _body_module(gm, reads, ext, body_nodes, outputs) -> fx.GraphModule:
