@@ -31,13 +31,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import export, load
+    from .._atomic import atomic_write, check_target
+    from ..errors import ExportError
+    from ..export import load, prepare_export
 
+    what = f"the {args.format} export"
+    out = check_target(args.out, what, ExportError)  # before the work, not after it
     inputs, net = load_for_command(args)
     t0 = time.perf_counter()
-    path = export(net, inputs, args.out, format=args.format, dynamic_batch=not args.static_batch)
-    seconds = time.perf_counter() - t0
-    runner = load(path)
+    write = prepare_export(net, inputs, args.format, dynamic_batch=not args.static_batch)
+    # The artifact replaces --out only once it has been written, loaded back and run.
+    with atomic_write(out, what=what, error=ExportError) as tmp:
+        write(tmp)
+        seconds = time.perf_counter() - t0
+        diff = _max_difference(net, load(tmp), inputs)
+        size = tmp.stat().st_size
+    print(f"exported:   {out} ({args.format}, {size / 1024:.0f} KiB, {seconds:.1f} s, "
+          f"batch {'static' if args.static_batch else 'dynamic'}; inference-only)")
+    print(f"check:      max|artifact - eager| = {diff:.2e} on the --input tensors")
+    return 0
+
+
+def _max_difference(net: torch.nn.Module, runner: torch.nn.Module, inputs: tuple) -> float:
+    """Largest |artifact - eager| over all outputs, ``net`` in eval mode (its modes restored)."""
     mode = {m: m.training for m in net.modules()}
     net.eval()
     try:
@@ -48,8 +64,4 @@ def run(args: argparse.Namespace) -> int:
             m.training = training
     flat_w = torch.utils._pytree.tree_leaves(want)
     flat_g = torch.utils._pytree.tree_leaves(got)
-    diff = max((torch.as_tensor(a).sub(b).abs().max().item() for a, b in zip(flat_g, flat_w)), default=0.0)
-    print(f"exported:   {path} ({args.format}, {path.stat().st_size / 1024:.0f} KiB, {seconds:.1f} s, "
-          f"batch {'static' if args.static_batch else 'dynamic'}; inference-only)")
-    print(f"check:      max|artifact - eager| = {diff:.2e} on the --input tensors")
-    return 0
+    return max((torch.as_tensor(a).sub(b).abs().max().item() for a, b in zip(flat_g, flat_w)), default=0.0)
