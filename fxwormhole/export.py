@@ -270,7 +270,7 @@ def _what_record(name: str) -> str:
 
 def _no_checksum(path: Path, why: str) -> None:
     warnings.warn(f"{path}: {why}, so its weights and program cannot be verified; re-export it with "
-                  "fxwormhole.export to add a checksum", UserWarning, stacklevel=3)
+                  "fxwormhole.export to add a checksum", UserWarning, stacklevel=4)
 
 
 def _verify_pt2(path: Path) -> dict:

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .rewrite_cmd import add_model_arguments, add_wormhole_arguments, load_for_command
+from .rewrite_cmd import add_model_arguments, add_wormhole_arguments, inference, load_for_command
 
 __all__ = ["register", "run"]
 
@@ -30,6 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+_ADVICE = ("if the cause is a write failure, check free disk space and write permission in {dir}; otherwise the "
+           "new artifact failed when it was loaded back and run on --input: try --format pt2, or report it")
+
+
 def run(args: argparse.Namespace) -> int:
     from .._atomic import atomic_write, check_target
     from ..errors import ExportError
@@ -41,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     write = prepare_export(net, inputs, args.format, dynamic_batch=not args.static_batch)
     # The artifact replaces --out only once it has been written, loaded back and run.
-    with atomic_write(out, what=what, error=ExportError) as tmp:
+    with atomic_write(out, what=what, error=ExportError, advice=_ADVICE) as tmp:
         write(tmp)
         seconds = time.perf_counter() - t0
         diff = _max_difference(net, load(tmp), inputs)
@@ -54,14 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _max_difference(net: torch.nn.Module, runner: torch.nn.Module, inputs: tuple) -> float:
     """Largest |artifact - eager| over all outputs, ``net`` in eval mode (its modes restored)."""
-    mode = {m: m.training for m in net.modules()}
-    net.eval()
-    try:
-        with torch.no_grad():
-            want, got = net(*inputs), runner(*inputs)
-    finally:
-        for m, training in mode.items():
-            m.training = training
+    with inference(net):
+        want, got = net(*inputs), runner(*inputs)
     flat_w = torch.utils._pytree.tree_leaves(want)
     flat_g = torch.utils._pytree.tree_leaves(got)
     return max((torch.as_tensor(a).sub(b).abs().max().item() for a, b in zip(flat_g, flat_w)), default=0.0)

@@ -6,10 +6,11 @@ options, and reading ``MODEL_OR_FILE`` (a model spec, or a ``.pt`` file written 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from ..errors import ConfigError, FxWormholeError
 from .specs import load_model, parse_input_spec, positive_int
 
 __all__ = ["register", "run", "add_model_arguments", "add_wormhole_arguments", "wormhole_config",
-           "parse_wormhole", "load_model_or_file", "load_for_command", "parse_inputs", "check_inputs_fit"]
+           "parse_wormhole", "load_model_or_file", "load_for_command", "parse_inputs", "check_inputs_fit", "inference"]
 
 _MODEL_HELP = "path/to/file.py:Name or package.module:Name (class or factory)"
 _FILE_SUFFIXES = (".pt", ".pth")
@@ -111,13 +112,24 @@ def _shapes(shapes: Sequence[Sequence[int]]) -> str:
     return " ".join(f"--input {'x'.join(map(str, s))}" for s in shapes)
 
 
-def check_inputs_fit(net: nn.Module, inputs: Sequence[torch.Tensor], source: str) -> None:
-    """Run ``net`` once (eval mode, no grad; its modes are restored) so that inputs it cannot take
-    fail here as one ConfigError, not deep inside torch.compile or torch.export."""
+@contextlib.contextmanager
+def inference(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode under no_grad; every submodule's own mode is restored afterwards."""
     modes = {m: m.training for m in net.modules()}
     net.eval()
     try:
         with torch.no_grad():
+            yield net
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def check_inputs_fit(net: nn.Module, inputs: Sequence[torch.Tensor], source: str) -> None:
+    """Run ``net`` once (see :func:`inference`) so that inputs it cannot take fail here as one
+    ConfigError, not deep inside torch.compile or torch.export."""
+    try:
+        with inference(net):
             net(*inputs)
     except FxWormholeError:
         raise
@@ -127,9 +139,6 @@ def check_inputs_fit(net: nn.Module, inputs: Sequence[torch.Tensor], source: str
                 if built else "pass inputs that the model accepts")
         raise ConfigError(f"{_shapes(t.shape for t in inputs)} does not fit the model in {source} "
                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); {hint}") from None
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def load_model_or_file(args: argparse.Namespace, inputs: Sequence[torch.Tensor]) -> tuple[nn.Module, str]:
