@@ -125,11 +125,11 @@ _SMALLER = "use a smaller example input (a batch of 2 to 8 samples is enough to 
 
 
 def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
 def available_memory() -> int | None:
@@ -150,7 +150,7 @@ def available_memory() -> int | None:
 def _check_fits_in_memory(spec: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """Refuse before allocating: with memory overcommit a too-large tensor is not refused by the
     allocator but killed by the kernel once its pages are written."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     free = available_memory()
     if free is not None and nbytes > free:
         raise ConfigError(f"--input {spec!r}: this tensor needs {_human_bytes(nbytes)}, more than the "
