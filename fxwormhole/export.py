@@ -268,6 +268,10 @@ def _what_record(name: str) -> str:
     return "an archive record"
 
 
+def _unreadable(path: Path, exc: OSError) -> ExportError:
+    return ExportError(f"{path}: cannot read it ({exc.strerror or exc}); check that the file is readable")
+
+
 def _no_checksum(path: Path, why: str) -> None:
     warnings.warn(f"{path}: {why}, so its weights and program cannot be verified; re-export it with "
                   "fxwormhole.export to add a checksum", UserWarning, stacklevel=4)
@@ -282,6 +286,8 @@ def _verify_pt2(path: Path) -> dict:
             digests = _pt2_digests(archive, records)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, KeyError) as exc:
         raise ExportError(f"{path}: not a readable torch.export archive ({_one_line(exc)}); {_REEXPORT}") from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     if raw is None:
         _no_checksum(path, f"no {_META_FILE} (not written by fxwormhole.export)")
         return {"format": "pt2"}
@@ -466,7 +472,10 @@ def load(path: str | Path) -> ExportedModel:
     if not path.is_file():
         raise ExportError(f"{path}: no such file; write it with fxwormhole.export(model, inputs, path)")
     if path.suffix == ".onnx":
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise _unreadable(path, exc) from None
         _verify_onnx(path, data)
         return ExportedModel(_OrtRunner(path, data), path=path, format="onnx", meta={"format": "onnx"})
     meta = _verify_pt2(path)

@@ -448,6 +448,23 @@ def test_a_bit_flip_that_breaks_the_zip_crc_is_refused(pt2, tmp_path):
         fxwormhole.export.load(bad)
 
 
+@pytest.mark.parametrize("suffix", [".pt2", pytest.param(".onnx", marks=pytest.mark.skipif(
+    not _has("onnx", "onnxruntime"), reason="needs the onnx extra"))])
+def test_a_file_that_cannot_be_read_is_a_typed_error(tmp_path, monkeypatch, suffix):
+    path = tmp_path / f"net{suffix}"
+    path.write_bytes(b"PK")
+    real = io.open
+
+    def denied(file, *args, **kwargs):  # zipfile and Path.read_bytes open files through io.open
+        if isinstance(file, (str, os.PathLike)) and Path(file) == path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", denied)
+    with pytest.raises(ExportError, match=r"net\.(pt2|onnx): cannot read it \(Permission denied\); check that the"):
+        fxwormhole.export.load(path)
+
+
 def test_archives_without_a_checksum_still_load_with_a_warning(art, pt2, tmp_path):
     older = tmp_path / "older.pt2"  # an fxwormhole.json from before checksums
     _rewrite_archive(pt2, older, lambda n, d: json.dumps({k: v for k, v in json.loads(d).items() if k != "sha256"}).encode()
