@@ -27,6 +27,7 @@ from .errors import (
     ExportError,
     FxWormholeError,
     PlacementError,
+    SaveError,
 )
 
 from .capture import capture
@@ -57,6 +58,7 @@ __all__ = [
     "PlacementError",
     "ConvergenceError",
     "ExportError",
+    "SaveError",
     "capture",
     "compile",
     "export",

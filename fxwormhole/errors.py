@@ -12,6 +12,7 @@ __all__ = [
     "PlacementError",
     "ConvergenceError",
     "ExportError",
+    "SaveError",
 ]
 
 
@@ -37,3 +38,8 @@ class ConvergenceError(FxWormholeError):
 
 class ExportError(FxWormholeError):
     """Export failed, or an exported (inference-only) artifact was used for training."""
+
+
+class SaveError(FxWormholeError, OSError):
+    """Writing a file failed (disk full, no permission, missing directory, ...); the file that was
+    at the path before is unchanged and no temporary file is left behind."""

@@ -150,6 +150,23 @@ def test_parse_input_spec():
             parse_input_spec(bad)
 
 
+def test_input_specs_too_large_for_memory_are_refused_before_or_at_allocation(monkeypatch):
+    from fxwormhole.cli import specs
+
+    monkeypatch.setattr(specs, "available_memory", lambda: 10 * 2**20)
+    with pytest.raises(ConfigError, match=r"needs 16.0 MiB, more than the 10.0 MiB of memory available; use a smaller"):
+        parse_input_spec("float64:2048x1024")
+    assert parse_input_spec("float64:1024x1024").shape == (1024, 1024)  # 8 MiB fits
+    # where free memory is unknown, the allocator's refusal is the error
+    monkeypatch.setattr(specs, "available_memory", lambda: None)
+    def refuse(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 16777216 bytes")
+
+    monkeypatch.setattr(torch, "randn", refuse)
+    with pytest.raises(ConfigError, match="allocating it failed .*can't allocate memory.*use a smaller example input"):
+        parse_input_spec("float64:2048x1024")
+
+
 def test_load_model_forms(user_file):
     m = load_model(f"{user_file}:Net", '{"width": 9}')
     assert m.b.weight.shape == (9, 9)

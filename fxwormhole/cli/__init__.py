@@ -3,12 +3,15 @@
 Each command lives in its own module of this package exposing ``register(subparsers)``, which adds
 a sub-parser and sets ``func`` (``func(namespace) -> int``) as its default. Adding a command is one
 line in :data:`COMMANDS`. Every :class:`~fxwormhole.errors.FxWormholeError` and every bad argument
-ends as one line ``fxwormhole: error: ...`` on stderr and exit code 2, without a traceback.
+ends as one line ``fxwormhole: error: ...`` on stderr and exit code 2, without a traceback. So does
+anything else that escapes a command (a file the system refuses, memory, a bug): one line that
+names the exception; ``FXWORMHOLE_TRACEBACK=1`` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -46,6 +49,20 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+_TRACEBACK_ENV = "FXWORMHOLE_TRACEBACK"
+
+
+def _unexpected(exc: BaseException) -> str:
+    """One line for an exception no command turned into an FxWormholeError."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        return f"{exc.strerror}{where}; check the path and its permissions"
+    if isinstance(exc, MemoryError):
+        return "out of memory; use smaller --input tensors or a smaller model"
+    return (f"unexpected {type(exc).__name__}: {_one_line(exc)[:300]} (probably a bug in fxwormhole: rerun with "
+            f"{_TRACEBACK_ENV}=1 for the traceback and report it)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 error)."""
     try:
@@ -60,3 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fxwormhole: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the promise is one line, whatever escaped
+        if os.environ.get(_TRACEBACK_ENV):
+            raise
+        print(f"fxwormhole: error: {_unexpected(exc)}", file=sys.stderr)
+        return 2

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .rewrite_cmd import add_model_arguments, add_wormhole_arguments, load_for_command
+from .rewrite_cmd import add_model_arguments, add_wormhole_arguments, inference, load_for_command
 
 __all__ = ["register", "run"]
 
@@ -30,26 +30,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..export import export, load
+_ADVICE = ("if the cause is a write failure, check free disk space and write permission in {dir}; otherwise the "
+           "new artifact failed when it was loaded back and run on --input: try --format pt2, or report it")
 
+
+def run(args: argparse.Namespace) -> int:
+    from .._atomic import atomic_write, check_target
+    from ..errors import ExportError
+    from ..export import load, prepare_export
+
+    what = f"the {args.format} export"
+    out = check_target(args.out, what, ExportError)  # before the work, not after it
     inputs, net = load_for_command(args)
     t0 = time.perf_counter()
-    path = export(net, inputs, args.out, format=args.format, dynamic_batch=not args.static_batch)
-    seconds = time.perf_counter() - t0
-    runner = load(path)
-    mode = {m: m.training for m in net.modules()}
-    net.eval()
-    try:
-        with torch.no_grad():
-            want, got = net(*inputs), runner(*inputs)
-    finally:
-        for m, training in mode.items():
-            m.training = training
-    flat_w = torch.utils._pytree.tree_leaves(want)
-    flat_g = torch.utils._pytree.tree_leaves(got)
-    diff = max((torch.as_tensor(a).sub(b).abs().max().item() for a, b in zip(flat_g, flat_w)), default=0.0)
-    print(f"exported:   {path} ({args.format}, {path.stat().st_size / 1024:.0f} KiB, {seconds:.1f} s, "
+    write = prepare_export(net, inputs, args.format, dynamic_batch=not args.static_batch)
+    # The artifact replaces --out only once it has been written, loaded back and run.
+    with atomic_write(out, what=what, error=ExportError, advice=_ADVICE) as tmp:
+        write(tmp)
+        seconds = time.perf_counter() - t0
+        diff = _max_difference(net, load(tmp), inputs)
+        size = tmp.stat().st_size
+    print(f"exported:   {out} ({args.format}, {size / 1024:.0f} KiB, {seconds:.1f} s, "
           f"batch {'static' if args.static_batch else 'dynamic'}; inference-only)")
     print(f"check:      max|artifact - eager| = {diff:.2e} on the --input tensors")
     return 0
+
+
+def _max_difference(net: torch.nn.Module, runner: torch.nn.Module, inputs: tuple) -> float:
+    """Largest |artifact - eager| over all outputs, ``net`` in eval mode (its modes restored)."""
+    with inference(net):
+        want, got = net(*inputs), runner(*inputs)
+    flat_w = torch.utils._pytree.tree_leaves(want)
+    flat_g = torch.utils._pytree.tree_leaves(got)
+    return max((torch.as_tensor(a).sub(b).abs().max().item() for a, b in zip(flat_g, flat_w)), default=0.0)

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch.fx as fx
 from torch import nn
 
+from .._atomic import atomic_write, check_target
 from ..analysis import Layer, candidate_spans, format_layer_table, layer_table, main_path
 from ..capture import FRONT_ENDS, capture
 from .specs import load_model, parse_input_spec
@@ -79,26 +80,37 @@ def format_report(gm: fx.GraphModule, layers: Sequence[Layer], spans: Sequence[t
     return "\n".join(lines)
 
 
+def _draw(path: Path, gm: fx.GraphModule, **options) -> Path:
+    """``draw_graph`` into a temporary file that replaces ``path`` only once the picture is complete."""
+    from ..drawing import draw_graph
+
+    with atomic_write(path, what="the picture") as tmp:
+        draw_graph(gm, tmp, **options)
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
+    pictures: list[Path] = []
+    if args.picture:  # check where the pictures go before the work, not after it
+        pic = Path(args.picture)
+        pictures = [check_target(pic, "the picture")]
+        if args.after:
+            pictures.append(check_target(pic.with_name(f"{pic.stem}_after{pic.suffix}"), "the picture"))
     model = load_model(args.model, args.kwargs)
     inputs = [parse_input_spec(s) for s in args.inputs]
     gm, layers, spans = inspect_model(model, inputs, args.front_end)
     print(format_report(gm, layers, spans, args.model))
-    if args.picture:
-        from ..drawing import draw_graph
-
-        path = draw_graph(gm, args.picture, spans=spans[:SPANS_DRAWN], layers=layers, title=args.model)
-        print(f"\npicture:    {path}  (first {min(len(spans), SPANS_DRAWN)} spans drawn)")
-    if args.after:
+    net = None
+    if args.after:  # before any picture is written: a model that fails here leaves no file behind
         from ..api import transform
 
         net = transform(model, tuple(inputs))
+    if pictures:
+        path = _draw(pictures[0], gm, spans=spans[:SPANS_DRAWN], layers=layers, title=args.model)
+        print(f"\npicture:    {path}  (first {min(len(spans), SPANS_DRAWN)} spans drawn)")
+    if net is not None:
         print(f"\nafter transform:\n{net.summary()}")
-        if args.picture:
-            from ..drawing import draw_graph
-
-            pic = Path(args.picture)
-            after = draw_graph(net, pic.with_name(f"{pic.stem}_after{pic.suffix}"), highlights=after_highlights(net),
-                               title=f"{args.model} (after transform)")
+        if pictures:
+            after = _draw(pictures[1], net, highlights=after_highlights(net), title=f"{args.model} (after transform)")
             print(f"picture:    {after}  (rewritten graph; fixed-point and wormhole nodes marked)")
     return 0

@@ -6,20 +6,22 @@ options, and reading ``MODEL_OR_FILE`` (a model spec, or a ``.pt`` file written 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .._atomic import atomic_write, check_target
 from ..config import GATE_KINDS, GRAD_MODES, SALConfig, WormholeConfig
 from ..errors import ConfigError, FxWormholeError
-from .specs import load_model, parse_input_spec
+from .specs import load_model, parse_input_spec, positive_int
 
 __all__ = ["register", "run", "add_model_arguments", "add_wormhole_arguments", "wormhole_config",
-           "parse_wormhole", "load_model_or_file", "load_for_command", "parse_inputs"]
+           "parse_wormhole", "load_model_or_file", "load_for_command", "parse_inputs", "check_inputs_fit", "inference"]
 
 _MODEL_HELP = "path/to/file.py:Name or package.module:Name (class or factory)"
 _FILE_SUFFIXES = (".pt", ".pth")
@@ -43,7 +45,7 @@ def add_wormhole_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wormhole", "-w", dest="wormholes", metavar="SRC:DST", action="append", type=parse_wormhole,
                    help="feed layer SRC's output back into layer DST's input (module paths, e.g. layers.2:layers.0); "
                         "repeat for several; default: the 'auto' policy")
-    g.add_argument("--every", metavar="K", type=int, help="a wormhole from every K-th main-path layer back K layers")
+    g.add_argument("--every", metavar="K", type=positive_int, help="a wormhole from every K-th main-path layer back K layers")
     g.add_argument("--gate", choices=GATE_KINDS, default="scalar", help="gate kind (default: scalar)")
     g.add_argument("--gate-init", type=float, default=-6.0, help="initial gate bias; -6 is nearly closed (default)")
     g.add_argument("--proj-init", choices=("zero", "normal"), default="zero",
@@ -68,9 +70,10 @@ def parse_wormhole(text: str) -> tuple[str, str]:
 
 def wormhole_config(args: argparse.Namespace) -> tuple[WormholeConfig, SALConfig | None]:
     """The WormholeConfig (and SALConfig) the wormhole options describe."""
-    if args.wormholes and args.every:
+    if args.wormholes and args.every is not None:
         raise ConfigError("--wormhole and --every exclude each other: pick explicit pairs or every:K")
-    placement = list(args.wormholes) if args.wormholes else (f"every:{args.every}" if args.every else "auto")
+    placement = (list(args.wormholes) if args.wormholes
+                 else f"every:{args.every}" if args.every is not None else "auto")
     config = WormholeConfig(wormholes=placement, gate=args.gate, gate_init=args.gate_init, proj_init=args.proj_init,
                             proj_std=args.proj_std, solver=args.solver, tol=args.tol, max_iter=args.max_iter,
                             grad=args.grad)
@@ -105,10 +108,45 @@ def load_saved(path: str) -> nn.Module:
     return model
 
 
+def _shapes(shapes: Sequence[Sequence[int]]) -> str:
+    return " ".join(f"--input {'x'.join(map(str, s))}" for s in shapes)
+
+
+@contextlib.contextmanager
+def inference(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode under no_grad; every submodule's own mode is restored afterwards."""
+    modes = {m: m.training for m in net.modules()}
+    net.eval()
+    try:
+        with torch.no_grad():
+            yield net
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def check_inputs_fit(net: nn.Module, inputs: Sequence[torch.Tensor], source: str) -> None:
+    """Run ``net`` once (see :func:`inference`) so that inputs it cannot take fail here as one
+    ConfigError, not deep inside torch.compile or torch.export."""
+    try:
+        with inference(net):
+            net(*inputs)
+    except FxWormholeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises for inputs it cannot take
+        built = getattr(net, "meta", {}).get("fxwormhole", {}).get("input_shapes")
+        hint = (f"it was transformed with {_shapes(built)}: pass inputs of those shapes (any batch size)"
+                if built else "pass inputs that the model accepts")
+        raise ConfigError(f"{_shapes(t.shape for t in inputs)} does not fit the model in {source} "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); {hint}") from None
+
+
 def load_model_or_file(args: argparse.Namespace, inputs: Sequence[torch.Tensor]) -> tuple[nn.Module, str]:
     """``(transformed model, how it was obtained)`` from MODEL_OR_FILE and the wormhole options."""
     if _is_file_arg(args.model):
-        return load_saved(args.model), f"loaded {args.model}"
+        net = load_saved(args.model)
+        check_inputs_fit(net, inputs, args.model)  # a spec is checked by transform itself
+        return net, f"loaded {args.model}"
     from ..api import transform
 
     config, sal = wormhole_config(args)
@@ -139,20 +177,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+_SAVE_ADVICE = ("if the cause is a pickling error, the model holds an object torch.save cannot pickle (named in the "
+                "cause): remove it or make it picklable; otherwise check free disk space and write permission in {dir}")
+
+
 def run(args: argparse.Namespace) -> int:
     if Path(args.out).suffix not in _FILE_SUFFIXES:
         raise ConfigError(f"--out {args.out!r}: expected a .pt or .pth file")
+    out = check_target(args.out, "the transformed model")  # before the work, not after it
     inputs = parse_inputs(args.inputs)
     net, how = load_model_or_file(args, inputs)
     summary = net.summary() if hasattr(net, "summary") else ""
     if hasattr(net, "fixed_point_modules") and not net.fixed_point_modules():
         print("note: no fixed-point node was inserted (no wormhole placed?)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.save(net, out)
-    except Exception as exc:  # noqa: BLE001 - pickling errors name the offending object
-        raise FxWormholeError(f"saving the transformed model to {out} failed: {type(exc).__name__}: {exc}") from None
+    with atomic_write(out, what="the transformed model", advice=_SAVE_ADVICE) as tmp:
+        torch.save(net, tmp)
     print(f"{how}")
     print(summary)
     print(f"saved:      {out} (torch.save of the whole module; load with torch.load(path, weights_only=False))")

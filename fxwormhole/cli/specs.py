@@ -1,9 +1,13 @@
-"""Parsing what a person types: ``MODEL`` specs, ``--kwargs`` JSON and ``--input`` tensor specs."""
+"""Parsing what a person types: ``MODEL`` specs, ``--kwargs`` JSON, ``--input`` tensor specs, and the
+argparse types of counts and output folders."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
+import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -13,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["load_model", "parse_input_spec", "parse_kwargs", "DTYPES"]
+__all__ = ["load_model", "parse_input_spec", "parse_kwargs", "positive_int", "output_dir", "DTYPES"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
@@ -105,8 +109,68 @@ def parse_input_spec(spec: str) -> torch.Tensor:
         if dtype.is_floating_point or dtype == torch.bool or not parts[1].isdigit() or int(parts[1]) < 1:
             raise ConfigError(f"--input {spec!r}: HIGH is an integer >= 1 for integer dtypes only; expected {_INPUT_FORMS}")
         high = int(parts[1])
-    if dtype.is_floating_point:
-        return torch.randn(shape, dtype=dtype)
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape).bool()
-    return torch.randint(0, high, shape, dtype=dtype)
+    _check_fits_in_memory(spec, shape, dtype)
+    try:
+        if dtype.is_floating_point:
+            return torch.randn(shape, dtype=dtype)
+        if dtype == torch.bool:
+            return torch.randint(0, 2, shape).bool()
+        return torch.randint(0, high, shape, dtype=dtype)
+    except (RuntimeError, MemoryError) as exc:  # the allocator refused
+        raise ConfigError(f"--input {spec!r}: allocating it failed ({' '.join(str(exc).split())[:160]}); "
+                          f"{_SMALLER}") from None
+
+
+_SMALLER = "use a smaller example input (a batch of 2 to 8 samples is enough to trace a model)"
+
+
+def _human_bytes(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still hand out (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_fits_in_memory(spec: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Refuse before allocating: with memory overcommit a too-large tensor is not refused by the
+    allocator but killed by the kernel once its pages are written."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise ConfigError(f"--input {spec!r}: this tensor needs {_human_bytes(nbytes)}, more than the "
+                          f"{_human_bytes(free)} of memory available; {_SMALLER}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (``--every 0`` is refused, not read as 'unset')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def output_dir(text: str) -> str:
+    """argparse type: a folder to write into; it may not exist yet, but may not be a file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is an existing file, not a folder: pass a folder path "
+                                         "(it is created if missing)")
+    return text
