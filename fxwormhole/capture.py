@@ -277,9 +277,12 @@ def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    from .passes._common import state_preserved
+
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     values = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in placeholder_values(gm, args, kwargs)]
-    with mode:
+    # Real buffers enter the fake run: BatchNorm's ``num_batches_tracked += 1`` would really happen.
+    with state_preserved(gm), mode:
         FakeTensorProp(gm, mode).run(*values, enable_io_processing=False)
 
 

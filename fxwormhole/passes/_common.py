@@ -1,7 +1,8 @@
 """Helpers shared by the passes: metadata access, running passes with typed errors, legalising."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -10,7 +11,7 @@ from torch.fx.passes.tools_common import stable_topological_sort
 
 from ..errors import FxWormholeError
 
-__all__ = ["META_KEY", "node_meta", "graph_meta", "run_passes", "legalize", "value_shape"]
+__all__ = ["META_KEY", "node_meta", "graph_meta", "run_passes", "legalize", "value_shape", "state_preserved"]
 
 META_KEY = "fxwormhole"
 
@@ -75,3 +76,27 @@ def value_shape(node: fx.Node) -> tuple[int, ...] | None:
     if isinstance(val, torch.Tensor):
         return tuple(int(s) for s in val.shape)
     return None
+
+
+@contextlib.contextmanager
+def state_preserved(*modules: torch.nn.Module) -> Iterator[None]:
+    """Run forwards of ``modules`` without leaving a trace the user could see.
+
+    A pass that evaluates the graph (example values, the coupling check, the self-check) would
+    otherwise update BatchNorm running statistics, ``num_batches_tracked``, probe averages and any
+    buffer a forward mutates in place, and advance the global random number generators (dropout).
+    Buffers are restored in place (tensor identity is kept, so aliases stay valid) and the RNG
+    state of the CPU and of every device the modules use is restored on exit.
+    """
+    saved = [(owner, name, b, b.detach().clone())
+             for m in modules for owner in m.modules() for name, b in owner._buffers.items() if b is not None]
+    cuda = sorted({t.device.index or 0 for m in modules for t in [*m.parameters(), *m.buffers()]
+                   if t.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        with torch.no_grad():
+            for owner, name, b, value in saved:
+                owner._buffers[name] = b  # a forward may rebind a buffer (``self.n = self.n + 1``)
+                b.copy_(value)  # always: ATen's batch_norm updates running stats without a version bump

@@ -31,7 +31,7 @@ from ..config import WormholeConfig
 from ..errors import PlacementError
 from ..runtime.fixed_point import FixedPoint
 from ..runtime.wormhole import ZerosInit, per_sample_norm
-from ._common import graph_meta, legalize, node_meta
+from ._common import graph_meta, legalize, node_meta, state_preserved
 
 __all__ = ["WrapFixedPoints", "cyclic_components"]
 
@@ -82,10 +82,13 @@ class WrapFixedPoints(PassBase):
         components = cyclic_components(gm)
         if not components:
             return PassResult(gm, False)
-        for k, comp in enumerate(components):
-            # Values are re-computed per component: an earlier fusion may feed this one.
-            self._fuse(gm, comp, f"fixed_point_{k}", self._example_values(gm))
-            legalize(gm)  # the fused node was inserted before the component; restore topological order
+        # The example values and the coupling check run the model: in training mode that would move
+        # BatchNorm statistics (and any buffer a forward mutates) before the user sees the result.
+        with state_preserved(gm):
+            for k, comp in enumerate(components):
+                # Values are re-computed per component: an earlier fusion may feed this one.
+                self._fuse(gm, comp, f"fixed_point_{k}", self._example_values(gm))
+                legalize(gm)  # the fused node was inserted before the component; restore topological order
         gm.delete_all_unused_submodules()
         gm.recompile()
         graph_meta(gm)["fixed_points"] = [f"fixed_point_{k}" for k in range(len(components))]
