@@ -150,12 +150,26 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
         raise TypeError("forward takes *args/**kwargs, which symbolic_trace cannot bind to placeholders")
     # Tensors become placeholders; everything else (None, flags, sizes) is specialised.
     concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+    before = _state_versions(model)
     graph = LayerTracer().trace(model, concrete_args=concrete or None)
+    mutated = [name for name, version in _state_versions(model).items() if before.get(name) != version]
+    if mutated:
+        # The tracer ran `self.calls.add_(1)` once on the real tensor and recorded nothing: the graph
+        # would neither update the buffer nor (unused by any node) keep it in its state_dict.
+        raise TypeError(f"forward mutates {', '.join(repr(n) for n in mutated[:5])} in place, which symbolic_trace "
+                        f"cannot record (it runs once at trace time)")
     for node in graph.nodes:  # fx renames specialised args `h` -> `h_1`; keep the user's names
         if node.op == "placeholder" and node.target.endswith("_1") and node.target[:-2] in concrete:
             node.target = node.target[:-2]
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     return gm
+
+
+def _state_versions(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Identity and version counter of every parameter and buffer: in-place writes bump the version,
+    rebinding (``self.n = self.n + 1``) changes the identity."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {name: (id(t), t._version) for name, t in tensors}
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:

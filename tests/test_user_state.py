@@ -60,3 +60,34 @@ def test_capture_in_training_mode_moves_no_batchnorm_statistic(front_end):
     gm = fw.capture(model, (torch.randn(4, 3, 6, 6),), front_end=front_end)
     for k, v in gm.named_buffers():
         assert torch.equal(v, dict(model.named_buffers())[k]), k
+
+
+class CallCounter(nn.Module):
+    """Counts its calls in a 0-d buffer mutated in place (symbolic_trace runs it once, records nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_a_buffer_mutated_in_forward_survives_capture_and_keeps_counting():
+    model, x = CallCounter(), torch.randn(3, 4)
+    gm = fw.capture(model, (x,))
+    assert "calls" in dict(gm.named_buffers()) and "calls" in gm.state_dict()
+    assert "symbolic_trace" in gm.meta["fxwormhole"]["attempts"]  # refused, export took over
+    net = fw.transform(model, (x,))
+    assert "calls" in dict(net.named_buffers()) and "calls" in net.state_dict()
+    assert int(net.state_dict()["calls"]) == 0 == int(model.calls), "transform ran the model visibly"
+    torch.testing.assert_close(net(x), model(x))
+    net(x)
+    assert int(net.state_dict()["calls"]) == 2 and int(model.calls) == 1
+
+
+def test_symbolic_trace_names_the_buffer_it_cannot_record():
+    with pytest.raises(fw.CaptureError, match="'calls' in place"):
+        fw.capture(CallCounter(), (torch.randn(3, 4),), front_end="symbolic_trace")
