@@ -27,6 +27,7 @@ from .errors import (
     ExportError,
     FxWormholeError,
     PlacementError,
+    VerificationError,
 )
 
 from .capture import capture
@@ -57,6 +58,7 @@ __all__ = [
     "PlacementError",
     "ConvergenceError",
     "ExportError",
+    "VerificationError",
     "capture",
     "compile",
     "export",

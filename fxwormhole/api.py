@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .passes._common import run_passes
 from .passes.insert_wormholes import InsertWormholes
 from .passes.plan_wormholes import PlanWormholes
+from .passes.verify import PipelineCheck
 from .passes.wrap_fixed_points import WrapFixedPoints
 from .transformed import TransformedModule
 
@@ -37,6 +38,7 @@ def transform(
     *,
     sal: SALConfig | None = None,
     front_end: str = "auto",
+    verify: bool = True,
 ) -> TransformedModule:
     """Rewrite ``model`` with gated wormholes wrapped in fixed-point nodes.
 
@@ -58,6 +60,11 @@ def transform(
         sal: instrument every neuron with sensitivity probes and SAL (see
             :func:`fxwormhole.instrument`).
         front_end: ``"auto"``, ``"symbolic_trace"`` or ``"export"``.
+        verify: check the rewrite (default on): after every pass the graph, run on the example
+            inputs with every wormhole's injection forced to zero, must equal the model as captured
+            (relative 1e-5). A difference raises :class:`~fxwormhole.errors.VerificationError`
+            naming the pass and the first diverging node. It costs one forward of the example
+            inputs per pass that changed the graph and changes no state; ``False`` skips it.
 
     Returns:
         A :class:`~fxwormhole.transformed.TransformedModule`: an ordinary ``nn.Module`` with
@@ -84,13 +91,15 @@ def transform(
     inputs = _as_tuple(example_inputs)
 
     gm = capture(model, inputs, front_end=front_end)
-    gm, feedforward = _rewrite_recurrent(gm, config)
+    check = PipelineCheck(inputs, verify=verify)
+    gm, feedforward = _rewrite_recurrent(gm, config, check)
     if feedforward is not None:
-        gm = run_passes(gm, [PlanWormholes(feedforward), InsertWormholes(feedforward), WrapFixedPoints(feedforward, inputs)])
+        gm = run_passes(gm, [PlanWormholes(feedforward), InsertWormholes(feedforward), WrapFixedPoints(feedforward, inputs)],
+                        check=check)
     if sal is not None:
         from .instrument import instrument_graph
 
-        gm = instrument_graph(gm, sal)
+        gm = instrument_graph(gm, sal, check=check)
     result = TransformedModule(gm, gm.graph)
     result.meta = dict(gm.meta)
     result.train(model.training)
@@ -105,7 +114,7 @@ def _recurrent_modules(gm) -> dict[str, nn.Module]:
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kinds)}
 
 
-def _rewrite_recurrent(gm, config: WormholeConfig):
+def _rewrite_recurrent(gm, config: WormholeConfig, check: PipelineCheck):
     """Decompose nn.RNN/LSTM/GRU into explicit steps and give them temporal wormholes.
 
     Returns the GraphModule and the config left for the feedforward passes: under a policy
@@ -118,7 +127,7 @@ def _rewrite_recurrent(gm, config: WormholeConfig):
     from .passes.temporal_wormhole import TemporalWormholes
     from .runtime.recurrent import resolve_temporal_pairs
 
-    gm = run_passes(gm, [DecomposeRecurrent(), TemporalWormholes(config)])
+    gm = run_passes(gm, [DecomposeRecurrent(), TemporalWormholes(config)], check=check)
     if isinstance(config.wormholes, str):
         return gm, None
     modules = _recurrent_modules(gm)

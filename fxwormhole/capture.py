@@ -22,8 +22,6 @@ import copy
 import inspect
 import io
 import logging
-import os
-import traceback
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -31,6 +29,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ._text import describe_failure
 from .errors import CaptureError, ConfigError
 
 __all__ = ["capture", "LayerTracer", "LAYER_TYPES", "FRONT_ENDS", "propagate_shapes", "placeholder_values"]
@@ -109,7 +108,7 @@ def capture(
         try:
             gm = _FRONT_ENDS[name](work, args, kwargs)
         except Exception as exc:  # each front end fails in its own way; report them all
-            attempts[name] = _describe_failure(exc)
+            attempts[name] = describe_failure(exc)
             log.debug("capture: %s failed: %s", name, attempts[name])
             continue
         gm.training = model.training
@@ -124,7 +123,7 @@ def capture(
         except Exception as exc:  # the trace is shape-agnostic: wrong shapes surface only here
             raise CaptureError(
                 f"{type(model).__name__}: the example inputs do not fit the model: running the captured graph on "
-                f"them failed with {_describe_failure(exc)}; pass example_inputs that model(*example_inputs) "
+                f"them failed with {describe_failure(exc)}; pass example_inputs that model(*example_inputs) "
                 f"accepts (check their number, shapes and dtypes)") from exc
         gm.meta["fxwormhole"] = {
             "front_end": name,
@@ -298,6 +297,9 @@ def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None
     # Real buffers enter the fake run: BatchNorm's ``num_batches_tracked += 1`` would really happen.
     with state_preserved(gm), mode:
         FakeTensorProp(gm, mode).run(*values, enable_io_processing=False)
+    for node in gm.graph.nodes:  # nodes that return nothing (export's input guard) get no value
+        if node.op != "output":
+            node.meta.setdefault("val", None)
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -538,33 +540,6 @@ def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # error reporting
-
-
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_THIS_FILE = os.path.abspath(__file__)
-
-
-def _describe_failure(exc: BaseException) -> str:
-    """``ExcType: first line (at file:line in fn: `code`)`` naming the user's line if there is one."""
-    first = next((ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()), "")
-    if len(first) > 240:
-        first = first[:237] + "..."
-    where = _user_frame(exc)
-    msg = f"{type(exc).__name__}: {first}"
-    return f"{msg} (at {where})" if where else msg
-
-
-def _user_frame(exc: BaseException) -> str | None:
-    frames = traceback.extract_tb(exc.__traceback__)
-    for fr in reversed(frames):
-        if fr.filename.startswith("<"):
-            continue
-        f = os.path.abspath(fr.filename)
-        if f.startswith(_TORCH_DIR) or f == _THIS_FILE or "site-packages" in f:
-            continue
-        code = (fr.line or "").strip()
-        return f"{fr.filename}:{fr.lineno} in {fr.name}: `{code}`"
-    return None
 
 
 _ARITY = ("missing a required argument", "too many positional arguments", "got an unexpected keyword argument")

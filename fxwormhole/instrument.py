@@ -25,6 +25,7 @@ from .errors import ConfigError, PlacementError
 from .passes._common import graph_meta, run_passes
 from .passes.sensitivity_annotate import ActivationSpec, SensitivityAnnotate
 from .passes.sensitivity_insert import SensitivityInsert
+from .passes.verify import PipelineCheck
 from .runtime.sensitivity import SAL, probes_of
 
 __all__ = ["instrument", "instrument_graph", "sensitivity_report", "SensitivityReport", "SensitivityRow", "SAL"]
@@ -39,7 +40,8 @@ def _check_sal(sal: Any) -> SALConfig:
 
 
 def instrument_graph(gm: fx.GraphModule, sal: Optional[SALConfig] = None,
-                     activations: Optional[Mapping[str, ActivationSpec]] = None) -> fx.GraphModule:
+                     activations: Optional[Mapping[str, ActivationSpec]] = None, *,
+                     check: Optional[PipelineCheck] = None) -> fx.GraphModule:
     """Put a sensitivity probe on every neuron layer of ``gm`` (in place) and return it.
 
     Nested GraphModules (fixed-point bodies) are instrumented too. Call it before any step that
@@ -49,15 +51,17 @@ def instrument_graph(gm: fx.GraphModule, sal: Optional[SALConfig] = None,
         gm: a captured (possibly already rewritten) GraphModule; it is modified.
         sal: SAL rule; ``None`` or ``SALConfig(enabled=False)`` installs measuring probes only.
         activations: per-layer activation overrides (see :class:`SensitivityAnnotate`).
+        check: the pipeline check to run between the passes (see :mod:`fxwormhole.passes.verify`).
     """
     sal = _check_sal(sal)
-    gm = run_passes(gm, [SensitivityAnnotate(sal, activations), SensitivityInsert(sal)])
+    gm = run_passes(gm, [SensitivityAnnotate(sal, activations), SensitivityInsert(sal)], check=check)
     graph_meta(gm)["sensitivity"] = {"sal": sal, "probes": sorted(probes_of(gm))}
     return gm
 
 
 def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] = None, *,
-               activations: Optional[Mapping[str, ActivationSpec]] = None, front_end: str = "auto") -> fx.GraphModule:
+               activations: Optional[Mapping[str, ActivationSpec]] = None, front_end: str = "auto",
+               verify: bool = True) -> fx.GraphModule:
     """A copy of ``model`` with a sensitivity probe on every neuron (and SAL when ``sal`` is enabled).
 
     ``model`` is never mutated: it is captured (deep-copied) by :func:`fxwormhole.capture.capture`.
@@ -73,6 +77,7 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
         activations: per-layer activation overrides by module path (a registered name, or an
             elementwise callable / activation module).
         front_end: capture front end (``"auto"``, ``"symbolic_trace"``, ``"export"``).
+        verify: check that the probes change no value (see ``verify`` of :func:`fxwormhole.transform`).
 
     Raises:
         ConfigError: bad ``sal`` or ``model``.
@@ -82,7 +87,8 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
     if not isinstance(model, nn.Module):
         raise ConfigError(f"instrument(model=...) expects an nn.Module, got {type(model).__name__}")
     gm = capture(model, example_inputs, front_end=front_end)
-    gm = instrument_graph(gm, sal, activations)
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    gm = instrument_graph(gm, sal, activations, check=PipelineCheck(inputs, verify=verify, what="instrument"))
     if not probes_of(gm):
         raise PlacementError(
             f"instrument: no neuron layer (Linear, ConvNd, RNN/LSTM/GRU or a cell) found as a submodule of "

@@ -9,9 +9,11 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_manager import PassManager
 from torch.fx.passes.tools_common import stable_topological_sort
 
+from .._text import EXAMPLE_INPUTS_HINT, first_line
 from ..errors import FxWormholeError
 
-__all__ = ["META_KEY", "node_meta", "graph_meta", "run_passes", "legalize", "value_shape", "state_preserved"]
+__all__ = ["META_KEY", "node_meta", "graph_meta", "run_passes", "legalize", "value_shape", "fake_value",
+           "state_preserved"]
 
 META_KEY = "fxwormhole"
 
@@ -26,13 +28,22 @@ def graph_meta(gm: fx.GraphModule) -> dict[str, Any]:
     return gm.meta.setdefault(META_KEY, {})
 
 
-def run_passes(gm: fx.GraphModule, passes: Sequence[Any]) -> fx.GraphModule:
+def run_passes(gm: fx.GraphModule, passes: Sequence[Any], *, check: Any = None) -> fx.GraphModule:
     """Run ``passes`` with torch.fx's PassManager, re-raising our own errors unwrapped.
+
+    Args:
+        gm: the graph to rewrite (in place).
+        passes: ``PassBase`` instances, run in order.
+        check: a :class:`~fxwormhole.passes.verify.PipelineCheck` to run before the first pass and
+            after each pass (lint, shapes, equal to the original at initialisation); None: no check.
 
     PassManager wraps every failure in a bare ``Exception``; users should see the typed
     :class:`FxWormholeError` that says what to do.
     """
-    manager = PassManager(passes=list(passes), run_checks_after_each_pass=True)
+    passes = list(passes)
+    manager = PassManager(passes=passes, run_checks_after_each_pass=check is not None)
+    if check is not None:
+        manager.add_checks(check.watching([type(p).__name__ for p in passes]))
     try:
         result = manager(gm)
     except Exception as exc:  # noqa: BLE001 - unwrap and re-raise below
@@ -43,11 +54,9 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Any]) -> fx.GraphModule:
             raise cause.with_traceback(None) from None
         # Anything else: still a typed error (the cause stays chained), saying where it happened.
         root = exc.__cause__ or exc
-        first = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")[:300]
         raise FxWormholeError(
-            f"{_pass_name(exc)} failed with {type(root).__name__}: {first}; check that example_inputs are a valid "
-            "call of the model (number, shapes, dtypes and devices of the tensors, matching the model's parameters); "
-            "if they are, please report this model to fxwormhole") from root
+            f"{_pass_name(exc)} failed with {type(root).__name__}: {first_line(root, 300)}; {EXAMPLE_INPUTS_HINT}"
+        ) from root
     return result.graph_module
 
 
@@ -70,6 +79,14 @@ def legalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def fake_value(gm: fx.GraphModule, tensor: torch.Tensor) -> Any:
+    """``tensor`` as a value for ``meta["val"]``: a fake tensor of the graph's fake mode, if it has one."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
+    return mode.from_tensor(tensor, static_shapes=True) if mode is not None else tensor.detach()
+
+
 def value_shape(node: fx.Node) -> tuple[int, ...] | None:
     """Static shape of a node's tensor value, from its fake value (None if unknown / not a tensor)."""
     val = node.meta.get("val")
@@ -79,14 +96,15 @@ def value_shape(node: fx.Node) -> tuple[int, ...] | None:
 
 
 @contextlib.contextmanager
-def state_preserved(*modules: torch.nn.Module) -> Iterator[None]:
+def state_preserved(*modules: torch.nn.Module, seed: int | None = None) -> Iterator[None]:
     """Run forwards of ``modules`` without leaving a trace the user could see.
 
-    A pass that evaluates the graph (example values, the coupling check, the self-check) would
-    otherwise update BatchNorm running statistics, ``num_batches_tracked``, probe averages and any
-    buffer a forward mutates in place, and advance the global random number generators (dropout).
-    Buffers are restored in place (tensor identity is kept, so aliases stay valid) and the RNG
-    state of the CPU and of every device the modules use is restored on exit.
+    A pass that evaluates the graph (example values, the coupling check, shape propagation, the
+    self-check) would otherwise update BatchNorm running statistics, ``num_batches_tracked``, probe
+    averages and any buffer a forward mutates in place, and advance the global random number
+    generators (dropout). Buffers are restored in place (tensor identity is kept, so aliases stay
+    valid); the RNG state of the CPU and of every device the modules use is restored on exit. With
+    ``seed``, those generators are seeded inside, so two runs draw the same random numbers.
     """
     saved = [(owner, name, b, b.detach().clone())
              for m in modules for owner in m.modules() for name, b in owner._buffers.items() if b is not None]
@@ -94,6 +112,10 @@ def state_preserved(*modules: torch.nn.Module) -> Iterator[None]:
                    if t.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda):
+            if seed is not None:
+                torch.random.default_generator.manual_seed(seed)
+                for d in cuda:
+                    torch.cuda.default_generators[d].manual_seed(seed)
             yield
     finally:
         with torch.no_grad():

@@ -23,7 +23,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..config import SALConfig
 from ..errors import PlacementError
 from ..runtime.sensitivity import DenseProbe, NeuronProbe, RecurrentProbe
-from ._common import node_meta
+from ._common import fake_value, node_meta
 from .sensitivity_annotate import graph_modules
 
 __all__ = ["SensitivityInsert", "PROBE_PREFIX"]
@@ -35,6 +35,13 @@ def _arg(node: fx.Node, i: int, name: str) -> Any:
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name)
+
+
+def _get_attr(gm: fx.GraphModule, target: str) -> fx.Node:
+    """A ``get_attr`` node with its value in ``meta["val"]`` (a fake tensor when the graph has them)."""
+    node = gm.graph.get_attr(target)
+    node.meta["val"] = fake_value(gm, gm.get_parameter(target))
+    return node
 
 
 def _unique_name(gm: fx.GraphModule, target: str) -> str:
@@ -100,9 +107,9 @@ class SensitivityInsert(PassBase):
     def _replace_dense(gm: fx.GraphModule, node: fx.Node, probe: str, ann: Dict[str, Any]) -> None:
         x = _arg(node, 0, "input")
         with gm.graph.inserting_before(node):
-            w = gm.graph.get_attr(f"{node.target}.weight")
+            w = _get_attr(gm, f"{node.target}.weight")
             has_bias = gm.get_submodule(node.target).bias is not None
-            b = gm.graph.get_attr(f"{node.target}.bias") if has_bias else None
+            b = _get_attr(gm, f"{node.target}.bias") if has_bias else None
             new = gm.graph.call_module(probe, (x, w, b))
         new.meta.update(node.meta)
         node_meta(new)["sensitivity"] = dict(ann, probe=probe)
@@ -117,7 +124,7 @@ class SensitivityInsert(PassBase):
         attrs, prev = [], node
         for n in names:
             with gm.graph.inserting_after(prev):
-                prev = gm.graph.get_attr(f"{node.target}.{n}")
+                prev = _get_attr(gm, f"{node.target}.{n}")
             attrs.append(prev)
         with gm.graph.inserting_after(prev):
             new = gm.graph.call_module(probe, (node, x, hx, *attrs))

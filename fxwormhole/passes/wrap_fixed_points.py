@@ -176,6 +176,8 @@ class WrapFixedPoints(PassBase):
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         z = g.placeholder("z")  # one tensor, or a tuple with one entry per wormhole
+        vals = tuple(r.meta.get("val") for r in reads)
+        z.meta["val"] = vals[0] if len(vals) == 1 else vals
         for x in ext:
             env[x] = g.placeholder(x.name)
             env[x].meta["val"] = x.meta.get("val")
