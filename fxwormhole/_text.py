@@ -5,7 +5,7 @@ import os
 import traceback
 from typing import Sequence
 
-__all__ = ["text_table", "first_line", "describe_failure", "EXAMPLE_INPUTS_HINT"]
+__all__ = ["text_table", "first_line", "describe_failure", "capture_failure_message", "EXAMPLE_INPUTS_HINT"]
 
 #: what to check when running the model on its example inputs failed inside fxwormhole
 EXAMPLE_INPUTS_HINT = ("check that example_inputs are a valid call of the model (number, shapes, dtypes and devices "
@@ -53,3 +53,21 @@ def _user_frame(exc: BaseException) -> str | None:
             continue
         return f"{fr.filename}:{fr.lineno} in {fr.name}: `{(fr.line or '').strip()}`"
     return None
+
+
+_ARITY = ("missing a required argument", "too many positional arguments", "got an unexpected keyword argument")
+
+
+def capture_failure_message(model_name: str, attempts: dict[str, str]) -> str:
+    """Why no front end captured the model (``attempts``: front end -> :func:`describe_failure`) and what to do."""
+    tried = "; ".join(f"{name} failed with {why}" for name, why in attempts.items())
+    if attempts and all(any(a in why for a in _ARITY) for why in attempts.values()):
+        return (f"could not capture {model_name}: {tried}. What to do: example_inputs must hold one tensor per "
+                f"positional argument of {model_name}.forward, in order (a single tensor or a tuple).")
+    return (
+        f"could not capture {model_name}: {tried}. "
+        "What to do: remove data-dependent Python control flow from forward (an `if`/`break` on a "
+        "tensor value), e.g. use torch.where or torch.cond instead of `if`, a fixed number of loop "
+        "steps instead of `break`; or pass front_end='symbolic_trace' / front_end='export' "
+        "(CLI: --front-end) to see one front end's error alone."
+    )

@@ -11,22 +11,22 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import capture
+from .capture import capture_graph
 from .config import SALConfig
 from ._text import text_table
 from .errors import ConfigError, PlacementError
-from .passes._common import graph_meta, run_passes
-from .passes.sensitivity_annotate import ActivationSpec, SensitivityAnnotate
-from .passes.sensitivity_insert import SensitivityInsert
+from .passes._common import run_passes
+from .passes.pipeline import instrument_passes, sensitivity_passes
+from .passes.sensitivity_annotate import ActivationSpec
 from .passes.verify import PipelineCheck
-from .runtime.sensitivity import SAL, probes_of
+from .runtime.sensitivity import probes_of
 
 __all__ = ["instrument", "instrument_graph", "sensitivity_report", "SensitivityReport", "SensitivityRow", "SAL"]
 
@@ -53,10 +53,7 @@ def instrument_graph(gm: fx.GraphModule, sal: Optional[SALConfig] = None,
         activations: per-layer activation overrides (see :class:`SensitivityAnnotate`).
         check: the pipeline check to run between the passes (see :mod:`fxwormhole.passes.verify`).
     """
-    sal = _check_sal(sal)
-    gm = run_passes(gm, [SensitivityAnnotate(sal, activations), SensitivityInsert(sal)], check=check)
-    graph_meta(gm)["sensitivity"] = {"sal": sal, "probes": sorted(probes_of(gm))}
-    return gm
+    return run_passes(gm, sensitivity_passes(_check_sal(sal), activations), check=check)
 
 
 def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] = None, *,
@@ -86,9 +83,10 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
     sal = _check_sal(sal)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"instrument(model=...) expects an nn.Module, got {type(model).__name__}")
-    gm = capture(model, example_inputs, front_end=front_end)
+    captured = capture_graph(model, example_inputs, front_end=front_end)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    gm = instrument_graph(gm, sal, activations, check=PipelineCheck(inputs, verify=verify, what="instrument"))
+    gm = run_passes(captured.graph_module, instrument_passes(captured, sal, activations),
+                    check=PipelineCheck(inputs, verify=verify, what="instrument"))
     if not probes_of(gm):
         raise PlacementError(
             f"instrument: no neuron layer (Linear, ConvNd, RNN/LSTM/GRU or a cell) found as a submodule of "
@@ -152,3 +150,52 @@ def sensitivity_report(model: nn.Module) -> SensitivityReport:
             rows.append(SensitivityRow(public_name(p.layer), p.kind, p.activation, p.source, p.neurons, float(s.mean()),
                                        float(p.log_rms), float((s < p.rule.target).float().mean()), int(p.count)))
     return SensitivityReport(rows, target)
+
+
+class SAL:
+    """Handle on the probes of an instrumented model.
+
+    SAL needs no call in the training loop: its gradients enter ``.grad`` during ``loss.backward()``.
+    This object reads statistics, resets them and changes the rule between steps (a change of a
+    rule constant makes torch.compile recompile once).
+
+    Example::
+
+        model = fxwormhole.instrument(net, (x,), sal=SALConfig(eta=0.02))
+        sal = fxwormhole.SAL(model)
+        ...  # loss.backward(); opt.step()
+        print(sal.mean_s_bar(), sal.report())
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.probes = probes_of(model)
+
+    def zero_stats(self) -> None:
+        """Reset every probe's moving averages."""
+        for p in self.probes.values():
+            p.zero_stats()
+
+    def configure(self, **changes: Any) -> None:
+        """Change rule fields (``eta``, ``target``, ``two_sided``, ``log_form``, ``enabled``) of every probe."""
+        allowed = {"eta", "target", "two_sided", "log_form", "enabled"}
+        bad = set(changes) - allowed
+        if bad:
+            raise ConfigError(f"SAL.configure: unknown field(s) {sorted(bad)}: expected some of {sorted(allowed)}")
+        for p in self.probes.values():
+            p.rule = replace(p.rule, **changes)
+            if hasattr(p, "spec"):
+                p.spec = replace(p.spec, rule=p.rule)
+
+    def mean_s_bar(self) -> float:
+        """Mean ``s_bar`` over all neurons of all probes."""
+        vals = [p.s_bar.float() for p in self.probes.values()]
+        return float(torch.cat(vals).mean()) if vals else math.nan
+
+    def log_sensitivity(self) -> Dict[str, float]:
+        """Per layer: log RMS sensitivity (moving average)."""
+        return {p.layer: float(p.log_rms) for p in self.probes.values()}
+
+    def report(self) -> "SensitivityReport":
+        """A :class:`SensitivityReport` of the model."""
+        return sensitivity_report(self.model)

@@ -1,4 +1,4 @@
-"""Helpers shared by the passes: metadata access, running passes with typed errors, legalising."""
+"""Helpers shared by the passes: running passes with typed errors, legalising, shapes, side-effect-free runs."""
 from __future__ import annotations
 
 import contextlib
@@ -10,22 +10,11 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from torch.fx.passes.tools_common import stable_topological_sort
 
 from .._text import EXAMPLE_INPUTS_HINT, first_line
+from ..config import WormholeConfig
 from ..errors import FxWormholeError
+from ..runtime.wormhole import Wormhole
 
-__all__ = ["META_KEY", "node_meta", "graph_meta", "run_passes", "legalize", "value_shape", "fake_value",
-           "state_preserved"]
-
-META_KEY = "fxwormhole"
-
-
-def node_meta(node: fx.Node) -> dict[str, Any]:
-    """The toolkit's metadata dict on ``node`` (created on first use)."""
-    return node.meta.setdefault(META_KEY, {})
-
-
-def graph_meta(gm: fx.GraphModule) -> dict[str, Any]:
-    """The toolkit's metadata dict on the GraphModule (created on first use)."""
-    return gm.meta.setdefault(META_KEY, {})
+__all__ = ["run_passes", "legalize", "value_shape", "fake_value", "state_preserved", "build_wormhole"]
 
 
 def run_passes(gm: fx.GraphModule, passes: Sequence[Any], *, check: Any = None) -> fx.GraphModule:
@@ -122,3 +111,19 @@ def state_preserved(*modules: torch.nn.Module, seed: int | None = None) -> Itera
             for owner, name, b, value in saved:
                 owner._buffers[name] = b  # a forward may rebind a buffer (``self.n = self.n + 1``)
                 b.copy_(value)  # always: ATen's batch_norm updates running stats without a version bump
+
+
+def build_wormhole(src_shape: Sequence[int], dst_shape: Sequence[int], config: WormholeConfig, *, src: str, dst: str,
+                   like: torch.Tensor) -> Wormhole:
+    """The :class:`~fxwormhole.runtime.wormhole.Wormhole` a config asks for, on ``like``'s device and dtype.
+
+    The one place both placement passes (feed-forward and temporal) make wormholes: gate kind,
+    initial gate and projection, gate cap and the spectral guard all come from ``config``.
+    """
+    module = Wormhole(src_shape, dst_shape, gate=config.gate, gate_init=config.gate_init, proj_init=config.proj_init,
+                      proj_std=config.proj_std, gate_cap=config.gate_cap, src=src, dst=dst)
+    if config.spectral_norm:  # the divergence guard; a zero projection stays zero
+        from ..runtime.contraction import cap_spectral_norm
+
+        cap_spectral_norm(module.proj.map)
+    return module.to(device=like.device, dtype=like.dtype)

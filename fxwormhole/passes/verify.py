@@ -20,7 +20,7 @@ When outputs differ, :func:`first_divergence` runs both graphs node by node, des
 fixed-point bodies, and names the first node (in the original's execution order) whose value
 differs. Nodes are matched by their *origin*: the node's name in the graph before the first pass,
 stamped into its metadata by the first call and kept by every copy (fusion into a body, a probe or
-a normalised layer that takes over the node's metadata).
+a normalised layer that takes over the node's metadata): ``NodeInfo.origin``.
 """
 from __future__ import annotations
 
@@ -37,11 +37,10 @@ from torch.utils._pytree import tree_flatten
 from .._text import EXAMPLE_INPUTS_HINT, describe_failure
 from ..errors import FxWormholeError, VerificationError
 from ._common import state_preserved
+from .meta import node_info, update_node
 
-__all__ = ["PipelineCheck", "injection_closed", "first_divergence", "tolerance", "ORIGIN_KEY"]
+__all__ = ["PipelineCheck", "injection_closed", "first_divergence", "tolerance"]
 
-#: node.meta key of the node's name in the graph before the first pass
-ORIGIN_KEY = "fxwormhole_origin"
 _SEED = 0
 
 
@@ -117,7 +116,7 @@ def _leaf_difference(ref: Any, out: Any) -> tuple[float, float, float] | None:
 
 
 def _origin(node: fx.Node) -> str | None:
-    return node.meta.get(ORIGIN_KEY)
+    return node_info(node).origin
 
 
 def _fixed_point_bodies(gm: nn.Module) -> list[tuple[str, fx.GraphModule]]:
@@ -215,12 +214,10 @@ class PipelineCheck:
     def watching(self, pass_names: Sequence[str]) -> Callable[[nn.Module], None]:
         """The one-argument check for a PassManager running ``pass_names``: PassManager calls it
         before the first pass and after each pass, so the k-th call follows pass k."""
-        names = [None, *pass_names]
-        calls = iter(range(len(names) + 1))
+        after = iter([None, *pass_names])
 
         def check(gm: nn.Module) -> None:
-            k = next(calls, len(names) - 1)
-            self(gm, after=names[min(k, len(names) - 1)])
+            self(gm, after=next(after, None))
 
         return check
 
@@ -238,10 +235,10 @@ class PipelineCheck:
                     f"{self.what}: after pass {after!r}, nodes {missing[:5]} of {where or 'the graph'} have no "
                     f"meta['val'] (every pass must keep shapes on the nodes it adds); this is a defect of "
                     f"fxwormhole: please report it", pass_name=after, node=missing[0])
+        if not self.verify:
+            return
         if self.reference is None:
             self._take_reference(gm)
-            return
-        if not self.verify:
             return
         fingerprint = _fingerprint(gm)
         if fingerprint == self._fingerprint:
@@ -251,7 +248,8 @@ class PipelineCheck:
 
     def _take_reference(self, gm: fx.GraphModule) -> None:
         for node in gm.graph.nodes:
-            node.meta.setdefault(ORIGIN_KEY, node.name)
+            if node_info(node).origin is None:
+                update_node(node, origin=node.name)
         # A structural copy sharing the modules: later passes swap modules in gm, not in this copy.
         self.reference = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
         self._fingerprint = _fingerprint(gm)
