@@ -169,3 +169,35 @@ def test_instrument_verifies_too(monkeypatch):
     with pytest.raises(VerificationError, match="instrument self-check") as info:
         fw.instrument(TanhMLP(), (X,), fw.SALConfig())
     assert info.value.node == "tanh_2"
+
+
+class InPlaceScan(nn.Module):
+    """The RWKV pattern in miniature: an output buffer filled step by step in place (``out[:, t] = s``,
+    ``aten.copy_`` in the export graph), read after the loop, inside a wormhole span (post -> inp)."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.inp, self.key, self.recept = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.post, self.head = nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        k, r = self.key(h), torch.sigmoid(self.recept(h))
+        out = torch.zeros_like(k)
+        state = torch.zeros_like(k[:, 0])
+        for t in range(x.shape[1]):  # symbolic_trace cannot loop over a size: export captures it
+            state = 0.5 * state + k[:, t]
+            out[:, t] = state
+        return self.head(torch.tanh(self.post(r * out)))
+
+
+def test_a_buffer_filled_in_place_inside_a_span_is_never_silently_wrong():
+    """The defect class of the transformers RWKV model: the in-place writes are no data edges, so a
+    fusion can leave them outside the fixed point. transform must equal the original or say so."""
+    model, x = InPlaceScan().eval(), torch.randn(2, 4, 6)
+    try:
+        net = fw.transform(model, (x,), fw.WormholeConfig(wormholes=[("post", "inp")]))
+    except VerificationError as err:
+        assert err.node == "mul_4" and err.pass_name == "WrapFixedPoints"  # r * out reads the buffer
+    else:
+        torch.testing.assert_close(net(x), model(x))

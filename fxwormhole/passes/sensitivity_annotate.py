@@ -1,9 +1,9 @@
 """Annotate pass: mark every neuron layer with what its sensitivity probe needs.
 
 Writes ``NodeInfo.sensitivity`` (a :class:`~fxwormhole.passes.meta.SensitivityAnnotation`) on every
-layer ``call_module`` node (Linear,
-Conv1d/2d/3d, RNN/LSTM/GRU, their cells, and fxwormhole's explicit recurrent twins), in the graph
-and in every GraphModule nested in it (fixed-point bodies), like torchao's ``prepare_pt2e``
+layer ``call_module`` node (Linear, Conv1d/2d/3d, RNN/LSTM/GRU, their cells, and fxwormhole's
+explicit recurrent twins), in the graph and in every GraphModule nested in it (fixed-point bodies),
+like torchao's ``prepare_pt2e``
 recurses into ``while_loop`` bodies. Nothing is inserted: :class:`SensitivityInsert` materialises
 the probes from these annotations, so a plan can be inspected (and tested) without running it.
 
