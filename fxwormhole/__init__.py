@@ -28,6 +28,7 @@ from .errors import (
     FxWormholeError,
     PlacementError,
     SaveError,
+    VerificationError,
 )
 
 from .capture import capture
@@ -59,6 +60,7 @@ __all__ = [
     "ConvergenceError",
     "ExportError",
     "SaveError",
+    "VerificationError",
     "capture",
     "compile",
     "export",

@@ -25,6 +25,7 @@ import fxwormhole as fw
 from fxwormhole import zoo
 from fxwormhole.cli import main as cli_main
 from fxwormhole.errors import CaptureError, ConfigError, ExportError, FxWormholeError, PlacementError
+from helpers import assert_unchanged as _assert_unchanged, snapshot as _snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,19 +187,6 @@ INVALID_VALUES = [
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _snapshot(model: nn.Module):
-    return ({k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-            [m.training for m in model.modules()])
-
-
-def _assert_unchanged(model: nn.Module, snap) -> None:
-    state, flags = snap
-    now = model.state_dict(keep_vars=True)
-    assert list(now) == list(state), "the model gained or lost parameters or buffers"
-    for k, v in now.items():
-        assert torch.equal(v.detach(), state[k]), f"the model's {k} changed"
-    assert [m.training for m in model.modules()] == flags, "the model's training flags changed"
-
 
 def _check_message(exc: BaseException, phrase: str) -> None:
     text = str(exc)

@@ -65,6 +65,7 @@ def test_inspect_prints_front_end_table_and_spans(user_file, capsys):
 
 
 def test_inspect_factory_export_and_picture(user_file, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     pic = tmp_path / "g.png"
     rc = main(["inspect", f"{user_file}:make_net", "-i", "2x3", "--front-end", "export", "--picture", str(pic)])
     out = capsys.readouterr().out
@@ -119,6 +120,8 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path, capsys):
 
 def test_demo_command_writes_the_rewritten_graph(tmp_path):
     # The demo itself is tested in test_demo.py; here: the command runs and draws the graph.
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
     assert main(["demo", "--quick", "--out", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "graph.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -203,6 +206,7 @@ def test_display_graph_folds_transformer_and_keeps_main_column():
 
 
 def test_highlights_are_never_folded(tmp_path):
+    pytest.importorskip("matplotlib")
     m = zoo.TransformerStack().eval()
     gm = capture(m, m.example_inputs())
     inner = next(n.name for n in gm.graph.nodes if n.name.startswith("scaled_dot_product_attention"))

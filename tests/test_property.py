@@ -40,7 +40,7 @@ import fxwormhole as fw
 from fxwormhole.errors import FxWormholeError
 from fxwormhole.runtime.wormhole import Wormhole
 from fxwormhole.transformed import public_name
-from test_bad_input import _assert_unchanged, _snapshot  # the same "model untouched" check
+from helpers import assert_unchanged as _assert_unchanged, snapshot as _snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -53,13 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..compile import compile as fx_compile
-    from .bench_cmd import mean_iterations, progress
+    from .bench_cmd import mean_iterations
+    from .progress import progress
 
     inputs, net = load_for_command(args)
     t0 = time.perf_counter()
     compiled = fx_compile(net, example_inputs=inputs, backend=args.backend)
     prepared = time.perf_counter() - t0
-    for _ in progress(range(1), 1, f"compiling ({args.backend})"):
+    for _ in progress(range(1), total=1, desc=f"compiling ({args.backend})"):
         seconds, dy, dg = compare_training(net, compiled, inputs)
     iters = mean_iterations(net)
     ok = dy <= args.atol and dg <= args.atol
@@ -67,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"backend:    {args.backend} ({extra}dynamic batch)")
     print(f"compile:    {prepared + seconds:.1f} s (prepare {prepared:.1f} s, first forward+backward {seconds:.1f} s)")
     if iters is not None:
-        print(f"iterations: {iters:.1f} per sample (mean over fixed points, last compiled call)")
+        print(f"iterations: {iters:.1f} per sample (summed over fixed points, last compiled call)")
     print(f"check:      max|y - eager| = {dy:.2e}, max|grad - eager| = {dg:.2e} -> {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1

@@ -1,4 +1,4 @@
-"""``fxwormhole demo [--out DIR] [--quick]``: the end-to-end demo (see :mod:`fxwormhole.demo`)."""
+"""``fxwormhole demo [--out DIR] [--quick]``: the end-to-end demo (see :mod:`fxwormhole.cli.demo`)."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ..demo import DemoConfig, run_demo
+    from .demo import DemoConfig, run_demo
     from ..errors import ConfigError
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()

@@ -5,7 +5,8 @@ with the *same* parameter names and values (``weight_ih_l0``, ``weight_hh_l0``, 
 ``bias_hh_l0``, ``weight_hr_l0`` and their ``_reverse`` twins), the same call signature and the
 same outputs, but whose time loop is plain Python around one small cell function per step, so
 that gates are visible (:meth:`ExplicitRecurrent.step`, :meth:`ExplicitRecurrent.gate_preactivations`)
-and a per-step fixed point can be put inside it (:func:`add_temporal_wormhole`).
+and a per-step fixed point can be put inside it (:func:`attach_temporal_runtime`; placement:
+:func:`fxwormhole.passes.temporal_wormhole.add_temporal_wormhole`).
 
 Gate order (rows of ``weight_ih`` / ``weight_hh`` / biases, as in PyTorch):
 
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 
 from ..config import WormholeConfig
 from ..errors import ConfigError, PlacementError
+from .gates import RECURRENT_LAYOUTS
 from .wormhole import Wormhole
 
 __all__ = [
@@ -50,17 +52,13 @@ __all__ = [
     "explicit_from_module",
     "add_temporal_wormhole",
     "resolve_temporal_pairs",
+    "attach_temporal_runtime",
     "layer_name",
 ]
 
 State = Tuple[Tensor, ...]  # (h,) for RNN/GRU, (h, c) for LSTM
 
-GATE_ORDER: Dict[str, Tuple[str, ...]] = {
-    "LSTM": ("i", "f", "g", "o"),
-    "GRU": ("r", "z", "n"),
-    "RNN_TANH": ("h",),
-    "RNN_RELU": ("h",),
-}
+GATE_ORDER: Dict[str, Tuple[str, ...]] = {mode: layout.gates for mode, layout in RECURRENT_LAYOUTS.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +98,7 @@ _CELLS: Dict[str, Callable[..., State]] = {
     "RNN_TANH": _rnn_tanh_cell,
     "RNN_RELU": _rnn_relu_cell,
 }
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_GATES = {mode: len(layout.gates) for mode, layout in RECURRENT_LAYOUTS.items()}
 
 
 @torch.compiler.disable
@@ -562,108 +560,30 @@ class TemporalStats:
         return out
 
 
-def resolve_temporal_pairs(rnn: ExplicitRecurrent, wormholes: Union[str, Sequence[Tuple[str, str]]],
-                           path: str = "") -> Tuple[Tuple[int, int], ...]:
-    """Turn ``WormholeConfig.wormholes`` into ``(src_layer, dst_layer)`` index pairs for ``rnn``.
+def attach_temporal_runtime(rnn: ExplicitRecurrent, pairs: Sequence[Tuple[int, int]], wormholes: Sequence[Wormhole],
+                            config: WormholeConfig, *, where: str = "") -> None:
+    """Give ``rnn`` (in place) the runtime of temporal wormholes: ``pairs[k] = (src_layer, dst_layer)``
+    carried by ``wormholes[k]`` (``[1, H] -> [1, size of dst_layer's input]``), one fixed point per step.
 
-    * ``"auto"``: top layer -> bottom layer, ``(L-1, 0)`` (``(0, 0)`` for one layer).
-    * ``"every:K"``: one wormhole per block of K layers, from its top layer to its bottom layer:
-      ``(min(i+K-1, L-1), i)`` for ``i = 0, K, 2K, ...``.
-    * explicit pairs of names ``"layer<k>"`` (``layer0`` = bottom), optionally prefixed with the
-      module path (``"encoder.rnn.layer1"``). ``src >= dst`` (the edge goes back down the stack).
-      Pairs naming no layer of this module are skipped (another pass may place them); a pair with
-      only one end in this module raises :class:`PlacementError`.
-    """
-    L = rnn.num_layers
-    if wormholes == "auto":
-        return ((L - 1, 0),)
-    if isinstance(wormholes, str) and wormholes.startswith("every:"):
-        k = int(wormholes[6:])
-        return tuple((min(i + k - 1, L - 1), i) for i in range(0, L, k))
-    out = []
-    for src, dst in wormholes:
-        a, b = _layer_index(src, path, L), _layer_index(dst, path, L)
-        if a is None and b is None:
-            continue
-        where = path or type(rnn).__name__
-        if a is None or b is None:
-            raise PlacementError(f"temporal wormhole ({src!r}, {dst!r}) at {where}: both ends must name layers "
-                                 f"of the same recurrent module ('layer0'..'layer{L - 1}', optionally prefixed "
-                                 f"with '{path}.'); a wormhole between a recurrent layer and another module is not supported")
-        if a < b:
-            raise PlacementError(f"temporal wormhole ({src!r}, {dst!r}) at {where}: src must be at or above dst "
-                                 "in the stack (the edge goes back to an earlier layer); swap the pair")
-        out.append((a, b))
-    return tuple(out)
-
-
-def _layer_index(name: str, path: str, L: int) -> Optional[int]:
-    prefix = f"{path}." if path else ""
-    if prefix and name.startswith(prefix):
-        name = name[len(prefix):]
-    elif "." in name:
-        return None
-    if not (name.startswith("layer") and name[5:].isdigit()):
-        return None
-    k = int(name[5:])
-    if k >= L:
-        raise PlacementError(f"temporal wormhole end {name!r} at {path or 'the recurrent module'}: the stack has "
-                             f"layers 'layer0'..'layer{L - 1}'")
-    return k
-
-
-def add_temporal_wormhole(module: nn.Module, config: WormholeConfig = WormholeConfig(), *,
-                          pairs: Optional[Sequence[Tuple[int, int]]] = None, path: str = "",
-                          inplace: bool = False) -> ExplicitRecurrent:
-    """Give a recurrent module per-step fixed points with temporal wormholes.
-
-    Args:
-        module: an :class:`ExplicitRecurrent` or an ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (converted).
-        config: gate kind and init, projection init, solver, gradient mode, failure policy; its
-            ``wormholes`` field selects the pairs (see :func:`resolve_temporal_pairs`).
-        pairs: ``(src_layer, dst_layer)`` indices overriding ``config.wormholes``.
-        path: the module's path in its model (for error messages and prefixed pair names).
-        inplace: modify ``module`` (an explicit module) instead of a deep copy.
-
-    Returns the explicit module with wormholes; its ``stats`` gives per-step iteration counts.
+    Placement (which pairs, validation, building the wormholes from the config) is the temporal pass's
+    job: :func:`fxwormhole.passes.temporal_wormhole.add_temporal_wormhole`.
     """
     from .fixed_point import FixedPoint  # imported here: the runtime is optional until used
 
-    import copy
-
-    if isinstance(module, ExplicitRecurrent):
-        rnn = module if inplace else copy.deepcopy(module)
-    else:
-        rnn = explicit_from_module(module)
-    where = path or type(rnn).__name__
-    if rnn._temporal is not None:
-        raise PlacementError(f"{where} already has temporal wormholes {rnn.temporal_pairs}")
-    if rnn.bidirectional:
-        raise PlacementError(f"temporal wormholes at {where}: a bidirectional stack has no per-step order "
-                             "(the reverse direction needs future inputs); use bidirectional=False")
-    idx = tuple(pairs) if pairs is not None else resolve_temporal_pairs(rnn, config.wormholes, path)
-    if not idx:
-        raise PlacementError(f"temporal wormholes at {where}: config.wormholes={config.wormholes!r} names no "
-                             f"layer of this module (layers are 'layer0'..'layer{rnn.num_layers - 1}')")
-    for a, b in idx:
-        if not (0 <= b <= a < rnn.num_layers):
-            raise PlacementError(f"temporal wormhole ({a}, {b}) at {where}: need 0 <= dst <= src < {rnn.num_layers}")
-    ref = next(rnn.parameters())
-    h, dst_sizes = rnn.real_hidden_size, [rnn.input_size if b == 0 else rnn.real_hidden_size for _, b in idx]
-    rnn.temporal_wormholes = nn.ModuleDict({
-        f"{layer_name(a)}_to_{layer_name(b)}": Wormhole(
-            (1, h), (1, size), gate=config.gate, gate_init=config.gate_init, proj_init=config.proj_init,
-            proj_std=config.proj_std, gate_cap=config.gate_cap, src=layer_name(a), dst=layer_name(b),
-        ).to(device=ref.device, dtype=ref.dtype)
-        for (a, b), size in zip(idx, dst_sizes)
-    })
-    if config.spectral_norm:  # the same divergence guard as feed-forward wormholes (zero stays zero)
-        from .contraction import cap_spectral_norm
-        for wormhole in rnn.temporal_wormholes.values():
-            cap_spectral_norm(wormhole.proj.map)
+    idx = tuple(pairs)
+    dst_sizes = [int(w.dst_shape[-1]) for w in wormholes]
+    rnn.temporal_wormholes = nn.ModuleDict({f"{layer_name(a)}_to_{layer_name(b)}": w for (a, b), w in zip(idx, wormholes)})
     body = _StackBody(rnn, [b for _, b in idx], dst_sizes)
     feedback = _WormholeFeedback(rnn.temporal_wormholes, [a for a, _ in idx])
     fp = FixedPoint(body, feedback, solver=config.solver, grad=config.grad, on_fail=config.on_fail,
-                    name=f"temporal:{where}")
+                    name=f"temporal:{where or type(rnn).__name__}")
     rnn._temporal = _Temporal(tuple((layer_name(a), layer_name(b)) for a, b in idx), fp, body, dst_sizes)
-    return rnn
+
+
+def __getattr__(name: str) -> Any:
+    # Placement moved to the temporal pass; these public names stay importable from here.
+    if name in ("add_temporal_wormhole", "resolve_temporal_pairs"):
+        from ..passes import temporal_wormhole
+
+        return getattr(temporal_wormhole, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
