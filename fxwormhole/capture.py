@@ -195,9 +195,10 @@ def refuse_rewritten(model: nn.Module) -> None:
                 f"fxwormhole cannot rewrite it: run it as it is, or {original} and export that")
         if isinstance(m, TransformedModule) or (isinstance(m, ExplicitRecurrent) and m.temporal_pairs):
             holds = ", ".join(cycles(m)[:3]) or "wormholes"
+            by = "fxwormhole.transform" if isinstance(m, TransformedModule) else "fxwormhole's add_temporal_wormhole"
             raise ConfigError(
-                f"{where(path)} is already transformed by fxwormhole.transform (it holds {holds}); fxwormhole does "
-                f"not rewrite its own output: {original}")
+                f"{where(path)} is already transformed by {by} (it holds {holds}); fxwormhole does not rewrite its "
+                f"own output: {original}")
         if isinstance(m, FixedPoint):
             raise ConfigError(
                 f"{where(path)} is an fxwormhole FixedPoint; neither front end can trace the solve loop of a fixed "
@@ -205,7 +206,8 @@ def refuse_rewritten(model: nn.Module) -> None:
                 f"(a wormhole from the layer that feeds back to the layer it feeds)")
         if isinstance(m, NeuronProbe):
             owner = path.rpartition(".")[0]
-            probes = [p for p, q in model.named_modules() if isinstance(q, NeuronProbe) and p.startswith(owner)]
+            inside = f"{owner}." if owner else ""
+            probes = [p for p, q in model.named_modules() if isinstance(q, NeuronProbe) and p.startswith(inside)]
             raise ConfigError(
                 f"{where(owner)} is already instrumented by fxwormhole.instrument (sensitivity probes at "
                 f"{', '.join(probes[:3])}{', ...' if len(probes) > 3 else ''}); to change the SAL settings use "

@@ -166,6 +166,13 @@ class HandBuiltDEQ(nn.Module):
         return self.head(self.deq(h) + h)
 
 
+def _with_temporal_wormholes() -> nn.Module:
+    """A user model whose LSTM was given temporal wormholes by hand (not by ``transform``)."""
+    model = TinyLSTM()
+    model.rnn = fw.passes.temporal_wormhole.add_temporal_wormhole(model.rnn, fw.WormholeConfig(wormholes="auto"))
+    return model
+
+
 # (id, build the model (fixture getter) -> model, call(model, front_end), phrases: what, where, what to do)
 REWRITTEN = [
     ("transform of a transformed model", lambda t: fw.transform(TinyMLP(), (X,)),
@@ -175,6 +182,10 @@ REWRITTEN = [
     ("transform of a transformed recurrent model", lambda t: _lstm_net(),
      lambda m, fe: fw.transform(m, (SEQ,), front_end=fe),
      ["already transformed by fxwormhole.transform", "rnn", "transform the original model"]),
+    ("transform of a model whose LSTM has temporal wormholes", lambda t: _with_temporal_wormholes(),
+     lambda m, fe: fw.transform(m, (SEQ,), front_end=fe),
+     ["submodule 'rnn' of TinyLSTM is already transformed by fxwormhole's add_temporal_wormhole",
+      "transform the original model"]),
     ("transform of a model that holds a transformed one", lambda t: Around(fw.transform(TinyMLP(), (X,))),
      lambda m, fe: fw.transform(m, (X,), front_end=fe),
      ["submodule 'inner' of Around is already transformed", "transform the original model"]),
