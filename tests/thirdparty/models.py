@@ -149,13 +149,24 @@ def rwkv() -> Built:
     return RwkvModel(cfg), (_ids(BATCH, SEQ, VOCAB),)
 
 
-@_seeded
-def mamba() -> Built:
+def _mamba(use_cache: bool | None) -> Built:
     from transformers import MambaConfig, MambaModel
 
+    kw = {} if use_cache is None else {"use_cache": use_cache}
     cfg = MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
-                      conv_kernel=4)
+                      conv_kernel=4, **kw)
     return MambaModel(cfg), (_ids(BATCH, SEQ, VOCAB),)
+
+
+@_seeded
+def mamba() -> Built:
+    """MambaModel with the default config (use_cache=True: returns a cache object)."""
+    return _mamba(None)
+
+
+@_seeded
+def mamba_no_cache() -> Built:
+    return _mamba(False)
 
 
 @_seeded
@@ -561,54 +572,80 @@ def lstm_cell_loop() -> Built:
     return LSTMCellLoop(), (_randn(BATCH, 5, 4),)
 
 
-class MinGPTBlock(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, block_size: int) -> None:
+class NewGELU(nn.Module):
+    """minGPT's GELU (the tanh approximation written out)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class CausalSelfAttention(nn.Module):
+    """minGPT's attention: one c_attn projection, a registered causal ``bias`` buffer, masked_fill."""
+
+    def __init__(self, n_embd: int, n_head: int, block_size: int, pdrop: float) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd)
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)
         self.c_proj = nn.Linear(n_embd, n_embd)
-        self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp_fc = nn.Linear(n_embd, 4 * n_embd)
-        self.mlp_proj = nn.Linear(4 * n_embd, n_embd)
-        self.n_head = n_head
+        self.attn_dropout = nn.Dropout(pdrop)
+        self.resid_dropout = nn.Dropout(pdrop)
         self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+        self.n_head, self.n_embd = n_head, n_embd
 
-    def attn(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
-        att = F.softmax(att, dim=-1)
+        att = self.attn_dropout(F.softmax(att, dim=-1))
         y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MinGPTBlock(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, block_size: int, pdrop: float) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, block_size, pdrop)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(n_embd, 4 * n_embd), c_proj=nn.Linear(4 * n_embd, n_embd),
+                                      act=NewGELU(), dropout=nn.Dropout(pdrop)))
+        m = self.mlp
+        self.mlpf = lambda x: m.dropout(m.c_proj(m.act(m.c_fc(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp_proj(F.gelu(self.mlp_fc(self.ln_2(x))))
+        return x + self.mlpf(self.ln_2(x))
 
 
 class MinGPT(nn.Module):
-    """karpathy/minGPT's ``GPT`` shape: token + position embeddings, blocks with a registered causal
-    ``bias`` buffer and ``masked_fill``, final LayerNorm, LM head; ``forward(idx)`` returns logits."""
+    """karpathy/minGPT's ``GPT``: token + position embeddings, blocks with a causal ``bias``
+    buffer, final LayerNorm, LM head; ``forward(idx, targets=None)`` returns ``(logits, loss)``."""
 
-    def __init__(self, vocab: int = VOCAB, block_size: int = 16, n_embd: int = 32, n_head: int = 2, n_layer: int = 2):
+    def __init__(self, vocab: int = VOCAB, block_size: int = 16, n_embd: int = 32, n_head: int = 2,
+                 n_layer: int = 2, pdrop: float = 0.1) -> None:
         super().__init__()
-        self.wte = nn.Embedding(vocab, n_embd)
-        self.wpe = nn.Embedding(block_size, n_embd)
-        self.h = nn.ModuleList(MinGPTBlock(n_embd, n_head, block_size) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
+        self.block_size = block_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, n_embd), wpe=nn.Embedding(block_size, n_embd), drop=nn.Dropout(pdrop),
+            h=nn.ModuleList(MinGPTBlock(n_embd, n_head, block_size, pdrop) for _ in range(n_layer)),
+            ln_f=nn.LayerNorm(n_embd)))
         self.lm_head = nn.Linear(n_embd, vocab, bias=False)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.size(1)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        b, t = idx.size()
+        assert t <= self.block_size, f"Cannot forward sequence of length {t}, block size is only {self.block_size}"
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device).unsqueeze(0)
-        x = self.wte(idx) + self.wpe(pos)
-        for block in self.h:
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
 
 
 @_seeded
@@ -632,6 +669,7 @@ _SPECS = [
     ModelSpec("vit", "transformers", vit, "ViTModel at 16x16, patch 4"),
     ModelSpec("rwkv", "transformers", rwkv, "RwkvModel: WKV recurrence unrolled in Python"),
     ModelSpec("mamba", "transformers", mamba, "MambaModel: selective scan (slow path), causal conv1d"),
+    ModelSpec("mamba_no_cache", "transformers", mamba_no_cache, "MambaModel with use_cache=False"),
     ModelSpec("hf_resnet", "transformers", hf_resnet, "ResNetModel: BatchNorm (eval), basic blocks"),
     ModelSpec("tv_resnet18", "torchvision", tv_resnet18, "torchvision resnet18 at 32x32",
               other_size=lambda: (_randn(BATCH, 3, 48, 48, seed=7),)),
