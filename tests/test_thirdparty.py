@@ -85,7 +85,7 @@ _known("rwkv", "compile_infer", f"{C1}: compiled differs from eager")
 _known("rwkv", "export_onnx", f"{C1}: ONNX differs from eager")
 _known("rwkv", "train", f"{_INPLACE} (RWKV's state updates)")
 _known("rwkv", "compile_train", f"{C5}: untyped 'leaf Variable ... in-place operation'")
-for _m in ("bert", "t5_encoder", "mnist_cnn", "mnist_cnn_batch1"):
+for _m in ("bert", "t5_encoder", "mnist_cnn", "mnist_cnn_batch1", "mingpt"):
     _known(_m, "train", _DROPOUT)
 _known("tv_resnet18", "train", "issue 16, new: BatchNorm in training mode makes the open-gate map non-contractive")
 _known("tv_mobilenet_v3_small", "train", f"{_INPLACE} (inplace Hardswish/Dropout after the source layer)")
@@ -93,11 +93,18 @@ for _m in ("hf_resnet", "tv_resnet18", "tv_mobilenet_v3_small", "dcgan_discrimin
     _known(_m, "compile_infer", _BN_EVAL)
     _known(_m, "compile_train", _BN_EVAL)
 _known("t5_encoder", "export_onnx", f"{C6}: ONNX decomposition fails at modeling_t5.py reshape(*input_shape, -1)")
-_known("fast_neural_style", "compile_train", f"{C5}: compiled gradients differ from eager by 2e-3 (eager Anderson is off too)")
 for _m in ("mnist_cnn_batch1",):
     _known(_m, "export_pt2", _BATCH1)
     _known(_m, "export_onnx", _BATCH1)
+_ALIAS = "two fixed-point inputs alias (rotary cos/sin views); torch.while_loop refuses aliasing inputs"
+_known("llama_no_cache", "compile_infer", f"{C5}: untyped UncapturedHigherOrderOpError: {_ALIAS}")
+_known("llama_no_cache", "compile_train", f"{C5}: untyped UncapturedHigherOrderOpError: {_ALIAS}")
+_known("llama_no_cache", "export_pt2", f"{C6}: {_ALIAS}; the message blames aten.to.dtype")
+_known("llama_no_cache", "export_onnx", f"{C6}: {_ALIAS}; the message blames aten.to.dtype")
+_known("llama_no_cache", "train", "issue 16, new: the open-gate map is not contractive (RMSNorm): solves hit max_iter")
+_known("mamba_no_cache", "compile_train", f"{C5}: untyped dynamo Unsupported 'torch.* op returned non-Tensor'")
 _known("bert", "other_size", f"{C7}: export capture guards the sequence length")
+_known("mingpt", "other_size", f"{C7}: export capture guards the sequence length")
 _known("tv_resnet18", "other_size", f"{C7}: the fixed-point state is sized at capture")
 _known("any_size_cnn", "other_size", f"{C7}: the fixed-point state is sized at capture")
 _known("lstm_cell_loop", "transform", f"{C7}: 'auto' picks (cell, cell) whose output is the (h, c) tuple")
@@ -128,6 +135,40 @@ def _cases():
 def test_model_step(model, step):
     """The step passes its check against the reference (see tests/thirdparty/steps.py)."""
     steps.run_step(model, step)
+
+
+# ------------------------------------------------------------------------------------------------
+# eager implicit gradients against a float64 reference
+
+
+def _open_gate_gradients(name: str, dtype: torch.dtype, solver: str, grad, tol: float, max_iter: int):
+    model, inputs = models.build(name)
+    model = model.to(dtype)
+    inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+    torch.manual_seed(0)  # the same random projections in every variant
+    cfg = fw.WormholeConfig(gate_init=0.0, proj_init="normal", proj_std=0.01, grad=grad,
+                            solver=fw.SolverConfig(name=solver, tol=tol, max_iter=max_iter))
+    net = fw.transform(model, inputs, cfg).eval()
+    steps._loss(net(*inputs)).backward()
+    return {n: p.grad.double() for n, p in net.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, solver", [
+    ("super_resolution", "anderson"), ("fast_neural_style", "picard"),
+    pytest.param("fast_neural_style", "anderson", marks=pytest.mark.xfail(strict=True, reason=(
+        "issue 16, new: float32 implicit gradients after an Anderson forward solve are off by ~0.1 of the "
+        "largest gradient on this model (Picard: 2.5e-5; float64 Anderson: 2.6e-5)"))),
+])
+def test_eager_implicit_gradients_match_a_float64_unrolled_reference(name, solver):
+    """Open gates, eval mode: float32 implicit gradients within 1e-3 of the largest gradient of
+    float64 back-propagation through a fixed point solved to 1e-13."""
+    reference = _open_gate_gradients(name, torch.float64, "picard", "unrolled", 1e-13, 300)
+    got = _open_gate_gradients(name, torch.float32, solver, "implicit", 1e-5, 50)
+    scale = max(float(g.abs().max()) for g in reference.values())
+    assert set(got) == set(reference)
+    worst = max(float((got[k] - reference[k]).abs().max()) for k in reference) / scale
+    assert worst < 1e-3
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ References:
 
 * ``capture``, ``transform``/``equals``, ``instrument``, ``other_size``: the original model's outputs
   on the same inputs (tolerance :data:`RTOL`, relative to the largest output magnitude);
-* ``train``: the solver's own residuals (forward and adjoint converged), finite gradients that reach
-  every wormhole parameter, finite outputs after an optimizer step;
+* ``train``: each fixed-point body is a function of its arguments (two evaluations at the last
+  point agree), the solver's own residuals (forward and adjoint converged, more than one iteration),
+  finite gradients that reach every wormhole parameter, finite outputs after an optimizer step;
 * ``compile_*`` and ``export_*``: the eager transformed model with open gates (the loop really
   iterates), tolerance :data:`RTOL_COMPILED`; gradients compiled vs eager for ``compile_train``.
 """
@@ -156,6 +157,30 @@ def _loss(out: Any) -> Tensor:
     return sum(t.float().pow(2).mean() for t in floats)
 
 
+def _record_body_calls(net: nn.Module) -> dict[str, tuple]:
+    """Remember the arguments of the last call of every fixed point's body."""
+    seen: dict[str, tuple] = {}
+    for path, fp in net.fixed_point_modules().items():
+        def hook(module, args, out, path=path):
+            seen[path] = tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args)
+        fp.body.register_forward_hook(hook)
+    return seen
+
+
+def _check_deterministic_bodies(net: nn.Module, seen: dict[str, tuple]) -> None:
+    """A fixed point is only defined if the body is a function of its arguments: evaluate each body
+    twice at its last point. (With dropout in train mode every evaluation draws new masks, so a
+    solve that "converges" does so only when the noise happens to fall below tol.)"""
+    for path, args in seen.items():
+        body = net.fixed_point_modules()[path].body
+        with torch.no_grad():
+            first, second = body(*args), body(*args)
+        err = max_rel(second, first)
+        if err > RTOL:
+            raise Mismatch(f"{path}: the body is not deterministic in train mode: two evaluations at the same point "
+                           f"differ by {err:.2g} (relative), e.g. dropout draws new masks at every iteration")
+
+
 def step_train(name: str) -> str:
     from fxwormhole.runtime.stats import CONVERGED
 
@@ -165,7 +190,9 @@ def step_train(name: str) -> str:
     if not params:
         raise Mismatch("the transformed model has no wormhole parameters")
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    seen = _record_body_calls(net)
     out = _call(net, inputs, grad=True)
+    _check_deterministic_bodies(net, seen)
     loss = _loss(out)
     loss.backward()
     stats = _all_stats(net)
@@ -232,9 +259,11 @@ def step_compile_train(name: str) -> str:
     detail = _check_close(out, eager_out, RTOL_COMPILED, "compiled forward vs eager")
     if set(compiled) != set(eager):
         raise Mismatch(f"gradients of {sorted(set(eager) ^ set(compiled))[:3]} only on one side")
-    # A gradient that is zero in exact arithmetic (a key bias under softmax) is rounding noise on
-    # both sides: errors are relative to each gradient's size, but never to less than 1e-4 of the largest.
-    floor = 1e-4 * max((float(g.abs().max()) for g in eager.values()), default=0.0)
+    # Errors are relative to each gradient's size, but never to less than 1e-2 of the largest: the
+    # solves stop at tol 1e-5 (forward) / 1e-6 (adjoint), so eager float32 gradients are themselves
+    # only good to ~1e-5 of the largest (ViT: 1.8e-6 against a float64 reference), and a gradient
+    # that is zero in exact arithmetic (a key bias under softmax) is pure rounding noise.
+    floor = 1e-2 * max((float(g.abs().max()) for g in eager.values()), default=0.0)
     worst = max((float((compiled[k] - eager[k]).abs().max()) / max(float(eager[k].abs().max()), floor, 1e-30)
                  for k in eager), default=0.0)
     if not worst <= 1e-3:
@@ -292,5 +321,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
 
 
 def run_step(name: str, step: str) -> str:
-    """Run one step on one model (see the module docstring for what it returns and raises)."""
-    return STEPS[step](name)
+    """Run one step on one model (see the module docstring for what it returns and raises).
+
+    The random stream is seeded (random projections, dropout), so the bench and the tests see the
+    same numbers; the caller's stream is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return STEPS[step](name)
