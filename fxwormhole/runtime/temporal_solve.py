@@ -1,0 +1,221 @@
+"""The per-step solve loop of the temporal runtime: per-sample halting at one or two host syncs.
+
+It follows the library's solve schedule (``docs/fixed_point.md``): evaluation ``k = 1`` is always
+checked, then every ``check_every``-th and the ``max_iter``-th; a sample finishes at the first check
+where its residual ``r <= tol`` (converged), ``r`` is not finite, ``r > divergence_factor *
+min(r so far)`` (diverged) or ``k = max_iter``; its answer is the iterate at which the map was
+evaluated, with that evaluation's intermediates. The status code of a finished sample is a
+function of its last ``(r, min r)``, so the caller forms all codes of a sequence in one go.
+
+What is lean about it:
+
+* **No set-up per call.** The map is an object the caller resets per step (:class:`StepMap`).
+* **Deferred checks.** A check computes the per-sample ``pending`` flags on the device but does not
+  read them back. The loop reads them (one host sync) only from evaluation ``sync_from`` on, which
+  the caller sets from the previous step's count, so a step that needs as many evaluations as the
+  one before it costs one or two syncs. When a read shows that some samples finished at an
+  earlier, deferred check, their answers are taken from that check's evaluation (kept by
+  reference), so deferring changes no result.
+* **Nothing is copied when the whole batch finishes together** (the usual case): the answer is
+  the finishing evaluation's own tensors. Only when samples finish at different checks are the
+  finished rows written into full-batch holders.
+* **Per-sample halting that saves compute.** With ``compact=True`` (the forward solve under
+  ``halting="sample"``), finished samples are indexed out of the active set and the map's
+  per-step constants are compacted with them. Otherwise (the adjoint; ``halting="batch"``)
+  finished samples are frozen with ``torch.where``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["LoopSpec", "StepMap", "StepResult", "solve_step", "status_codes"]
+
+# Same codes as fxwormhole.runtime.stats (a larger code is a worse outcome).
+CONVERGED, MAX_ITER, DIVERGED, NON_FINITE = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Stopping rule and solver of one kind of solve (forward or adjoint)."""
+
+    tol: float
+    max_iter: int
+    check_every: int
+    factor: float  # divergence_factor
+    batch_halt: bool
+    compact: bool
+    damping: float = 1.0  # picard: 1.0; damped: the relaxation factor
+    solver: Any = None  # a FixedPointSolver for anything but picard/damped, else None
+
+
+class StepMap:
+    """Interface of the map one step iterates (see ``temporal.py`` for the two implementations)."""
+
+    def evaluate(self, x: Optional[Tensor]) -> Tuple[Tuple[Tensor, ...], Tensor]:
+        """``(aux, f(x))``; ``x = None`` stands for the zero iterate."""
+        raise NotImplementedError
+
+    def residual(self, x: Optional[Tensor], fx: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def compact(self, keep: Tensor) -> None:
+        """Keep only the rows ``keep`` (indices into the current active set) of the constants."""
+        raise NotImplementedError
+
+
+@dataclass
+class StepResult:
+    """Answer of one step's solve, per sample (full batch)."""
+
+    x: Optional[Tensor]  # the evaluated iterate (None: the zero iterate)
+    aux: Tuple[Tensor, ...]
+    iterations: Any  # int when every sample used the same count, else an int64 [B] tensor
+    residual: Tensor
+    best: Tensor  # min residual seen (for the status code)
+    evaluations: int  # evaluations the slowest sample used (host int)
+
+
+def status_codes(r: Tensor, best: Tensor, factor: float, tol: float) -> Tensor:
+    """Status code per sample from its last residual and the smallest residual it had."""
+    status = torch.full_like(r, MAX_ITER, dtype=torch.int8)
+    status = torch.where(r > factor * best, torch.full_like(status, DIVERGED), status)
+    status = torch.where(r <= tol, torch.full_like(status, CONVERGED), status)
+    return torch.where(torch.isfinite(r), status, torch.full_like(status, NON_FINITE))
+
+
+class _Holder:
+    """Full-batch answers, filled row by row when samples finish at different checks."""
+
+    def __init__(self, B: int, x: Optional[Tensor], fx: Tensor, aux: Tuple[Tensor, ...], r: Tensor) -> None:
+        self.x = fx.new_zeros((B,) + fx.shape[1:])
+        self.aux = tuple(a.new_empty((B,) + a.shape[1:]) for a in aux)
+        self.iters = torch.zeros(B, dtype=torch.int64, device=r.device)
+        self.res = r.new_empty(B)
+        self.best = r.new_empty(B)
+
+    def write(self, rows: Optional[Tensor], fin: Tensor, k: int, x: Optional[Tensor], aux, r: Tensor, best: Tensor) -> None:
+        g = fin if rows is None else rows[fin]
+        if x is not None:
+            self.x[g] = x[fin]
+        for buf, a in zip(self.aux, aux):
+            buf[g] = a[fin]
+        self.iters[g] = k
+        self.res[g] = r[fin]
+        self.best[g] = best[fin]
+
+
+def _advance(spec: LoopSpec, state, x: Optional[Tensor], fx: Tensor, live: Optional[Tensor]):
+    """One solver step; frozen rows (``live`` False) keep their iterate and state."""
+    if spec.solver is not None:
+        x0 = torch.zeros_like(fx) if x is None else x
+        if state is None:
+            state = spec.solver.init(x0)
+        new, new_state = spec.solver.step(state, x0, fx)
+        if live is not None:
+            new_state = tuple(torch.where(live.view((-1,) + (1,) * (s.dim() - 1)), n, s) for n, s in zip(new_state, state))
+    else:
+        new_state = None
+        if spec.damping == 1.0:
+            new = fx
+        else:
+            new = fx * spec.damping if x is None else torch.lerp(x, fx, spec.damping)
+    if live is not None:
+        new = torch.where(live.unsqueeze(1), new, torch.zeros_like(new) if x is None else x)
+    return new, new_state
+
+
+def solve_step(m: StepMap, x0: Optional[Tensor], B: int, spec: LoopSpec, sync_from: int = 1) -> StepResult:
+    """Solve one step's fixed point ``x = f(x)`` from ``x0`` (None: zero) for a batch of ``B``.
+
+    ``sync_from``: the first evaluation whose check is read back (earlier checks are deferred).
+    """
+    x, state = x0, None
+    best: Optional[Tensor] = None
+    rows: Optional[Tensor] = None  # global row of each active row once compacted (None: identity)
+    live: Optional[Tensor] = None  # masked mode: rows still iterating (None: all)
+    hold: Optional[_Holder] = None
+    entries: List[tuple] = []  # deferred checks: (k, x, aux, r, best, pending)
+    k = 0
+    while True:
+        aux, fx = m.evaluate(x)
+        k += 1
+        last = k >= spec.max_iter
+        if last or (k - 1) % spec.check_every == 0:
+            r = m.residual(x, fx)
+            best = r if best is None else torch.fmin(best, r)
+            pending = (r > spec.tol).logical_and_(r <= best * spec.factor)
+            if live is not None:
+                pending.logical_or_(~live)
+            entries.append((k, x, aux, r, best, pending))
+            if last or k >= sync_from:
+                outcome = _settle(entries, last, spec, rows, live, hold, B, fx)
+                entries = []
+                if outcome is not None:
+                    if isinstance(outcome, tuple):  # every sample finished at one check, none before
+                        kf, xf, auxf, rf, bf, _ = outcome
+                        return StepResult(xf, auxf, kf, rf, bf, k)
+                    hold, alive = outcome.hold, outcome.alive
+                    if alive is None:
+                        return StepResult(hold.x, hold.aux, hold.iters, hold.res, hold.best, k)
+                    if spec.compact:
+                        keep = alive.nonzero().squeeze(1)
+                        rows = keep if rows is None else rows[keep]
+                        x = None if x is None else x[keep]
+                        fx, best = fx[keep], best[keep]
+                        state = None if state is None else tuple(s[keep] for s in state)
+                        m.compact(keep)
+                    else:
+                        live = alive
+        x, state = _advance(spec, state, x, fx, live)
+
+
+@dataclass
+class _Partial:
+    hold: _Holder
+    alive: Optional[Tensor]  # active rows still iterating (None: none)
+
+
+def _settle(entries, last: bool, spec: LoopSpec, rows, live, hold, B: int, fx: Tensor):
+    """Read the deferred checks back (one host sync) and record the samples that finished.
+
+    Returns None (every active sample still pending), the finishing entry when every sample
+    finished at one check and none before, or a :class:`_Partial`.
+    """
+    b = fx.shape[0]
+    acc = [entries[0][-1]]
+    for e in entries[1:]:
+        acc.append(acc[-1] & e[-1])
+    counts = [int(acc[0].sum())] if len(acc) == 1 else torch.stack([a.sum() for a in acc]).tolist()
+    first = next((i for i, c in enumerate(counts) if c < b), None)
+    if first is None:
+        if not last:
+            return None
+        first = len(entries) - 1
+    together = counts[first] == 0 or (last and first == len(entries) - 1)
+    if together and hold is None and live is None:
+        return entries[first]
+    # Samples finish at different checks: write them row by row (rare; extra syncs are fine here).
+    alive = torch.ones(b, dtype=torch.bool, device=fx.device) if live is None else live.clone()
+    for i in range(first, len(entries)):
+        k, x, aux, r, best, pending = entries[i]
+        final = last and i == len(entries) - 1
+        if spec.batch_halt:
+            codes = status_codes(r, best, spec.factor, spec.tol)
+            failed = alive & (codes != CONVERGED) & (codes != MAX_ITER)
+            all_done = final or bool(((codes == CONVERGED) | failed | ~alive).all())
+            fin = alive.clone() if all_done else failed
+        else:
+            fin = alive.clone() if final else alive & ~pending
+        if not bool(fin.any()):
+            continue
+        if hold is None:
+            hold = _Holder(B, x, fx, aux, r)
+        hold.write(rows, fin, k, x, aux, r, best)
+        alive &= ~fin
+        if not bool(alive.any()):
+            return _Partial(hold, None)
+    return _Partial(hold, alive)
