@@ -179,6 +179,11 @@ class _Partial:
     alive: Optional[Tensor]  # active rows still iterating (None: none)
 
 
+def _read_counts(acc: List[Tensor]) -> List[int]:
+    """Pending samples after each deferred check: the loop's one host sync."""
+    return [int(acc[0].sum())] if len(acc) == 1 else torch.stack([a.sum() for a in acc]).tolist()
+
+
 def _settle(entries, last: bool, spec: LoopSpec, rows, live, hold, B: int, fx: Tensor):
     """Read the deferred checks back (one host sync) and record the samples that finished.
 
@@ -189,7 +194,7 @@ def _settle(entries, last: bool, spec: LoopSpec, rows, live, hold, B: int, fx: T
     acc = [entries[0][-1]]
     for e in entries[1:]:
         acc.append(acc[-1] & e[-1])
-    counts = [int(acc[0].sum())] if len(acc) == 1 else torch.stack([a.sum() for a in acc]).tolist()
+    counts = _read_counts(acc)
     first = next((i for i, c in enumerate(counts) if c < b), None)
     if first is None:
         if not last:
