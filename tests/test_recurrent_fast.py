@@ -158,6 +158,35 @@ def test_dropout_masks_fixed_within_a_step_match_the_reference():
         assert rel(a, b) < 1e-8
 
 
+@pytest.mark.parametrize("name,make,overrides", CASES[:8], ids=[c[0] for c in CASES[:8]])
+def test_zero_projection_runs_layer_by_layer_and_matches_generic(name, make, overrides):
+    """Every projection exactly zero: the fast runtime's layer-major schedule against the generic
+    path, including the wormholes' gradients (the projection's is non-zero) and the statistics."""
+    results = {}
+    for runtime in ("fast", "generic"):
+        m, e = _run_case(make, dict(overrides, proj_init="zero"), runtime, train_dropout=0.25)
+        e.train()
+        torch.manual_seed(1)
+        shape = (B, T, I) if e.batch_first else (T, B, I)
+        x = torch.randn(shape, dtype=DT, requires_grad=True)
+        torch.manual_seed(9)  # dropout masks
+        out, hn = e(x)
+        wrt = [x, *e.parameters()]
+        grads = torch.autograd.grad((out * out.detach().cos()).sum() + sum(t.sum() for t in tree_leaves(hn)), wrt)
+        results[runtime] = (out, grads, e.stats.iterations, e.stats.backward_iterations, e.stats.residual)
+        if runtime == "fast":
+            assert e._temporal._fast is not None
+    (o1, g1, *s1), (o2, g2, *s2) = results["fast"], results["generic"]
+    assert rel(o1, o2) < 1e-12
+    names = ["x", *[n for n, _ in e.named_parameters()]]
+    for n, a, b in zip(names, g1, g2):
+        assert rel(a, b) < 1e-10, (n, rel(a, b))
+    assert any("proj" in n and float(g.abs().max()) > 0 for n, g in zip(names, g1))  # the projection learns
+    assert bool((s1[0] == 1).all()) and bool((s1[1] == 1).all()) and float(s1[2].abs().max()) == 0
+    for a, b in zip(s1, s2):
+        assert torch.equal(a, b.to(a.dtype))
+
+
 # ---- the fast runtime is the generic path's semantics, sample for sample ------------------------
 SEMANTICS = [
     ("picard_sample", dict(solver=SolverConfig(name="picard", tol=1e-6, max_iter=60))),

@@ -49,6 +49,7 @@ class CellMath:
 
     gates = 1
     has_c = False
+    n_aux = 0  # tensors evaluate() returns besides the state
 
     def __init__(self, hidden: int, proj: int = 0) -> None:
         self.H, self.P = hidden, proj
@@ -116,6 +117,10 @@ class LSTMMath(CellMath):
     gates = 4
     has_c = True
 
+    def __init__(self, hidden: int, proj: int = 0) -> None:
+        super().__init__(hidden, proj)
+        self.n_aux = 4 if proj else 3  # sigmoid(gates), tanh(g), tanh(c)[, o*tanh(c) before W_hr]
+
     def hoist(self, w, state, gx):
         return (_addmm(w.b_hoist if gx is None else gx, state[0], w.w_hhT), state[1])
 
@@ -161,6 +166,7 @@ class GRUMath(CellMath):
     """``r, z = σ(.)``, ``n = tanh(W_in x + b_in + r(W_hn h + b_hn))``, ``h' = n + z(h - n)``."""
 
     gates = 3
+    n_aux = 3  # sigmoid(r, z), n, W_hn h + b_hn
     split_hidden_bias = True
 
     def hoist(self, w, state, gx):

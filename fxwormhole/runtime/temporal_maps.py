@@ -1,0 +1,205 @@
+"""The two maps a time step iterates in the temporal runtime, and the wormholes' feedback.
+
+:class:`ForwardMap` is ``u -> (layer states and intermediates, F(B(u)))`` over the layers the
+injection reaches (the lowest wormhole destination to the highest source); :class:`AdjointMap` is
+its adjoint ``ybar_src -> (gate cotangents, g_src + F_y^T B_u^T ybar)``. Both are reset per step
+with that step's constants (hoisted recurrent matmuls; pointwise Jacobian factors) and evaluated
+by :func:`~fxwormhole.runtime.temporal_solve.solve_step`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .temporal_cells import CellMath, LayerWeights
+from .temporal_solve import StepMap
+
+if TYPE_CHECKING:
+    from .temporal import StackPlan
+
+__all__ = ["Feedback", "ForwardMap", "AdjointMap", "EPS"]
+
+EPS = 1e-12  # the residual's epsilon (as in the generic runtime)
+
+
+class Feedback:
+    """One wormhole's tensors for a sequence: ``u = cap*σ(gate) ⊙ P h_src``.
+
+    Scalar and channel gates do not depend on ``h``: their value is folded into ``P`` once per
+    sequence (``P_eff = s ⊙ P``), so the feedback costs one matmul per iteration.
+    """
+
+    def __init__(self, src: int, dst: int, size: int, kind: str, cap: float, P: Tensor, logit: Tensor,
+                 w_gate: Optional[Tensor]) -> None:
+        self.src, self.dst, self.D, self.kind, self.cap = src, dst, size, kind, cap
+        self.P, self.logit = P, logit
+        if kind == "input":
+            self.WF = torch.cat((w_gate, P), 0)  # [2D, H]: gate pre-activation and projection in one matmul
+            self.WFT = self.WF.t()
+            self.bF = torch.cat((logit, torch.zeros_like(logit)))
+        else:
+            self.s = torch.sigmoid(logit) * cap
+            self.Peff = P * (self.s if kind == "scalar" else self.s.unsqueeze(1))
+            self.PeffT = self.Peff.t()
+
+    def forward(self, h: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        if self.kind != "input":
+            return torch.mm(h, self.PeffT), None
+        Q = torch.addmm(self.bF, h, self.WFT)
+        s = torch.sigmoid(Q[:, :self.D])
+        if self.cap != 1.0:
+            s.mul_(self.cap)
+        return s * Q[:, self.D:], Q
+
+    def adjoint_factors(self, Q: Tensor) -> Tensor:
+        """Input gate: ``[..., 2, D]`` factors with ``dQ = zbar ⊙ factors`` (the VJP of ``u = cap σ(Q_g) ⊙ Q_p``)."""
+        s = torch.sigmoid(Q[..., :self.D])
+        return torch.stack((self.cap * s * (1 - s) * Q[..., self.D:], self.cap * s), -2)
+
+    def grads(self, cot: Tensor, hs: Tensor, need: Tuple[bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
+        """``(dP, dlogit, dW_gate)`` from the flat cotangents of all steps: ``dQ`` [TB, 2D] (input
+        gate) or ``zbar`` [TB, D], and the source states ``hs`` [TB, H]."""
+        D = self.D
+        if self.kind == "input":
+            dWF = cot.t().mm(hs)
+            return dWF[D:], cot[:, :D].sum(0) if need[1] else None, dWF[:D]
+        dPeff = cot.t().mm(hs)
+        sig = torch.sigmoid(self.logit)
+        ds = (dPeff * self.P).sum(1)
+        dlogit = None
+        if need[1]:
+            dlogit = (ds.sum() if self.kind == "scalar" else ds) * (self.cap * sig * (1 - sig))
+        dP = dPeff * (self.s if self.kind == "scalar" else self.s.unsqueeze(1)) if need[0] else None
+        return dP, dlogit, None
+
+
+class ForwardMap(StepMap):
+    """One step's forward map ``u -> (states and intermediates of the looped layers, F(B(u)))``."""
+
+    def __init__(self, plan: "StackPlan", cell: CellMath, W: Sequence[LayerWeights], fbs: Sequence[Feedback]) -> None:
+        self.plan, self.cell, self.W, self.fbs = plan, cell, W, fbs
+        self.layers = list(range(plan.lo, plan.hi + 1))
+        self.n_state = 2 if cell.has_c else 1
+        self.inject: List[Tuple[int, int, int]] = []  # (dst, start, stop) slices of u
+        start = 0
+        for (_, b), size in zip(plan.pairs, plan.dst_sizes):
+            self.inject.append((b, start, start + size))
+            start += size
+        self.single = len(plan.pairs) == 1
+
+    def reset(self, consts: List[tuple], masks: List[Optional[Tensor]], scale: Tensor) -> None:
+        self.consts, self.masks, self.scale = consts, masks, scale
+
+    def injections(self, u: Tensor) -> Dict[int, Tensor]:
+        if self.single:
+            return {self.inject[0][0]: u}
+        out: Dict[int, Tensor] = {}
+        for b, i, j in self.inject:
+            out[b] = u[:, i:j] if b not in out else out[b] + u[:, i:j]
+        return out
+
+    def evaluate(self, u: Optional[Tensor]):
+        inj = None if u is None else self.injections(u)
+        aux: List[Tensor] = []
+        hs: Dict[int, Tensor] = {}
+        inp: Optional[Tensor] = None
+        cell, W = self.cell, self.W
+        for j, l in enumerate(self.layers):
+            if inj is not None and l in inj:
+                inp = inj[l] if inp is None else inp + inj[l]
+            state, extra = cell.evaluate(W[l], self.consts[j], inp)
+            aux.extend(state)
+            aux.extend(extra)
+            h = hs[l] = state[0]
+            if l < self.plan.hi:
+                m = self.masks[j]
+                inp = h if m is None else h * m
+        parts = []
+        for fb in self.fbs:
+            part, Q = fb.forward(hs[fb.src])
+            parts.append(part)
+            if Q is not None:
+                aux.append(Q)
+        return tuple(aux), (parts[0] if len(parts) == 1 else torch.cat(parts, 1))
+
+    def residual(self, u: Optional[Tensor], fu: Tensor) -> Tensor:
+        ref = torch.linalg.vector_norm(fu, dim=1)
+        diff = ref if u is None else torch.linalg.vector_norm(fu - u, dim=1)
+        return diff / (ref + self.scale)
+
+    def compact(self, keep: Tensor) -> None:
+        self.consts = [tuple(t[keep] for t in c) for c in self.consts]
+        self.masks = [None if m is None else m[keep] for m in self.masks]
+        self.scale = self.scale[keep]
+
+
+class AdjointMap(StepMap):
+    """One step's adjoint map ``ybar_src -> (gate cotangents, g_src + F_y^T B_u^T ybar)``.
+
+    The iterate is the cotangent of the source layers' hidden states: every other component of
+    ``ybar`` is the constant ``g``, which enters the residual only through its norm.
+    """
+
+    def __init__(self, plan: "StackPlan", cell: CellMath, W: Sequence[LayerWeights], fbs: Sequence[Feedback]) -> None:
+        self.plan, self.cell, self.W, self.fbs = plan, cell, W, fbs
+        self.layers = list(range(plan.hi, plan.lo - 1, -1))
+        self.srcs = plan.srcs
+        self.src_slices = []
+        start = 0
+        for a in self.srcs:
+            self.src_slices.append((a, start, start + plan.h_size))
+            start += plan.h_size
+        self.dsts = set(plan.dsts)
+
+    def reset(self, fac: List[tuple], masks: List[Optional[Tensor]], g_h: List[Tensor], g_c: List[Optional[Tensor]],
+              upper: Optional[Tensor], const_norm: Optional[Tensor], QS: List[Optional[Tensor]]) -> None:
+        self.fac, self.masks, self.g_h, self.g_c = fac, masks, g_h, g_c
+        self.upper, self.const_norm, self.QS = upper, const_norm, QS
+
+    def evaluate(self, y: Optional[Tensor]):
+        assert y is not None
+        ys = {a: y[:, i:j] for a, i, j in self.src_slices} if len(self.srcs) > 1 else {self.srcs[0]: y}
+        cell, W, lo = self.cell, self.W, self.plan.lo
+        aux: List[Tensor] = []
+        d_in: Dict[int, Tensor] = {}
+        d_above = self.upper
+        for l in self.layers:
+            dh = ys[l] if l in ys else self.g_h[l]
+            if d_above is not None:
+                dh = dh + d_above
+            dA, extra = cell.vjp(W[l], self.fac[l], dh, self.g_c[l])
+            aux.append(dA)
+            aux.append(dh)
+            if extra is not None:
+                aux.append(extra)
+            if l > lo or l in self.dsts:
+                di = torch.mm(dA, W[l].w_ih)
+                if l in self.dsts:
+                    d_in[l] = di
+                    aux.append(di)
+                if l > lo:
+                    m = self.masks[l - 1]
+                    d_above = di if m is None else di * m
+        contrib: Dict[int, Tensor] = {}
+        for fb, QS in zip(self.fbs, self.QS):
+            zb = d_in[fb.dst]
+            base = contrib.get(fb.src, self.g_h[fb.src])  # ynext = g + sum of the feedback VJPs
+            if fb.kind == "input":
+                dQ = (zb.unsqueeze(1) * QS).view(zb.shape[0], 2 * fb.D)
+                aux.append(dQ)
+                contrib[fb.src] = torch.addmm(base, dQ, fb.WF)
+            else:
+                contrib[fb.src] = torch.addmm(base, zb, fb.Peff)
+        ynext = contrib[self.srcs[0]] if len(self.srcs) == 1 else torch.cat([contrib[a] for a in self.srcs], 1)
+        return tuple(aux), ynext
+
+    def residual(self, y: Optional[Tensor], yn: Tensor) -> Tensor:
+        ref = torch.linalg.vector_norm(yn, dim=1)
+        if self.const_norm is not None:
+            ref = torch.hypot(ref, self.const_norm)
+        return torch.linalg.vector_norm(yn - y, dim=1).div_(ref.add_(EPS))
+
+    def compact(self, keep: Tensor) -> None:  # the adjoint freezes finished samples instead
+        raise NotImplementedError
