@@ -30,6 +30,7 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -73,25 +74,25 @@ class StackPlan:
     def in_size(self, layer: int) -> int:
         return self.input_size if layer == 0 else self.h_size
 
-    @property
+    @cached_property
     def dst_sizes(self) -> Tuple[int, ...]:
         return tuple(self.in_size(b) for _, b in self.pairs)
 
-    @property
+    @cached_property
     def lo(self) -> int:
         """Lowest layer that depends on the injection (the lowest destination)."""
         return min(b for _, b in self.pairs)
 
-    @property
+    @cached_property
     def hi(self) -> int:
         """Highest layer the feedback reads (the highest source)."""
         return max(a for a, _ in self.pairs)
 
-    @property
+    @cached_property
     def srcs(self) -> Tuple[int, ...]:
         return tuple(sorted({a for a, _ in self.pairs}))
 
-    @property
+    @cached_property
     def dsts(self) -> Tuple[int, ...]:
         return tuple(sorted({b for _, b in self.pairs}))
 

@@ -119,7 +119,7 @@ class LSTMMath(CellMath):
 
     def __init__(self, hidden: int, proj: int = 0) -> None:
         super().__init__(hidden, proj)
-        self.n_aux = 4 if proj else 3  # sigmoid(gates), tanh(g), tanh(c)[, o*tanh(c) before W_hr]
+        self.n_aux = 3 if proj else 2  # σ(i), σ(f), tanh(g), σ(o); tanh(c)[; o*tanh(c) before W_hr]
 
     def hoist(self, w, state, gx):
         return (_addmm(w.b_hoist if gx is None else gx, state[0], w.w_hhT), state[1])
@@ -129,34 +129,30 @@ class LSTMMath(CellMath):
         H = self.H
         a = base if inp is None else torch.addmm(base, inp, w.w_ihT)
         s = torch.sigmoid(a)
-        g = torch.tanh(a[:, 2 * H:3 * H])
+        g = torch.tanh(a[:, 2 * H:3 * H], out=s[:, 2 * H:3 * H])  # s holds σ(i), σ(f), tanh(g), σ(o)
         c = s[:, H:2 * H] * c_prev
         c.addcmul_(s[:, :H], g)
         tc = torch.tanh(c)
         hp = s[:, 3 * H:] * tc
         if w.w_hrT is None:
-            return (hp, c), (s, g, tc)
-        return (torch.mm(hp, w.w_hrT), c), (s, g, tc, hp)
+            return (hp, c), (s, tc)
+        return (torch.mm(hp, w.w_hrT), c), (s, tc, hp)
 
     def factors(self, aux, states, prev):
-        s, g, tc = aux[:3]
-        c_prev = prev[1]
+        s, tc = aux[:2]
         H = self.H
-        i, f, o = s[..., :H], s[..., H:2 * H], s[..., 3 * H:]
-        K = torch.empty(s.shape[:-1] + (4, H), dtype=s.dtype, device=s.device)
-        torch.mul(g, i * (1 - i), out=K[..., 0, :])
-        torch.mul(c_prev, f * (1 - f), out=K[..., 1, :])
-        torch.mul(i, 1 - g * g, out=K[..., 2, :])
-        torch.mul(tc, o * (1 - o), out=K[..., 3, :])
-        Mo = o * (1 - tc * tc)
-        return K, Mo, f
+        S4 = s.view(s.shape[:-1] + (4, H))
+        i, f, g, o = S4.unbind(-2)
+        D = S4 * (1 - S4)  # sigmoid' of i, f, o (the g slot is replaced below)
+        D[..., 2, :] = 1 - g * g
+        K = D.mul_(torch.stack((g, prev[1], i, tc), -2))  # dA = K * [dc, dc, dc, dh]
+        return K.view(s.shape), o * (1 - tc * tc), f.contiguous()
 
     def vjp(self, w, fac, dh, dc):
         K, Mo = fac[0], fac[1]
         dhp = dh if w.w_hr is None else torch.mm(dh, w.w_hr)
         dct = dhp * Mo if dc is None else torch.addcmul(dc, dhp, Mo)
-        dA = (K * torch.stack((dct, dct, dct, dhp), 1)).view(dh.shape[0], 4 * self.H)
-        return dA, dct
+        return K * torch.cat((dct, dct, dct, dhp), 1), dct
 
     def to_prev(self, w, fac, dA, dct, dh):
         return torch.mm(dA, w.w_hh), dct * fac[2]

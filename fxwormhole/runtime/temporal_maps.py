@@ -80,7 +80,7 @@ class ForwardMap(StepMap):
 
     def __init__(self, plan: "StackPlan", cell: CellMath, W: Sequence[LayerWeights], fbs: Sequence[Feedback]) -> None:
         self.plan, self.cell, self.W, self.fbs = plan, cell, W, fbs
-        self.layers = list(range(plan.lo, plan.hi + 1))
+        self.layers, self.hi = list(range(plan.lo, plan.hi + 1)), plan.hi
         self.n_state = 2 if cell.has_c else 1
         self.inject: List[Tuple[int, int, int]] = []  # (dst, start, stop) slices of u
         start = 0
@@ -113,7 +113,7 @@ class ForwardMap(StepMap):
             aux.extend(state)
             aux.extend(extra)
             h = hs[l] = state[0]
-            if l < self.plan.hi:
+            if l < self.hi:
                 m = self.masks[j]
                 inp = h if m is None else h * m
         parts = []
@@ -144,7 +144,7 @@ class AdjointMap(StepMap):
 
     def __init__(self, plan: "StackPlan", cell: CellMath, W: Sequence[LayerWeights], fbs: Sequence[Feedback]) -> None:
         self.plan, self.cell, self.W, self.fbs = plan, cell, W, fbs
-        self.layers = list(range(plan.hi, plan.lo - 1, -1))
+        self.layers, self.lo = list(range(plan.hi, plan.lo - 1, -1)), plan.lo
         self.srcs = plan.srcs
         self.src_slices = []
         start = 0
@@ -154,34 +154,40 @@ class AdjointMap(StepMap):
         self.dsts = set(plan.dsts)
 
     def reset(self, fac: List[tuple], masks: List[Optional[Tensor]], g_h: List[Tensor], g_c: List[Optional[Tensor]],
-              upper: Optional[Tensor], const_norm: Optional[Tensor], QS: List[Optional[Tensor]]) -> None:
+              upper: Optional[Tensor], const_norm: Tensor, QS: List[Optional[Tensor]]) -> None:
         self.fac, self.masks, self.g_h, self.g_c = fac, masks, g_h, g_c
         self.upper, self.const_norm, self.QS = upper, const_norm, QS
 
     def evaluate(self, y: Optional[Tensor]):
         assert y is not None
         ys = {a: y[:, i:j] for a, i, j in self.src_slices} if len(self.srcs) > 1 else {self.srcs[0]: y}
-        cell, W, lo = self.cell, self.W, self.plan.lo
+        cell, W, lo, g_h = self.cell, self.W, self.lo, self.g_h
         aux: List[Tensor] = []
         d_in: Dict[int, Tensor] = {}
-        d_above = self.upper
+        top = self.layers[0]
+        dh = ys.get(top, g_h[top])
+        if self.upper is not None:
+            dh = dh + self.upper
         for l in self.layers:
-            dh = ys[l] if l in ys else self.g_h[l]
-            if d_above is not None:
-                dh = dh + d_above
             dA, extra = cell.vjp(W[l], self.fac[l], dh, self.g_c[l])
             aux.append(dA)
             aux.append(dh)
             if extra is not None:
                 aux.append(extra)
-            if l > lo or l in self.dsts:
+            if l > lo:  # the cotangent of layer l-1's h: its own plus what layer l's input sends down
+                base, m = ys.get(l - 1, g_h[l - 1]), self.masks[l - 1]
+                if m is None and l not in self.dsts:
+                    dh = torch.addmm(base, dA, W[l].w_ih)
+                    continue
                 di = torch.mm(dA, W[l].w_ih)
-                if l in self.dsts:
-                    d_in[l] = di
-                    aux.append(di)
-                if l > lo:
-                    m = self.masks[l - 1]
-                    d_above = di if m is None else di * m
+                dh = base + di if m is None else torch.addcmul(base, di, m)
+            elif l in self.dsts:
+                di = torch.mm(dA, W[l].w_ih)
+            else:
+                continue
+            if l in self.dsts:
+                d_in[l] = di
+                aux.append(di)
         contrib: Dict[int, Tensor] = {}
         for fb, QS in zip(self.fbs, self.QS):
             zb = d_in[fb.dst]
@@ -196,10 +202,10 @@ class AdjointMap(StepMap):
         return tuple(aux), ynext
 
     def residual(self, y: Optional[Tensor], yn: Tensor) -> Tensor:
-        ref = torch.linalg.vector_norm(yn, dim=1)
-        if self.const_norm is not None:
-            ref = torch.hypot(ref, self.const_norm)
-        return torch.linalg.vector_norm(yn - y, dim=1).div_(ref.add_(EPS))
+        # ||ybar_next|| over every component, from the sources' part and the constant rest; the
+        # epsilon rides on the constant part (const_norm = ||g_rest|| + eps), computed once per step
+        ref = torch.hypot(torch.linalg.vector_norm(yn, dim=1), self.const_norm)
+        return torch.linalg.vector_norm(yn - y, dim=1).div_(ref)
 
     def compact(self, keep: Tensor) -> None:  # the adjoint freezes finished samples instead
         raise NotImplementedError

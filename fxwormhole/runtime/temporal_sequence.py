@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .temporal_maps import EPS, AdjointMap, ForwardMap
-from .temporal_solve import solve_step, status_codes
+from .temporal_solve import limits, solve_step, status_codes
 
 if TYPE_CHECKING:
     from .temporal import TemporalRuntime, TemporalStats
@@ -118,6 +118,7 @@ class SequenceJob:
         scale = (torch.linalg.vector_norm(x, dim=2) + EPS).unbind(0)  # ||x_t|| + eps per sample
         ms = self._mask_steps(T)
         fmap = ForwardMap(plan, cell, W, fbs)
+        lims = limits(rt.fwd_spec, x)
         ns, ne = (2 if cell.has_c else 1), cell.n_aux
         prev = list(init)
         states: List[List[tuple]] = [[] for _ in range(L)]
@@ -142,7 +143,7 @@ class SequenceJob:
             if inp is not None:
                 consts[lo] = cell.fold_input(W[lo], consts[lo], inp)
             fmap.reset(consts[lo:hi + 1], [ms[l][t] for l in range(lo, hi + 1)], scale[t])
-            r = solve_step(fmap, None, B, rt.fwd_spec, max(1, hint - 1))
+            r = solve_step(fmap, None, B, rt.fwd_spec, lims, max(1, hint - 1))
             hint = r.evaluations
             pos = 0
             for l in range(lo, hi + 1):
@@ -227,7 +228,7 @@ class SequenceJob:
                 dc_next = prev[1] if cell.has_c else None
             dh0[l], dc0[l] = dh_next, dc_next
             dA_all[l] = torch.stack(dAs)
-            dh_all[l] = torch.stack(dhs)
+            dh_all[l] = torch.stack(dhs) if plan.proj_size else None
             if l > 0 or l in plan.dsts or needs[0]:
                 d_in = dA_all[l].view(T * B, -1).mm(W[l].w_ih).view(T, B, -1)
                 if l in plan.dsts:
@@ -259,7 +260,9 @@ class SequenceJob:
         dQ_all: List[List[Tensor]] = [[] for _ in fbs]
         iters, res, best = [], [], []
         amap = AdjointMap(plan, cell, W, fbs)
+        lims = limits(rt.adj_spec, out)
         srcs, has_c = plan.srcs, cell.has_c
+        keep_dh = plan.proj_size > 0  # the cotangent of h is needed after the loop only for d W_hr
         hint = rt.hint_adj
         for t in range(T - 1, -1, -1):
             g_h = [_zero_if_none(dh_next[l], out[0]) for l in range(L)]
@@ -280,11 +283,12 @@ class SequenceJob:
                 d_above = di if m is None else di * m
             # the residual's denominator: every component of ybar but the sources' h is constant (= g)
             others = [g_h[l] for l in range(L) if l not in srcs] + [c for c in g_c if c is not None]
-            const_norm = torch.linalg.vector_norm(torch.cat(others, 1), dim=1) if others else None
+            const_norm = (torch.linalg.vector_norm(torch.cat(others, 1), dim=1).add_(EPS) if others
+                          else g_h[0].new_full((B,), EPS))
             amap.reset(ft, [ms[l][t] for l in range(L)], g_h, g_c, d_above, const_norm,
                        [None if q is None else q[t] for q in QS_t])
             y0 = g_h[srcs[0]] if len(srcs) == 1 else torch.cat([g_h[a] for a in srcs], 1)
-            r = solve_step(amap, y0, B, rt.adj_spec, max(1, hint - 1))
+            r = solve_step(amap, y0, B, rt.adj_spec, lims, max(1, hint - 1))
             hint = r.evaluations
             iters.append(r.iterations)
             res.append(r.residual)
@@ -317,7 +321,8 @@ class SequenceJob:
                         d_above = di if m is None else di * m
             for l in range(L):
                 dA_all[l].append(dAs[l])
-                dh_all[l].append(dhs[l])
+                if keep_dh:
+                    dh_all[l].append(dhs[l])
                 prev = cell.to_prev(W[l], ft[l], dAs[l], extras[l], dhs[l])
                 dh_next[l] = prev[0]
                 if has_c:
@@ -330,7 +335,7 @@ class SequenceJob:
         d_in_t = {b: torch.stack(v[::-1]) for b, v in d_in_all.items()}
         if needs[0] and 0 not in d_in_t:
             d_in_t[0] = torch.stack(dA_all[0][::-1]).view(T * B, -1).mm(W[0].w_ih).view(T, B, -1)
-        return dict(dA=[torch.stack(v[::-1]) for v in dA_all], dh=[torch.stack(v[::-1]) for v in dh_all],
+        return dict(dA=[torch.stack(v[::-1]) for v in dA_all], dh=[torch.stack(v[::-1]) if v else None for v in dh_all],
                     d_in=d_in_t, dQ=[torch.stack(v[::-1]) if v else None for v in dQ_all],
                     dh0=dh_next, dc0=dc_next)
 
@@ -361,7 +366,7 @@ class SequenceJob:
             if l in inj:
                 inp = inp + inj[l]
             dh = cot["dh"][l].reshape(TB, -1) if need[4] else None
-            hp = A[l][3].reshape(TB, -1) if need[4] else None
+            hp = A[l][2].reshape(TB, -1) if need[4] else None
             grads[3 + 5 * l: 3 + 5 * l + 5] = cell.weight_grads(
                 W[l], fac[l], cot["dA"][l].reshape(TB, -1), inp.reshape(TB, -1), prevs[l][0].reshape(TB, -1), dh, hp, need)
         if needs[0]:

@@ -32,7 +32,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["LoopSpec", "StepMap", "StepResult", "solve_step", "status_codes"]
+__all__ = ["LoopSpec", "StepMap", "StepResult", "limits", "solve_step", "status_codes"]
 
 # Same codes as fxwormhole.runtime.stats (a larger code is a worse outcome).
 CONVERGED, MAX_ITER, DIVERGED, NON_FINITE = 0, 1, 2, 3
@@ -128,11 +128,20 @@ def _advance(spec: LoopSpec, state, x: Optional[Tensor], fx: Tensor, live: Optio
     return new, new_state
 
 
-def solve_step(m: StepMap, x0: Optional[Tensor], B: int, spec: LoopSpec, sync_from: int = 1) -> StepResult:
+def limits(spec: LoopSpec, like: Tensor) -> Tuple[Tensor, Tensor]:
+    """``tol`` and ``divergence_factor`` as 0-d tensors (a Python scalar operand costs more per op)."""
+    return (torch.tensor(spec.tol, dtype=like.dtype, device=like.device),
+            torch.tensor(spec.factor, dtype=like.dtype, device=like.device))
+
+
+def solve_step(m: StepMap, x0: Optional[Tensor], B: int, spec: LoopSpec, lims: Tuple[Tensor, Tensor],
+               sync_from: int = 1) -> StepResult:
     """Solve one step's fixed point ``x = f(x)`` from ``x0`` (None: zero) for a batch of ``B``.
 
-    ``sync_from``: the first evaluation whose check is read back (earlier checks are deferred).
+    ``lims``: :func:`limits` of ``spec``; ``sync_from``: the first evaluation whose check is read
+    back (earlier checks are deferred).
     """
+    tol, factor = lims
     x, state = x0, None
     best: Optional[Tensor] = None
     rows: Optional[Tensor] = None  # global row of each active row once compacted (None: identity)
@@ -146,13 +155,30 @@ def solve_step(m: StepMap, x0: Optional[Tensor], B: int, spec: LoopSpec, sync_fr
         last = k >= spec.max_iter
         if last or (k - 1) % spec.check_every == 0:
             r = m.residual(x, fx)
-            best = r if best is None else torch.fmin(best, r)
-            pending = (r > spec.tol).logical_and_(r <= best * spec.factor)
+            if best is None and spec.factor >= 1:
+                # first check: r <= factor * min(r) holds for every finite r (NaN fails r > tol)
+                pending, best = r > tol, r
+            elif spec.factor >= 1:
+                # r <= factor * min(best, r)  <=>  r <= factor * best  when factor >= 1
+                pending = (r > tol).logical_and_(r <= best * factor)
+                best = torch.fmin(best, r)
+            else:
+                best = r if best is None else torch.fmin(best, r)
+                pending = (r > tol).logical_and_(r <= best * factor)
             if live is not None:
                 pending.logical_or_(~live)
             entries.append((k, x, aux, r, best, pending))
             if last or k >= sync_from:
-                outcome = _settle(entries, last, spec, rows, live, hold, B, fx)
+                counts = _read_counts([e[-1] for e in entries] if len(entries) == 1 else _cumulative(entries))
+                b = fx.shape[0]
+                if hold is None and live is None and len(entries) == 1:  # the usual case, read at once
+                    if counts[0] == b and not last:
+                        entries = []
+                        x, state = (fx, None) if spec.solver is None and spec.damping == 1.0 else _advance(spec, state, x, fx, live)
+                        continue
+                    if counts[0] == 0 or last:  # every sample finished here (or must stop here)
+                        return StepResult(x, aux, k, r, best, k)
+                outcome = _settle(entries, counts, last, spec, rows, live, hold, B, fx)
                 entries = []
                 if outcome is not None:
                     if isinstance(outcome, tuple):  # every sample finished at one check, none before
@@ -181,20 +207,24 @@ class _Partial:
 
 def _read_counts(acc: List[Tensor]) -> List[int]:
     """Pending samples after each deferred check: the loop's one host sync."""
-    return [int(acc[0].sum())] if len(acc) == 1 else torch.stack([a.sum() for a in acc]).tolist()
+    return [int(acc[0].count_nonzero())] if len(acc) == 1 else torch.stack([a.count_nonzero() for a in acc]).tolist()
 
 
-def _settle(entries, last: bool, spec: LoopSpec, rows, live, hold, B: int, fx: Tensor):
-    """Read the deferred checks back (one host sync) and record the samples that finished.
+def _cumulative(entries: List[tuple]) -> List[Tensor]:
+    """Samples pending at every check up to each deferred one."""
+    acc = [entries[0][-1]]
+    for e in entries[1:]:
+        acc.append(acc[-1] & e[-1])
+    return acc
+
+
+def _settle(entries, counts: List[int], last: bool, spec: LoopSpec, rows, live, hold, B: int, fx: Tensor):
+    """Record the samples that finished at the deferred checks, given the pending counts read back.
 
     Returns None (every active sample still pending), the finishing entry when every sample
     finished at one check and none before, or a :class:`_Partial`.
     """
     b = fx.shape[0]
-    acc = [entries[0][-1]]
-    for e in entries[1:]:
-        acc.append(acc[-1] & e[-1])
-    counts = _read_counts(acc)
     first = next((i for i, c in enumerate(counts) if c < b), None)
     if first is None:
         if not last:
