@@ -15,7 +15,8 @@ cross-entropy, Adam (lr 1e-3), sequence length T = 50, batch 64. Variants, per k
 
 Timing: all variants live in one process, each gets warm-up steps, then ``--rounds`` rounds of
 ``--steps`` training steps per variant, the order rotated every round; the table gives the median
-of the per-round means and its ratio to ``torch``. ``fwd/adj it`` are the mean forward / adjoint
+of the per-round means and its ratio to ``torch``, in process CPU time (``cpu ms``: what a step
+costs, robust to other jobs on a shared machine) and in wall time. ``fwd/adj it`` are the mean forward / adjoint
 iterations per time step; ``reads/step`` the solve loop's host reads per time step (forward +
 backward). ``compile s`` is the compiled variant's first step minus its median step.
 
@@ -102,6 +103,7 @@ def bench(kind: str, hidden: int, variants: List[str], rounds: int, steps: int, 
         first[v] = time.perf_counter() - t0
         train_step(net, opt, x, y)
     times: Dict[str, List[float]] = {v: [] for v in variants}
+    cpu: Dict[str, List[float]] = {v: [] for v in variants}
     its: Dict[str, List[tuple]] = {v: [] for v in variants}
     nreads: Dict[str, int] = {v: 0 for v in variants}
     for r in range(rounds):
@@ -109,10 +111,11 @@ def bench(kind: str, hidden: int, variants: List[str], rounds: int, steps: int, 
         for v in order:
             net, opt = models[v]
             before = reads.n
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 train_step(net, opt, x, y)
             times[v].append((time.perf_counter() - t0) / steps)
+            cpu[v].append((time.process_time() - c0) / steps)
             nreads[v] += reads.n - before
             st = getattr(net.rnn, "stats", None)
             if st is not None:
@@ -122,7 +125,7 @@ def bench(kind: str, hidden: int, variants: List[str], rounds: int, steps: int, 
         med = statistics.median(times[v])
         fwd = statistics.mean(i[0] for i in its[v]) if its[v] else None
         bwd = statistics.mean(i[1] for i in its[v]) if its[v] else None
-        out[v] = dict(ms=med * 1e3, lo=min(times[v]) * 1e3, hi=max(times[v]) * 1e3, fwd=fwd, bwd=bwd,
+        out[v] = dict(ms=med * 1e3, cpu=statistics.median(cpu[v]) * 1e3, fwd=fwd, bwd=bwd,
                       reads=nreads[v] / (rounds * steps * T), compile=first[v] - med)
     return out
 
@@ -145,19 +148,20 @@ def main() -> None:
     reads = _Reads()
     print(f"T={args.T} batch={args.batch} input={INPUT} layers={LAYERS} threads={args.threads} rounds={args.rounds}x{args.steps} "
           f"torch={torch.__version__} load={' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    header = f"{'kind':4} {'H':>4} {'variant':9} {'ms/step':>8} {'x torch':>8} {'min':>8} {'max':>8} {'fwd/adj it':>11} {'reads/step':>10} {'compile s':>9}"
+    header = (f"{'kind':4} {'H':>4} {'variant':9} {'cpu ms':>8} {'x torch':>8} {'wall ms':>8} {'x torch':>8} "
+              f"{'fwd/adj it':>11} {'reads/step':>10} {'compile s':>9}")
     print(header)
     print("-" * len(header))
     for kind in args.kinds:
         for hidden in args.hidden:
             res = bench(kind, hidden, variants, args.rounds, args.steps, args.T, args.batch, reads)
-            base = res["torch"]["ms"]
+            base, base_cpu = res["torch"]["ms"], res["torch"]["cpu"]
             for v in variants:
                 r = res[v]
                 it = f"{r['fwd']:.2f}/{r['bwd']:.2f}" if r["fwd"] is not None else "-"
                 rd = f"{r['reads']:.2f}" if r["fwd"] is not None and v != "generic" else "-"
                 comp = f"{r['compile']:.1f}" if v == "compiled" else ""
-                print(f"{kind:4} {hidden:4d} {v:9} {r['ms']:8.2f} {r['ms'] / base:8.2f} {r['lo']:8.2f} {r['hi']:8.2f} "
+                print(f"{kind:4} {hidden:4d} {v:9} {r['cpu']:8.2f} {r['cpu'] / base_cpu:8.2f} {r['ms']:8.2f} {r['ms'] / base:8.2f} "
                       f"{it:>11} {rd:>10} {comp:>9}", flush=True)
     print(f"load at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

@@ -40,6 +40,11 @@ class LayerWeights(NamedTuple):
     w_hrT: Optional[Tensor]
 
 
+def _previous(init: Tensor, seq: Tensor) -> Tensor:
+    """``[T, B, .]`` values at ``t-1``: the initial state, then ``seq[:-1]``."""
+    return torch.cat((init.unsqueeze(0), seq[:-1]))
+
+
 def _addmm(bias: Optional[Tensor], a: Tensor, bT: Tensor) -> Tensor:
     return torch.mm(a, bT) if bias is None else torch.addmm(bias, a, bT)
 
@@ -82,13 +87,15 @@ class CellMath:
         raise NotImplementedError
 
     # ---- backward -----------------------------------------------------------------------------
-    def factors(self, aux: Tuple[Tensor, ...], states: Tuple[Tensor, ...], prev: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+    def factors(self, aux: Tuple[Tensor, ...], states: Tuple[Tensor, ...], init: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
         """Pointwise Jacobian factors for all T (``aux``/``states``: stacked ``[T, B, .]`` forward
-        values; ``prev``: the states at ``t-1``)."""
+        values; ``init``: the initial state)."""
         raise NotImplementedError
 
-    def vjp(self, w: LayerWeights, fac: Tuple[Tensor, ...], dh: Tensor, dc: Optional[Tensor]) -> Tuple[Tensor, ...]:
-        """Gate cotangent from the cotangents of the layer's outputs at one step: ``(dA, extra)``."""
+    def vjp(self, w: LayerWeights, fac: Tuple[Tensor, ...], dh: Tensor, dc: Optional[Tensor],
+            out: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+        """Gate cotangent from the cotangents of the layer's outputs at one step: ``(dA, extra)``;
+        ``dA`` is written into ``out`` when given."""
         raise NotImplementedError
 
     def to_prev(self, w: LayerWeights, fac: Tuple[Tensor, ...], dA: Tensor, extra: Tensor, dh: Tensor) -> Tuple[Tensor, ...]:
@@ -99,15 +106,22 @@ class CellMath:
         """Cotangent of ``W_hh h + b_hh`` (equal to ``dA`` except for the GRU)."""
         return dA_all
 
-    def weight_grads(self, w: LayerWeights, fac_all: Tuple[Tensor, ...], dA: Tensor, inp: Tensor, h_prev: Tensor,
-                     dh: Optional[Tensor], hp: Optional[Tensor], need: Tuple[bool, ...]) -> Tuple[Optional[Tensor], ...]:
-        """``(d w_ih, d w_hh, d b_ih, d b_hh, d w_hr)`` from the flat ``[T*B, .]`` gate cotangents."""
-        gi, gh = dA, self.hidden_cotangent(fac_all, dA)
-        d_wih = gi.t().mm(inp) if need[0] else None
-        d_whh = gh.t().mm(h_prev) if need[1] else None
+    def weight_grads(self, w: LayerWeights, fac_all: Tuple[Tensor, ...], dA: Tensor, inp: Tensor, h_seq: Tensor,
+                     h0: Tensor, dh: Optional[Tensor], hp: Optional[Tensor], need: Tuple[bool, ...]) -> Tuple[Optional[Tensor], ...]:
+        """``(d w_ih, d w_hh, d b_ih, d b_hh, d w_hr)`` from the time-ordered ``[T, B, .]`` gate
+        cotangents ``dA``, layer inputs ``inp``, states ``h_seq`` and initial state ``h0``."""
+        B = h0.shape[0]
+        gi = dA.reshape(-1, dA.shape[-1])
+        gh = self.hidden_cotangent(fac_all, gi)
+        d_wih = gi.t().mm(inp.reshape(-1, inp.shape[-1])) if need[0] else None
+        d_whh = None
+        if need[1]:  # h_{t-1}: h0, then h_0 .. h_{T-2}
+            d_whh = gh[:B].t().mm(h0)
+            if gh.shape[0] > B:
+                d_whh.addmm_(gh[B:].t(), h_seq.reshape(-1, h0.shape[-1])[:-B])
         d_bih = gi.sum(0) if need[2] else None
         d_bhh = gh.sum(0) if need[3] else None
-        d_whr = dh.t().mm(hp) if (need[4] and dh is not None) else None
+        d_whr = dh.reshape(-1, dh.shape[-1]).t().mm(hp.reshape(-1, hp.shape[-1])) if (need[4] and dh is not None) else None
         return d_wih, d_whh, d_bih, d_bhh, d_whr
 
 
@@ -138,21 +152,21 @@ class LSTMMath(CellMath):
             return (hp, c), (s, tc)
         return (torch.mm(hp, w.w_hrT), c), (s, tc, hp)
 
-    def factors(self, aux, states, prev):
+    def factors(self, aux, states, init):
         s, tc = aux[:2]
         H = self.H
         S4 = s.view(s.shape[:-1] + (4, H))
         i, f, g, o = S4.unbind(-2)
         D = S4 * (1 - S4)  # sigmoid' of i, f, o (the g slot is replaced below)
         D[..., 2, :] = 1 - g * g
-        K = D.mul_(torch.stack((g, prev[1], i, tc), -2))  # dA = K * [dc, dc, dc, dh]
-        return K.view(s.shape), o * (1 - tc * tc), f.contiguous()
+        K = D.mul_(torch.stack((g, _previous(init[1], states[1]), i, tc), -2))  # dA = K * [dc, dc, dc, dh]
+        return K.view(s.shape), o * (1 - tc * tc), f
 
-    def vjp(self, w, fac, dh, dc):
+    def vjp(self, w, fac, dh, dc, out=None):
         K, Mo = fac[0], fac[1]
         dhp = dh if w.w_hr is None else torch.mm(dh, w.w_hr)
         dct = dhp * Mo if dc is None else torch.addcmul(dc, dhp, Mo)
-        return K * torch.cat((dct, dct, dct, dhp), 1), dct
+        return torch.mul(K, torch.cat((dct, dct, dct, dhp), 1), out=out), dct
 
     def to_prev(self, w, fac, dA, dct, dh):
         return torch.mm(dA, w.w_hh), dct * fac[2]
@@ -186,9 +200,9 @@ class GRUMath(CellMath):
         n = torch.addcmul(a[:, 2 * H:], rz[:, :H], gh_n).tanh_()
         return (torch.lerp(n, h_prev, rz[:, H:]),), (rz, n, gh_n)
 
-    def factors(self, aux, states, prev):
+    def factors(self, aux, states, init):
         rz, n, gh_n = aux
-        h_prev = prev[0]
+        h_prev = _previous(init[0], states[0])
         H = self.H
         r, z = rz[..., :H], rz[..., H:]
         Kn = (1 - z) * (1 - n * n)
@@ -196,8 +210,9 @@ class GRUMath(CellMath):
         R3 = torch.stack((torch.ones_like(r), torch.ones_like(r), r), -2)
         return K, R3, z
 
-    def vjp(self, w, fac, dh, dc):
-        return (fac[0] * dh.unsqueeze(1)).view(dh.shape[0], 3 * self.H), None
+    def vjp(self, w, fac, dh, dc, out=None):
+        B = dh.shape[0]
+        return torch.mul(fac[0], dh.unsqueeze(1), out=None if out is None else out.view(B, 3, self.H)).view(B, 3 * self.H), None
 
     def to_prev(self, w, fac, dA, extra, dh):
         dgh = (dA.view(fac[1].shape) * fac[1]).view(dA.shape)
@@ -222,12 +237,12 @@ class RNNMath(CellMath):
         a = consts[0] if inp is None else torch.addmm(consts[0], inp, w.w_ihT)
         return ((torch.relu(a) if self.relu else torch.tanh(a)),), ()
 
-    def factors(self, aux, states, prev):
+    def factors(self, aux, states, init):
         h = states[0]
         return ((h > 0).to(h.dtype) if self.relu else 1 - h * h,)
 
-    def vjp(self, w, fac, dh, dc):
-        return dh * fac[0], None
+    def vjp(self, w, fac, dh, dc, out=None):
+        return torch.mul(dh, fac[0], out=out), None
 
     def to_prev(self, w, fac, dA, extra, dh):
         return (torch.mm(dA, w.w_hh),)

@@ -154,9 +154,13 @@ class AdjointMap(StepMap):
         self.dsts = set(plan.dsts)
 
     def reset(self, fac: List[tuple], masks: List[Optional[Tensor]], g_h: List[Tensor], g_c: List[Optional[Tensor]],
-              upper: Optional[Tensor], const_norm: Tensor, QS: List[Optional[Tensor]]) -> None:
+              upper: Optional[Tensor], const_norm: Tensor, QS: List[Optional[Tensor]], out_dA: List[Optional[Tensor]],
+              out_d_in: Dict[int, Tensor], out_dQ: List[Optional[Tensor]]) -> None:
+        """Per-step constants, and the step's slices of the sequence buffers that every evaluation
+        overwrites (so the last evaluation's gate cotangents need no copy)."""
         self.fac, self.masks, self.g_h, self.g_c = fac, masks, g_h, g_c
         self.upper, self.const_norm, self.QS = upper, const_norm, QS
+        self.out_dA, self.out_d_in, self.out_dQ = out_dA, out_d_in, out_dQ
 
     def evaluate(self, y: Optional[Tensor]):
         assert y is not None
@@ -169,7 +173,7 @@ class AdjointMap(StepMap):
         if self.upper is not None:
             dh = dh + self.upper
         for l in self.layers:
-            dA, extra = cell.vjp(W[l], self.fac[l], dh, self.g_c[l])
+            dA, extra = cell.vjp(W[l], self.fac[l], dh, self.g_c[l], self.out_dA[l])
             aux.append(dA)
             aux.append(dh)
             if extra is not None:
@@ -179,21 +183,22 @@ class AdjointMap(StepMap):
                 if m is None and l not in self.dsts:
                     dh = torch.addmm(base, dA, W[l].w_ih)
                     continue
-                di = torch.mm(dA, W[l].w_ih)
+                di = torch.mm(dA, W[l].w_ih, out=self.out_d_in.get(l))
                 dh = base + di if m is None else torch.addcmul(base, di, m)
             elif l in self.dsts:
-                di = torch.mm(dA, W[l].w_ih)
+                di = torch.mm(dA, W[l].w_ih, out=self.out_d_in.get(l))
             else:
                 continue
             if l in self.dsts:
                 d_in[l] = di
                 aux.append(di)
         contrib: Dict[int, Tensor] = {}
-        for fb, QS in zip(self.fbs, self.QS):
+        for fb, QS, out in zip(self.fbs, self.QS, self.out_dQ):
             zb = d_in[fb.dst]
             base = contrib.get(fb.src, self.g_h[fb.src])  # ynext = g + sum of the feedback VJPs
             if fb.kind == "input":
-                dQ = (zb.unsqueeze(1) * QS).view(zb.shape[0], 2 * fb.D)
+                b = zb.shape[0]
+                dQ = torch.mul(zb.unsqueeze(1), QS, out=out.view(b, 2, fb.D)).view(b, 2 * fb.D)
                 aux.append(dQ)
                 contrib[fb.src] = torch.addmm(base, dQ, fb.WF)
             else:

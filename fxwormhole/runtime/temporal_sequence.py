@@ -185,12 +185,8 @@ class SequenceJob:
         W, fbs = rt.prepare(tensors[3:])
         saved["states"][L - 1] = (out,) + saved["states"][L - 1][1:]
         S, A = saved["states"], saved["aux"]
-        fac, prevs = [], []
-        for l in range(L):  # pointwise Jacobian factors of every step: a few large ops per layer
-            init = (h0[l], c0[l]) if cell.has_c else (h0[l],)
-            prev = tuple(torch.cat((i.unsqueeze(0), s[:-1])) for i, s in zip(init, S[l]))
-            prevs.append(prev)
-            fac.append(cell.factors(A[l], S[l], prev))
+        # pointwise Jacobian factors of every step: a few large ops per layer
+        fac = [cell.factors(A[l], S[l], (h0[l], c0[l]) if cell.has_c else (h0[l],)) for l in range(L)]
         QS = []
         for k, fb in enumerate(fbs):
             Q = saved["Q"][k]
@@ -199,7 +195,7 @@ class SequenceJob:
             QS.append(None if Q is None else fb.adjoint_factors(Q))
         run = self._backward_zero if self.zero else self._backward_open
         cot = run(x, W, fbs, fac, QS, out, dout, dhn, dcn, needs)
-        return self._grads(tensors, saved, W, fbs, fac, prevs, QS, cot, needs)
+        return self._grads(tensors, saved, W, fbs, fac, QS, cot, needs)
 
     def _backward_zero(self, x, W, fbs, fac, QS, out, dout, dhn, dcn, needs) -> dict:
         """Zero feedback: plain back-propagation, layer by layer; input cotangents batched over T."""
@@ -217,17 +213,18 @@ class SequenceJob:
             ins = extra_in.unbind(0) if extra_in is not None else None
             dh_next = None if dhn is None else dhn[l]
             dc_next = None if dcn is None else dcn[l]
-            dAs, dhs = [None] * T, [None] * T
+            dA_buf = out.new_empty(T, B, cell.gates * plan.hidden_size)
+            dhs = [None] * T
             for t in range(T - 1, -1, -1):
                 parts = [d for d in (dh_next, None if ins is None else ins[t]) if d is not None]
                 dh = parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else torch.zeros_like(out[0]))
-                dA, extra = cell.vjp(W[l], ft[t], dh, dc_next)
-                dAs[t], dhs[t] = dA, dh
+                dA, extra = cell.vjp(W[l], ft[t], dh, dc_next, dA_buf[t])
+                dhs[t] = dh
                 prev = cell.to_prev(W[l], ft[t], dA, extra, dh)
                 dh_next = prev[0]
                 dc_next = prev[1] if cell.has_c else None
             dh0[l], dc0[l] = dh_next, dc_next
-            dA_all[l] = torch.stack(dAs)
+            dA_all[l] = dA_buf
             dh_all[l] = torch.stack(dhs) if plan.proj_size else None
             if l > 0 or l in plan.dsts or needs[0]:
                 d_in = dA_all[l].view(T * B, -1).mm(W[l].w_ih).view(T, B, -1)
@@ -254,15 +251,17 @@ class SequenceJob:
         douts = dout.unbind(0) if dout is not None else None
         dh_next = [None if dhn is None else dhn[l] for l in range(L)]
         dc_next = [None if dcn is None else dcn[l] for l in range(L)]
-        dA_all: List[List[Tensor]] = [[] for _ in range(L)]
-        dh_all: List[List[Tensor]] = [[] for _ in range(L)]
-        d_in_all: Dict[int, List[Tensor]] = {b: [] for b in plan.dsts}
-        dQ_all: List[List[Tensor]] = [[] for _ in fbs]
+        # sequence buffers the reverse loop writes in place (each step's last evaluation wins)
+        dA_buf = [out.new_empty(T, B, cell.gates * plan.hidden_size) for _ in range(L)]
+        d_in_buf = {b: out.new_empty(T, B, plan.in_size(b)) for b in plan.dsts}
+        dQ_buf = [out.new_empty(T, B, 2 * fb.D) if fb.kind == "input" else None for fb in fbs]
+        keep_dh = plan.proj_size > 0  # the cotangent of h is needed after the loop only for d W_hr
+        dh_buf = [out.new_empty(T, B, plan.h_size) for _ in range(L)] if keep_dh else None
         iters, res, best = [], [], []
         amap = AdjointMap(plan, cell, W, fbs)
         lims = limits(rt.adj_spec, out)
         srcs, has_c = plan.srcs, cell.has_c
-        keep_dh = plan.proj_size > 0  # the cotangent of h is needed after the loop only for d W_hr
+        region = range(hi, lo - 1, -1)
         hint = rt.hint_adj
         for t in range(T - 1, -1, -1):
             g_h = [_zero_if_none(dh_next[l], out[0]) for l in range(L)]
@@ -276,7 +275,7 @@ class SequenceJob:
             d_above = None
             for l in range(L - 1, hi, -1):  # above the wormholes: once per step
                 dh = g_h[l] if d_above is None else g_h[l] + d_above
-                dAs[l], extras[l] = cell.vjp(W[l], ft[l], dh, g_c[l])
+                dAs[l], extras[l] = cell.vjp(W[l], ft[l], dh, g_c[l], dA_buf[l][t])
                 dhs[l] = dh
                 di = torch.mm(dAs[l], W[l].w_ih)
                 m = ms[l - 1][t]
@@ -286,43 +285,42 @@ class SequenceJob:
             const_norm = (torch.linalg.vector_norm(torch.cat(others, 1), dim=1).add_(EPS) if others
                           else g_h[0].new_full((B,), EPS))
             amap.reset(ft, [ms[l][t] for l in range(L)], g_h, g_c, d_above, const_norm,
-                       [None if q is None else q[t] for q in QS_t])
+                       [None if q is None else q[t] for q in QS_t], [b[t] for b in dA_buf],
+                       {b: buf[t] for b, buf in d_in_buf.items()}, [None if q is None else q[t] for q in dQ_buf])
             y0 = g_h[srcs[0]] if len(srcs) == 1 else torch.cat([g_h[a] for a in srcs], 1)
             r = solve_step(amap, y0, B, rt.adj_spec, lims, max(1, hint - 1))
             hint = r.evaluations
             iters.append(r.iterations)
             res.append(r.residual)
             best.append(r.best)
+            aux = r.aux
+            if not (isinstance(r.iterations, int) and r.iterations == r.evaluations):
+                # the answer is not the last evaluation (for some samples): evaluate once more at it,
+                # so that the buffers hold its cotangents
+                aux, _ = amap.evaluate(r.x)
             pos = 0
             d_in: Dict[int, Tensor] = {}
-            for l in range(hi, lo - 1, -1):
-                dAs[l], dhs[l] = r.aux[pos], r.aux[pos + 1]
-                extras[l] = r.aux[pos + 2] if has_c else None
+            for l in region:
+                dAs[l], dhs[l] = aux[pos], aux[pos + 1]
+                extras[l] = aux[pos + 2] if has_c else None
                 pos += 3 if has_c else 2
                 if l in plan.dsts:
-                    d_in[l] = r.aux[pos]
+                    d_in[l] = aux[pos]
                     pos += 1
-            for k, fb in enumerate(fbs):
-                if fb.kind == "input":
-                    dQ_all[k].append(r.aux[pos])
-                    pos += 1
-            for b in plan.dsts:
-                d_in_all[b].append(d_in[b])
             if lo > 0:  # below the wormholes: once per step
                 m = ms[lo - 1][t]
                 d_above = d_in[lo] if m is None else d_in[lo] * m
                 for l in range(lo - 1, -1, -1):
                     dh = g_h[l] + d_above
-                    dAs[l], extras[l] = cell.vjp(W[l], ft[l], dh, g_c[l])
+                    dAs[l], extras[l] = cell.vjp(W[l], ft[l], dh, g_c[l], dA_buf[l][t])
                     dhs[l] = dh
                     if l > 0:
                         di = torch.mm(dAs[l], W[l].w_ih)
                         m = ms[l - 1][t]
                         d_above = di if m is None else di * m
             for l in range(L):
-                dA_all[l].append(dAs[l])
                 if keep_dh:
-                    dh_all[l].append(dhs[l])
+                    dh_buf[l][t] = dhs[l]
                 prev = cell.to_prev(W[l], ft[l], dAs[l], extras[l], dhs[l])
                 dh_next[l] = prev[0]
                 if has_c:
@@ -332,14 +330,11 @@ class SequenceJob:
         status = status_codes(R, BEST, rt.adj_spec.factor, rt.adj_spec.tol)
         self.stats.set_backward(_step_stats(iters[::-1], T, B, x.device), R, status)
         rt.report(status, R, "backward (adjoint)")
-        d_in_t = {b: torch.stack(v[::-1]) for b, v in d_in_all.items()}
-        if needs[0] and 0 not in d_in_t:
-            d_in_t[0] = torch.stack(dA_all[0][::-1]).view(T * B, -1).mm(W[0].w_ih).view(T, B, -1)
-        return dict(dA=[torch.stack(v[::-1]) for v in dA_all], dh=[torch.stack(v[::-1]) if v else None for v in dh_all],
-                    d_in=d_in_t, dQ=[torch.stack(v[::-1]) if v else None for v in dQ_all],
-                    dh0=dh_next, dc0=dc_next)
+        if needs[0] and 0 not in d_in_buf:
+            d_in_buf[0] = dA_buf[0].view(T * B, -1).mm(W[0].w_ih).view(T, B, -1)
+        return dict(dA=dA_buf, dh=dh_buf or [None] * L, d_in=d_in_buf, dQ=dQ_buf, dh0=dh_next, dc0=dc_next)
 
-    def _grads(self, tensors, saved, W, fbs, fac, prevs, QS, cot: dict, needs) -> List[Optional[Tensor]]:
+    def _grads(self, tensors, saved, W, fbs, fac, QS, cot: dict, needs) -> List[Optional[Tensor]]:
         """Every input's gradient from the time-ordered cotangents ``cot`` (one matmul per weight)."""
         plan, cell = self.rt.plan, self.rt.cell
         x = tensors[0]
@@ -365,10 +360,10 @@ class SequenceJob:
                 inp = S[l - 1][0] if m is None else S[l - 1][0] * m
             if l in inj:
                 inp = inp + inj[l]
-            dh = cot["dh"][l].reshape(TB, -1) if need[4] else None
-            hp = A[l][2].reshape(TB, -1) if need[4] else None
-            grads[3 + 5 * l: 3 + 5 * l + 5] = cell.weight_grads(
-                W[l], fac[l], cot["dA"][l].reshape(TB, -1), inp.reshape(TB, -1), prevs[l][0].reshape(TB, -1), dh, hp, need)
+            dh = cot["dh"][l] if need[4] else None
+            hp = A[l][2] if need[4] else None
+            h0 = tensors[1][l]
+            grads[3 + 5 * l: 3 + 5 * l + 5] = cell.weight_grads(W[l], fac[l], cot["dA"][l], inp, S[l][0], h0, dh, hp, need)
         if needs[0]:
             grads[0] = cot["d_in"][0]
         off = 3 + 5 * L
