@@ -288,13 +288,19 @@ class ExplicitRecurrent(nn.Module):
 
         The Python time loop stays outside the compiled graph and reuses the compiled cell for every
         step, layer and direction, so compile time does not grow with the sequence length.
+        With temporal wormholes on the fast runtime, the runtime's per-sequence bulk kernels are
+        compiled instead (:meth:`~fxwormhole.runtime.temporal.TemporalRuntime.compile`).
         """
         self._compiled_cell = torch.compile(self._cell_fn, **compile_kwargs)
+        if self._temporal is not None:
+            self._temporal.compile(compile_kwargs)
         return self
 
     def uncompile_step(self) -> "ExplicitRecurrent":
-        """Go back to the eager cell."""
+        """Go back to the eager cell (and the fast runtime's eager kernels)."""
         self._compiled_cell = None
+        if self._temporal is not None:
+            self._temporal.compile(None)
         return self
 
     def __getstate__(self) -> dict:
@@ -549,7 +555,14 @@ class _Temporal:
         self.pairs, self.fp, self.body, self.dst_sizes = pairs, fp, body, tuple(dst_sizes)
         self.runtime = "auto"
         self._fast: Optional[TemporalRuntime] = None
+        self._compile_kwargs: Optional[dict] = None
         self.refusal = fast_path_refusal(fp.solver_config, fp.grad_config)
+
+    def compile(self, kwargs: Optional[dict]) -> None:
+        """Compile (``kwargs``: torch.compile's) or uncompile (None) the fast runtime's kernels."""
+        self._compile_kwargs = None if kwargs is None else dict(kwargs)
+        if self._fast is not None:
+            self._fast.uncompile() if kwargs is None else self._fast.compile(**kwargs)
 
     def fast(self, rnn: "ExplicitRecurrent") -> Optional[TemporalRuntime]:
         """The fast runtime for ``rnn``, or None when this call must take the generic path."""
@@ -563,11 +576,14 @@ class _Temporal:
                              tuple((int(a[5:]), int(b[5:])) for a, b in self.pairs),
                              tuple(wh.gate.kind for wh in whs), tuple(float(wh.gate.cap) for wh in whs))
             self._fast = TemporalRuntime(plan, self.fp.solver_config, self.fp.grad_config, self.fp.on_fail, self.fp.name)
+            if self._compile_kwargs is not None:
+                self._fast.compile(**self._compile_kwargs)
         return self._fast
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_fast"] = None  # rebuilt on first use (holds per-sequence hints only)
+        state["_compile_kwargs"] = None  # compiled kernels do not pickle; call compile_step() again
         return state
 
 

@@ -39,7 +39,7 @@ from torch import Tensor
 from ..config import GradConfig, SolverConfig
 from ..errors import ConfigError, ConvergenceError
 from .temporal_cells import LayerWeights, cell_math
-from .temporal_maps import Feedback
+from .temporal_maps import Feedback, gate_adjoint_factors
 from .temporal_sequence import SequenceFn, SequenceJob
 from .temporal_solve import CONVERGED, LoopSpec
 
@@ -190,6 +190,14 @@ def _loop_spec(cfg: SolverConfig, compact: bool) -> LoopSpec:
                     damping=float(cfg.damping) if cfg.name == "damped" else 1.0, solver=solver)
 
 
+@dataclass(frozen=True)
+class _Kernels:
+    """The bulk functions the backward calls (eager or compiled)."""
+
+    factors: Any
+    gate_factors: Any
+
+
 class TemporalRuntime:
     """Runs a stacked recurrent module with temporal wormholes (see the module docstring).
 
@@ -212,6 +220,22 @@ class TemporalRuntime:
         acfg = replace(solver, name=grad.solver, tol=grad.tol, max_iter=grad.max_iter, check_every=1)
         self.adj_spec = _loop_spec(acfg, compact=False)
         self.hint_fwd, self.hint_adj = 1, 1  # evaluations of the last step solved (sync schedule)
+        self.kernels = _Kernels(self.cell.factors, None)
+
+    def compile(self, **compile_kwargs: Any) -> "TemporalRuntime":
+        """Compile the per-sequence bulk work of the backward (the pointwise Jacobian factors of all
+        T steps, and of the input gates) with ``torch.compile``, ``dynamic=True`` by default: one
+        graph for every sequence length and batch size, so compile time does not grow with T.
+
+        The per-iteration work stays eager: on a CPU a compiled call costs more than the few small
+        kernels of one iteration (see docs/recurrent.md)."""
+        kw = {"dynamic": True, **compile_kwargs}
+        self.kernels = _Kernels(torch.compile(self.cell.factors, **kw), torch.compile(gate_adjoint_factors, **kw))
+        return self
+
+    def uncompile(self) -> "TemporalRuntime":
+        self.kernels = _Kernels(self.cell.factors, None)
+        return self
 
     # ---- tensors of a module -------------------------------------------------------------------
     def run(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], layers: Sequence[Sequence[Optional[Tensor]]],

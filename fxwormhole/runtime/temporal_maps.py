@@ -19,9 +19,15 @@ from .temporal_solve import StepMap
 if TYPE_CHECKING:
     from .temporal import StackPlan
 
-__all__ = ["Feedback", "ForwardMap", "AdjointMap", "EPS"]
+__all__ = ["Feedback", "ForwardMap", "AdjointMap", "EPS", "gate_adjoint_factors"]
 
 EPS = 1e-12  # the residual's epsilon (as in the generic runtime)
+
+
+def gate_adjoint_factors(Q: Tensor, D: int, cap: float) -> Tensor:
+    """The VJP factors of ``u = cap σ(Q_g) ⊙ Q_p`` for ``Q = [Q_g, Q_p]`` of every step: ``[..., 2, D]``."""
+    s = torch.sigmoid(Q[..., :D])
+    return torch.stack((cap * s * (1 - s) * Q[..., D:], cap * s), -2)
 
 
 class Feedback:
@@ -53,10 +59,10 @@ class Feedback:
             s.mul_(self.cap)
         return s * Q[:, self.D:], Q
 
-    def adjoint_factors(self, Q: Tensor) -> Tensor:
-        """Input gate: ``[..., 2, D]`` factors with ``dQ = zbar ⊙ factors`` (the VJP of ``u = cap σ(Q_g) ⊙ Q_p``)."""
-        s = torch.sigmoid(Q[..., :self.D])
-        return torch.stack((self.cap * s * (1 - s) * Q[..., self.D:], self.cap * s), -2)
+    def adjoint_factors(self, Q: Tensor, kernel=None) -> Tensor:
+        """Input gate: ``[..., 2, D]`` factors with ``dQ = zbar ⊙ factors`` (``kernel``: a compiled
+        :func:`gate_adjoint_factors`)."""
+        return (kernel or gate_adjoint_factors)(Q, self.D, self.cap)
 
     def grads(self, cot: Tensor, hs: Tensor, need: Tuple[bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
         """``(dP, dlogit, dW_gate)`` from the flat cotangents of all steps: ``dQ`` [TB, 2D] (input

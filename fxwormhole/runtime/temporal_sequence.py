@@ -186,13 +186,13 @@ class SequenceJob:
         saved["states"][L - 1] = (out,) + saved["states"][L - 1][1:]
         S, A = saved["states"], saved["aux"]
         # pointwise Jacobian factors of every step: a few large ops per layer
-        fac = [cell.factors(A[l], S[l], (h0[l], c0[l]) if cell.has_c else (h0[l],)) for l in range(L)]
+        fac = [rt.kernels.factors(A[l], S[l], (h0[l], c0[l]) if cell.has_c else (h0[l],)) for l in range(L)]
         QS = []
         for k, fb in enumerate(fbs):
             Q = saved["Q"][k]
             if fb.kind == "input" and Q is None:  # zero feedback: the gate values were not needed forward
                 Q = fb.forward(S[fb.src][0].reshape(-1, S[fb.src][0].shape[-1]))[1].view(S[fb.src][0].shape[:2] + (-1,))
-            QS.append(None if Q is None else fb.adjoint_factors(Q))
+            QS.append(None if Q is None else fb.adjoint_factors(Q, rt.kernels.gate_factors))
         run = self._backward_zero if self.zero else self._backward_open
         cot = run(x, W, fbs, fac, QS, out, dout, dhn, dcn, needs)
         return self._grads(tensors, saved, W, fbs, fac, QS, cot, needs)
