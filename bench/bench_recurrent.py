@@ -20,7 +20,7 @@ costs, robust to other jobs on a shared machine) and in wall time. ``fwd/adj it`
 iterations per time step; ``reads/step`` the solve loop's host reads per time step (forward +
 backward). ``compile s`` is the compiled variant's first step minus its median step.
 
-    python bench/bench_recurrent.py [--hidden 32 128] [--kinds lstm gru] [--rounds 8] [--steps 2]
+    python bench/bench_recurrent.py [--hidden 32 128] [--kinds lstm gru] [--rounds 8] [--steps 2] [--generic]
 """
 from __future__ import annotations
 
@@ -134,9 +134,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--kinds", nargs="+", default=["lstm", "gru"], choices=sorted(TORCH))
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", "--repeats", type=int, default=8, help="alternating rounds (--repeats: the old name)")
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--T", type=int, default=50)
+    ap.add_argument("--T", "--lengths", type=int, nargs="+", default=[50], help="sequence length(s)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--generic", action="store_true", help="also time the generic one-FixedPoint-per-step path")
@@ -146,23 +146,22 @@ def main() -> None:
     variants = ["torch", "explicit", "open", "closed"] + ([] if args.no_compiled else ["compiled"])
     variants += ["generic"] if args.generic else []
     reads = _Reads()
-    print(f"T={args.T} batch={args.batch} input={INPUT} layers={LAYERS} threads={args.threads} rounds={args.rounds}x{args.steps} "
+    print(f"T={','.join(map(str, args.T))} batch={args.batch} input={INPUT} layers={LAYERS} threads={args.threads} rounds={args.rounds}x{args.steps} "
           f"torch={torch.__version__} load={' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    header = (f"{'kind':4} {'H':>4} {'variant':9} {'cpu ms':>8} {'x torch':>8} {'wall ms':>8} {'x torch':>8} "
+    header = (f"{'kind':4} {'T':>4} {'H':>4} {'variant':9} {'cpu ms':>8} {'x torch':>8} {'wall ms':>8} {'x torch':>8} "
               f"{'fwd/adj it':>11} {'reads/step':>10} {'compile s':>9}")
     print(header)
     print("-" * len(header))
-    for kind in args.kinds:
-        for hidden in args.hidden:
-            res = bench(kind, hidden, variants, args.rounds, args.steps, args.T, args.batch, reads)
-            base, base_cpu = res["torch"]["ms"], res["torch"]["cpu"]
-            for v in variants:
-                r = res[v]
-                it = f"{r['fwd']:.2f}/{r['bwd']:.2f}" if r["fwd"] is not None else "-"
-                rd = f"{r['reads']:.2f}" if r["fwd"] is not None and v != "generic" else "-"
-                comp = f"{r['compile']:.1f}" if v == "compiled" else ""
-                print(f"{kind:4} {hidden:4d} {v:9} {r['cpu']:8.2f} {r['cpu'] / base_cpu:8.2f} {r['ms']:8.2f} {r['ms'] / base:8.2f} "
-                      f"{it:>11} {rd:>10} {comp:>9}", flush=True)
+    for kind, length, hidden in ((k, t, h) for k in args.kinds for t in args.T for h in args.hidden):
+        res = bench(kind, hidden, variants, args.rounds, args.steps, length, args.batch, reads)
+        base, base_cpu = res["torch"]["ms"], res["torch"]["cpu"]
+        for v in variants:
+            r = res[v]
+            it = f"{r['fwd']:.2f}/{r['bwd']:.2f}" if r["fwd"] is not None else "-"
+            rd = f"{r['reads']:.2f}" if r["fwd"] is not None and v != "generic" else "-"
+            comp = f"{r['compile']:.1f}" if v == "compiled" else ""
+            print(f"{kind:4} {length:4d} {hidden:4d} {v:9} {r['cpu']:8.2f} {r['cpu'] / base_cpu:8.2f} {r['ms']:8.2f} "
+                  f"{r['ms'] / base:8.2f} {it:>11} {rd:>10} {comp:>9}", flush=True)
     print(f"load at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

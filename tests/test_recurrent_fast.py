@@ -287,6 +287,27 @@ def test_inference_without_grad_builds_no_graph():
     assert out.grad_fn is None and e.stats.iterations.shape == (T, B)
 
 
+def test_second_backward_with_retain_graph_gives_the_same_gradients():
+    e = add_temporal_wormhole(nn.GRU(I, H, 2).to(DT), _open_config(gate="input"))
+    _open_input_gates(e)
+    x = torch.randn(T, B, I, dtype=DT)
+    loss = e(x)[0].square().sum()
+    first = torch.autograd.grad(loss, list(e.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(e.parameters()))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_bfloat16_module_runs_with_float32_residuals():
+    e = add_temporal_wormhole(nn.LSTM(I, H, 2), WormholeConfig(gate="input", gate_init=0.0, proj_init="normal", proj_std=0.3,
+                                                                solver="picard", tol=1e-2, on_fail="ignore")).to(torch.bfloat16)
+    x = torch.randn(T, B, I, dtype=torch.bfloat16, requires_grad=True)
+    out, _ = e(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and e.stats.residual.dtype == torch.float32
+    assert x.grad is not None and bool(torch.isfinite(x.grad.float()).all())
+
+
 def test_generic_fallback_for_other_gradient_modes():
     e = add_temporal_wormhole(nn.LSTM(I, H, 2), _open_config(grad="jfb"))
     assert e._temporal.refusal is not None and "jfb" in e._temporal.refusal

@@ -19,9 +19,16 @@ from .temporal_solve import StepMap
 if TYPE_CHECKING:
     from .temporal import StackPlan
 
-__all__ = ["Feedback", "ForwardMap", "AdjointMap", "EPS", "gate_adjoint_factors"]
+__all__ = ["Feedback", "ForwardMap", "AdjointMap", "EPS", "gate_adjoint_factors", "norm_rows"]
 
 EPS = 1e-12  # the residual's epsilon (as in the generic runtime)
+
+
+def norm_rows(t: Tensor) -> Tensor:
+    """Per-sample norm over the last dim, accumulated in float32 at least (as the generic residual)."""
+    if t.dtype in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(t, dim=-1)
+    return torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32)
 
 
 def gate_adjoint_factors(Q: Tensor, D: int, cap: float) -> Tensor:
@@ -131,8 +138,8 @@ class ForwardMap(StepMap):
         return tuple(aux), (parts[0] if len(parts) == 1 else torch.cat(parts, 1))
 
     def residual(self, u: Optional[Tensor], fu: Tensor) -> Tensor:
-        ref = torch.linalg.vector_norm(fu, dim=1)
-        diff = ref if u is None else torch.linalg.vector_norm(fu - u, dim=1)
+        ref = norm_rows(fu)
+        diff = ref if u is None else norm_rows(fu - u)
         return diff / (ref + self.scale)
 
     def compact(self, keep: Tensor) -> None:
@@ -215,8 +222,8 @@ class AdjointMap(StepMap):
     def residual(self, y: Optional[Tensor], yn: Tensor) -> Tensor:
         # ||ybar_next|| over every component, from the sources' part and the constant rest; the
         # epsilon rides on the constant part (const_norm = ||g_rest|| + eps), computed once per step
-        ref = torch.hypot(torch.linalg.vector_norm(yn, dim=1), self.const_norm)
-        return torch.linalg.vector_norm(yn - y, dim=1).div_(ref)
+        ref = torch.hypot(norm_rows(yn), self.const_norm)
+        return norm_rows(yn - y).div_(ref)
 
     def compact(self, keep: Tensor) -> None:  # the adjoint freezes finished samples instead
         raise NotImplementedError

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .temporal_maps import EPS, AdjointMap, ForwardMap
+from .temporal_maps import EPS, AdjointMap, ForwardMap, norm_rows
 from .temporal_solve import limits, solve_step, status_codes
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class SequenceJob:
             m = self._mask(l)
             inp = states[-1][0] if m is None else states[-1][0] * m
         ones = torch.ones(T, B, dtype=torch.int64, device=x.device)
-        zeros = x.new_zeros(T, B, dtype=torch.promote_types(x.dtype, torch.float32))
+        zeros = x.new_zeros(T, B, dtype=torch.promote_types(x.dtype, torch.float32))  # residual dtype
         self.stats._fwd = (ones, zeros, torch.zeros(T, B, dtype=torch.int8, device=x.device))
         return states, auxes, [None] * len(fbs), None
 
@@ -115,7 +115,7 @@ class SequenceJob:
         bias0 = cell.input_bias(W[0])
         x2 = x.reshape(T * B, -1)
         GX0 = (torch.mm(x2, W[0].w_ihT) if bias0 is None else torch.addmm(bias0, x2, W[0].w_ihT)).view(T, B, -1).unbind(0)
-        scale = (torch.linalg.vector_norm(x, dim=2) + EPS).unbind(0)  # ||x_t|| + eps per sample
+        scale = (norm_rows(x) + EPS).unbind(0)  # ||x_t|| + eps per sample
         ms = self._mask_steps(T)
         fmap = ForwardMap(plan, cell, W, fbs)
         lims = limits(rt.fwd_spec, x)
@@ -176,15 +176,14 @@ class SequenceJob:
     def backward(self, tensors: List[Optional[Tensor]], out: Tensor, dout: Optional[Tensor], dhn: Optional[Tensor],
                  dcn: Optional[Tensor], needs: Sequence[bool]) -> List[Optional[Tensor]]:
         rt, plan, cell = self.rt, self.rt.plan, self.rt.cell
-        saved, self.saved = self.saved, None
-        if saved is None:
-            raise RuntimeError("the temporal runtime's backward ran twice for one forward; use retain_graph only "
-                               "for the rest of the graph or recompute the forward")
+        saved = self.saved
+        assert saved is not None, "backward without a recorded forward"
         x, h0, c0 = tensors[0], tensors[1], tensors[2]
         L = plan.num_layers
         W, fbs = rt.prepare(tensors[3:])
-        saved["states"][L - 1] = (out,) + saved["states"][L - 1][1:]
-        S, A = saved["states"], saved["aux"]
+        S, A = list(saved["states"]), saved["aux"]
+        S[L - 1] = (out,) + S[L - 1][1:]  # the output itself is held by save_for_backward, not here (no cycle)
+        saved = dict(saved, states=S)
         # pointwise Jacobian factors of every step: a few large ops per layer
         fac = [rt.kernels.factors(A[l], S[l], (h0[l], c0[l]) if cell.has_c else (h0[l],)) for l in range(L)]
         QS = []
@@ -282,8 +281,7 @@ class SequenceJob:
                 d_above = di if m is None else di * m
             # the residual's denominator: every component of ybar but the sources' h is constant (= g)
             others = [g_h[l] for l in range(L) if l not in srcs] + [c for c in g_c if c is not None]
-            const_norm = (torch.linalg.vector_norm(torch.cat(others, 1), dim=1).add_(EPS) if others
-                          else g_h[0].new_full((B,), EPS))
+            const_norm = norm_rows(torch.cat(others, 1)).add_(EPS) if others else lims[0].new_full((B,), EPS)
             amap.reset(ft, [ms[l][t] for l in range(L)], g_h, g_c, d_above, const_norm,
                        [None if q is None else q[t] for q in QS_t], [b[t] for b in dA_buf],
                        {b: buf[t] for b, buf in d_in_buf.items()}, [None if q is None else q[t] for q in dQ_buf])
@@ -394,6 +392,6 @@ class SequenceFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dhn, *rest):
         out, *tensors = ctx.saved_tensors
-        job, ctx.job = ctx.job, None
+        job = ctx.job  # kept: a second backward (retain_graph=True) runs the reverse loop again
         grads = job.backward(list(tensors), out, dout, dhn, rest[0] if rest else None, ctx.needs_input_grad[1:])
         return (None, *grads)

@@ -130,8 +130,9 @@ def _advance(spec: LoopSpec, state, x: Optional[Tensor], fx: Tensor, live: Optio
 
 def limits(spec: LoopSpec, like: Tensor) -> Tuple[Tensor, Tensor]:
     """``tol`` and ``divergence_factor`` as 0-d tensors (a Python scalar operand costs more per op)."""
-    return (torch.tensor(spec.tol, dtype=like.dtype, device=like.device),
-            torch.tensor(spec.factor, dtype=like.dtype, device=like.device))
+    dtype = torch.promote_types(like.dtype, torch.float32)  # residuals are at least float32
+    return (torch.tensor(spec.tol, dtype=dtype, device=like.device),
+            torch.tensor(spec.factor, dtype=dtype, device=like.device))
 
 
 def solve_step(m: StepMap, x0: Optional[Tensor], B: int, spec: LoopSpec, lims: Tuple[Tensor, Tensor],
