@@ -145,14 +145,15 @@ class SequenceJob:
             fmap.reset(consts[lo:hi + 1], [ms[l][t] for l in range(lo, hi + 1)], scale[t])
             r = solve_step(fmap, None, B, rt.fwd_spec, lims, max(1, hint - 1))
             hint = r.evaluations
+            aux = fmap.evaluate(r.x)[0] if r.stale else r.aux  # (rare) the answer was not the last evaluation
             pos = 0
             for l in range(lo, hi + 1):
-                states[l].append(tuple(r.aux[pos:pos + ns]))
-                auxes[l].append(tuple(r.aux[pos + ns:pos + ns + ne]))
+                states[l].append(tuple(aux[pos:pos + ns]))
+                auxes[l].append(tuple(aux[pos + ns:pos + ns + ne]))
                 pos += ns + ne
             for k, fb in enumerate(fbs):
                 if fb.kind == "input":
-                    Qs[k].append(r.aux[pos])
+                    Qs[k].append(aux[pos])
                     pos += 1
             U.append(r.x)
             iters.append(r.iterations)
@@ -292,10 +293,8 @@ class SequenceJob:
             res.append(r.residual)
             best.append(r.best)
             aux = r.aux
-            if not (isinstance(r.iterations, int) and r.iterations == r.evaluations):
-                # the answer is not the last evaluation (for some samples): evaluate once more at it,
-                # so that the buffers hold its cotangents
-                aux, _ = amap.evaluate(r.x)
+            if r.stale:  # some sample's answer was not the last evaluation: evaluate once more at the
+                aux, _ = amap.evaluate(r.x)  # answers, so that the in-place buffers hold their cotangents
             pos = 0
             d_in: Dict[int, Tensor] = {}
             for l in region:

@@ -14,15 +14,15 @@ What is lean about it:
   read them back. The loop reads them (one host sync) only from evaluation ``sync_from`` on, which
   the caller sets from the previous step's count, so a step that needs as many evaluations as the
   one before it costs one or two syncs. When a read shows that some samples finished at an
-  earlier, deferred check, their answers are taken from that check's evaluation (kept by
-  reference), so deferring changes no result.
+  earlier, deferred check, their answers are taken from that check, so deferring changes no result.
 * **Nothing is copied when the whole batch finishes together** (the usual case): the answer is
-  the finishing evaluation's own tensors. Only when samples finish at different checks are the
-  finished rows written into full-batch holders.
-* **Per-sample halting that saves compute.** With ``compact=True`` (the forward solve under
-  ``halting="sample"``), finished samples are indexed out of the active set and the map's
-  per-step constants are compacted with them. Otherwise (the adjoint; ``halting="batch"``)
-  finished samples are frozen with ``torch.where``.
+  the finishing evaluation's own tensors.
+* **Per-sample halting.** With ``compact=True`` (the forward solve under ``halting="sample"``),
+  finished samples are indexed out of the active set and the map's per-step constants are
+  compacted with them, so a hard sample's extra iterations cost only its rows; their answers go
+  into full-batch holders. Otherwise (the adjoint; ``halting="batch"``) finished samples are
+  frozen at their answer with ``torch.where``, so the last evaluation holds every sample's
+  intermediates and nothing is copied (maps that write their intermediates in place rely on this).
 """
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ class StepResult:
     residual: Tensor
     best: Tensor  # min residual seen (for the status code)
     evaluations: int  # evaluations the slowest sample used (host int)
+    stale: bool = False  # aux is the last evaluation's, which was not every sample's answer
 
 
 def status_codes(r: Tensor, best: Tensor, factor: float, tol: float) -> Tensor:
@@ -88,9 +89,10 @@ def status_codes(r: Tensor, best: Tensor, factor: float, tol: float) -> Tensor:
 
 
 class _Holder:
-    """Full-batch answers, filled row by row when samples finish at different checks."""
+    """Full-batch answers, filled row by row when samples finish at different checks (``aux`` only
+    when finished samples leave the active set)."""
 
-    def __init__(self, B: int, x: Optional[Tensor], fx: Tensor, aux: Tuple[Tensor, ...], r: Tensor) -> None:
+    def __init__(self, B: int, fx: Tensor, aux: Tuple[Tensor, ...], r: Tensor) -> None:
         self.x = fx.new_zeros((B,) + fx.shape[1:])
         self.aux = tuple(a.new_empty((B,) + a.shape[1:]) for a in aux)
         self.iters = torch.zeros(B, dtype=torch.int64, device=r.device)
@@ -98,14 +100,15 @@ class _Holder:
         self.best = r.new_empty(B)
 
     def write(self, rows: Optional[Tensor], fin: Tensor, k: int, x: Optional[Tensor], aux, r: Tensor, best: Tensor) -> None:
-        g = fin if rows is None else rows[fin]
+        idx = fin.nonzero().squeeze(1)
+        g = idx if rows is None else rows.index_select(0, idx)
         if x is not None:
-            self.x[g] = x[fin]
+            self.x.index_copy_(0, g, x.index_select(0, idx))
         for buf, a in zip(self.aux, aux):
-            buf[g] = a[fin]
-        self.iters[g] = k
-        self.res[g] = r[fin]
-        self.best[g] = best[fin]
+            buf.index_copy_(0, g, a.index_select(0, idx))
+        self.iters.index_fill_(0, g, k)
+        self.res.index_copy_(0, g, r.index_select(0, idx))
+        self.best.index_copy_(0, g, best.index_select(0, idx))
 
 
 def _advance(spec: LoopSpec, state, x: Optional[Tensor], fx: Tensor, live: Optional[Tensor]):
@@ -181,13 +184,17 @@ def solve_step(m: StepMap, x0: Optional[Tensor], B: int, spec: LoopSpec, lims: T
                         return StepResult(x, aux, k, r, best, k)
                 outcome = _settle(entries, counts, last, spec, rows, live, hold, B, fx)
                 entries = []
-                if outcome is not None:
-                    if isinstance(outcome, tuple):  # every sample finished at one check, none before
-                        kf, xf, auxf, rf, bf, _ = outcome
-                        return StepResult(xf, auxf, kf, rf, bf, k)
+                if outcome is None:
+                    pass
+                elif isinstance(outcome, tuple):  # every sample finished at one check, none before
+                    kf, xf, auxf, rf, bf, _ = outcome
+                    return StepResult(xf, auxf, kf, rf, bf, k, stale=kf != k)
+                else:
                     hold, alive = outcome.hold, outcome.alive
-                    if alive is None:
-                        return StepResult(hold.x, hold.aux, hold.iters, hold.res, hold.best, k)
+                    if alive is None:  # every sample has finished
+                        if spec.compact:
+                            return StepResult(hold.x, hold.aux, hold.iters, hold.res, hold.best, k)
+                        return StepResult(hold.x, aux, hold.iters, hold.res, hold.best, k, stale=outcome.earlier)
                     if spec.compact:
                         keep = alive.nonzero().squeeze(1)
                         rows = keep if rows is None else rows[keep]
@@ -196,7 +203,11 @@ def solve_step(m: StepMap, x0: Optional[Tensor], B: int, spec: LoopSpec, lims: T
                         state = None if state is None else tuple(s[keep] for s in state)
                         m.compact(keep)
                     else:
+                        # finished samples go back to their answer and stay there: the next
+                        # evaluations (for the others) recompute their intermediates unchanged
                         live = alive
+                        if hold is not None:  # (batch halting: converged samples iterate on until all have)
+                            x = hold.x.clone() if x is None else torch.where(alive.unsqueeze(1), x, hold.x)
         x, state = _advance(spec, state, x, fx, live)
 
 
@@ -204,6 +215,7 @@ def solve_step(m: StepMap, x0: Optional[Tensor], B: int, spec: LoopSpec, lims: T
 class _Partial:
     hold: _Holder
     alive: Optional[Tensor]  # active rows still iterating (None: none)
+    earlier: bool  # some samples finished at a check before the last evaluation
 
 
 def _read_counts(acc: List[Tensor]) -> List[int]:
@@ -236,6 +248,7 @@ def _settle(entries, counts: List[int], last: bool, spec: LoopSpec, rows, live, 
         return entries[first]
     # Samples finish at different checks: write them row by row (rare; extra syncs are fine here).
     alive = torch.ones(b, dtype=torch.bool, device=fx.device) if live is None else live.clone()
+    earlier = False
     for i in range(first, len(entries)):
         k, x, aux, r, best, pending = entries[i]
         final = last and i == len(entries) - 1
@@ -249,9 +262,10 @@ def _settle(entries, counts: List[int], last: bool, spec: LoopSpec, rows, live, 
         if not bool(fin.any()):
             continue
         if hold is None:
-            hold = _Holder(B, x, fx, aux, r)
-        hold.write(rows, fin, k, x, aux, r, best)
+            hold = _Holder(B, fx, aux if spec.compact else (), r)
+        hold.write(rows, fin, k, x, aux if spec.compact else (), r, best)
+        earlier = earlier or i < len(entries) - 1
         alive &= ~fin
         if not bool(alive.any()):
-            return _Partial(hold, None)
-    return _Partial(hold, alive)
+            return _Partial(hold, None, earlier)
+    return _Partial(hold, alive, earlier)
