@@ -157,66 +157,75 @@ class AdjointMap(StepMap):
 
     def __init__(self, plan: "StackPlan", cell: CellMath, W: Sequence[LayerWeights], fbs: Sequence[Feedback]) -> None:
         self.plan, self.cell, self.W, self.fbs = plan, cell, W, fbs
-        self.layers, self.lo = list(range(plan.hi, plan.lo - 1, -1)), plan.lo
         self.srcs = plan.srcs
         self.src_slices = []
         start = 0
         for a in self.srcs:
             self.src_slices.append((a, start, start + plan.h_size))
             start += plan.h_size
-        self.dsts = set(plan.dsts)
+        dsts = set(plan.dsts)
+        # per looped layer, top down: (layer, weights, below is looped, is a destination)
+        self.steps = [(l, W[l], l > plan.lo, l in dsts) for l in range(plan.hi, plan.lo - 1, -1)]
+        self.top = plan.hi
 
     def reset(self, fac: List[tuple], masks: List[Optional[Tensor]], g_h: List[Tensor], g_c: List[Optional[Tensor]],
               upper: Optional[Tensor], const_norm: Tensor, QS: List[Optional[Tensor]], out_dA: List[Optional[Tensor]],
               out_d_in: Dict[int, Tensor], out_dQ: List[Optional[Tensor]]) -> None:
         """Per-step constants, and the step's slices of the sequence buffers that every evaluation
-        overwrites (so the last evaluation's gate cotangents need no copy)."""
+        overwrites (so the last evaluation's gate cotangents need no copy; ``out_dQ``: ``[B, 2, D]``)."""
         self.fac, self.masks, self.g_h, self.g_c = fac, masks, g_h, g_c
         self.upper, self.const_norm, self.QS = upper, const_norm, QS
         self.out_dA, self.out_d_in, self.out_dQ = out_dA, out_d_in, out_dQ
 
     def evaluate(self, y: Optional[Tensor]):
         assert y is not None
-        ys = {a: y[:, i:j] for a, i, j in self.src_slices} if len(self.srcs) > 1 else {self.srcs[0]: y}
-        cell, W, lo, g_h = self.cell, self.W, self.lo, self.g_h
+        g_h, g_c, fac, masks, out_dA, out_d_in = self.g_h, self.g_c, self.fac, self.masks, self.out_dA, self.out_d_in
+        ys = {a: y[:, i:j] for a, i, j in self.src_slices} if len(self.src_slices) > 1 else {self.top: y}
+        vjp = self.cell.vjp
         aux: List[Tensor] = []
         d_in: Dict[int, Tensor] = {}
-        top = self.layers[0]
-        dh = ys.get(top, g_h[top])
+        dh = ys.get(self.top, g_h[self.top])
         if self.upper is not None:
             dh = dh + self.upper
-        for l in self.layers:
-            dA, extra = cell.vjp(W[l], self.fac[l], dh, self.g_c[l], self.out_dA[l])
+        for l, w, below, is_dst in self.steps:
+            dA, extra = vjp(w, fac[l], dh, g_c[l], out_dA[l])
             aux.append(dA)
             aux.append(dh)
             if extra is not None:
                 aux.append(extra)
-            if l > lo:  # the cotangent of layer l-1's h: its own plus what layer l's input sends down
-                base, m = ys.get(l - 1, g_h[l - 1]), self.masks[l - 1]
-                if m is None and l not in self.dsts:
-                    dh = torch.addmm(base, dA, W[l].w_ih)
+            if below:  # the cotangent of layer l-1's h: its own plus what layer l's input sends down
+                base, m = ys.get(l - 1, g_h[l - 1]), masks[l - 1]
+                if m is None and not is_dst:
+                    dh = torch.addmm(base, dA, w.w_ih)
                     continue
-                di = torch.mm(dA, W[l].w_ih, out=self.out_d_in.get(l))
+                di = torch.mm(dA, w.w_ih, out=out_d_in.get(l))
                 dh = base + di if m is None else torch.addcmul(base, di, m)
-            elif l in self.dsts:
-                di = torch.mm(dA, W[l].w_ih, out=self.out_d_in.get(l))
+            elif is_dst:
+                di = torch.mm(dA, w.w_ih, out=out_d_in.get(l))
             else:
                 continue
-            if l in self.dsts:
+            if is_dst:
                 d_in[l] = di
                 aux.append(di)
+        if len(self.fbs) == 1 and len(self.src_slices) == 1:  # the usual single wormhole
+            fb = self.fbs[0]
+            zb = d_in[fb.dst]
+            if fb.kind == "input":
+                dQ = torch.mul(zb.unsqueeze(1), self.QS[0], out=self.out_dQ[0]).view(zb.shape[0], -1)
+                aux.append(dQ)
+                return tuple(aux), torch.addmm(g_h[fb.src], dQ, fb.WF)
+            return tuple(aux), torch.addmm(g_h[fb.src], zb, fb.Peff)
         contrib: Dict[int, Tensor] = {}
         for fb, QS, out in zip(self.fbs, self.QS, self.out_dQ):
             zb = d_in[fb.dst]
-            base = contrib.get(fb.src, self.g_h[fb.src])  # ynext = g + sum of the feedback VJPs
+            base = contrib.get(fb.src, g_h[fb.src])  # ynext = g + sum of the feedback VJPs
             if fb.kind == "input":
-                b = zb.shape[0]
-                dQ = torch.mul(zb.unsqueeze(1), QS, out=out.view(b, 2, fb.D)).view(b, 2 * fb.D)
+                dQ = torch.mul(zb.unsqueeze(1), QS, out=out).view(zb.shape[0], -1)
                 aux.append(dQ)
                 contrib[fb.src] = torch.addmm(base, dQ, fb.WF)
             else:
                 contrib[fb.src] = torch.addmm(base, zb, fb.Peff)
-        ynext = contrib[self.srcs[0]] if len(self.srcs) == 1 else torch.cat([contrib[a] for a in self.srcs], 1)
+        ynext = torch.cat([contrib[a] for a in self.srcs], 1) if len(self.srcs) > 1 else contrib[self.srcs[0]]
         return tuple(aux), ynext
 
     def residual(self, y: Optional[Tensor], yn: Tensor) -> Tensor:

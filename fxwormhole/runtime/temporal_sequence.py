@@ -117,6 +117,7 @@ class SequenceJob:
         GX0 = (torch.mm(x2, W[0].w_ihT) if bias0 is None else torch.addmm(bias0, x2, W[0].w_ihT)).view(T, B, -1).unbind(0)
         scale = (norm_rows(x) + EPS).unbind(0)  # ||x_t|| + eps per sample
         ms = self._mask_steps(T)
+        ms_t = list(zip(*ms))
         fmap = ForwardMap(plan, cell, W, fbs)
         lims = limits(rt.fwd_spec, x)
         ns, ne = (2 if cell.has_c else 1), cell.n_aux
@@ -142,7 +143,7 @@ class SequenceJob:
                 inp = once(l, consts[l], inp)
             if inp is not None:
                 consts[lo] = cell.fold_input(W[lo], consts[lo], inp)
-            fmap.reset(consts[lo:hi + 1], [ms[l][t] for l in range(lo, hi + 1)], scale[t])
+            fmap.reset(consts[lo:hi + 1], ms_t[t][lo:hi + 1], scale[t])
             r = solve_step(fmap, None, B, rt.fwd_spec, lims, max(1, hint - 1))
             hint = r.evaluations
             aux = fmap.evaluate(r.x)[0] if r.stale else r.aux  # (rare) the answer was not the last evaluation
@@ -159,10 +160,11 @@ class SequenceJob:
             iters.append(r.iterations)
             res.append(r.residual)
             best.append(r.best)
-            h, m = states[hi][-1][0], ms[hi][t]
-            inp = h if m is None else h * m
-            for l in range(hi + 1, L):  # above the wormholes: once per step
-                inp = once(l, consts[l], inp)
+            if hi < L - 1:  # above the wormholes: once per step
+                h, m = states[hi][-1][0], ms[hi][t]
+                inp = h if m is None else h * m
+                for l in range(hi + 1, L):
+                    inp = once(l, consts[l], inp)
             prev = [states[l][-1] for l in range(L)]
         rt.hint_fwd = hint
         R, BEST = torch.stack(res), torch.stack(best)
@@ -257,14 +259,20 @@ class SequenceJob:
         dQ_buf = [out.new_empty(T, B, 2 * fb.D) if fb.kind == "input" else None for fb in fbs]
         keep_dh = plan.proj_size > 0  # the cotangent of h is needed after the loop only for d W_hr
         dh_buf = [out.new_empty(T, B, plan.h_size) for _ in range(L)] if keep_dh else None
+        # per-step views, made once: indexing a buffer per step is an op each time
+        dA_t = [b.unbind(0) for b in dA_buf]
+        d_in_t = {b: buf.unbind(0) for b, buf in d_in_buf.items()}
+        dQ_t = [None if q is None else q.view(T, B, 2, -1).unbind(0) for q in dQ_buf]
+        ms_t = list(zip(*ms))
         iters, res, best = [], [], []
         amap = AdjointMap(plan, cell, W, fbs)
         lims = limits(rt.adj_spec, out)
         srcs, has_c = plan.srcs, cell.has_c
         region = range(hi, lo - 1, -1)
+        zero_h = torch.zeros_like(out[0])
         hint = rt.hint_adj
         for t in range(T - 1, -1, -1):
-            g_h = [_zero_if_none(dh_next[l], out[0]) for l in range(L)]
+            g_h = [zero_h if d is None else d for d in dh_next]
             if douts is not None:
                 g_h[L - 1] = g_h[L - 1] + douts[t]
             g_c = dc_next if has_c else [None] * L
@@ -275,7 +283,7 @@ class SequenceJob:
             d_above = None
             for l in range(L - 1, hi, -1):  # above the wormholes: once per step
                 dh = g_h[l] if d_above is None else g_h[l] + d_above
-                dAs[l], extras[l] = cell.vjp(W[l], ft[l], dh, g_c[l], dA_buf[l][t])
+                dAs[l], extras[l] = cell.vjp(W[l], ft[l], dh, g_c[l], dA_t[l][t])
                 dhs[l] = dh
                 di = torch.mm(dAs[l], W[l].w_ih)
                 m = ms[l - 1][t]
@@ -283,9 +291,8 @@ class SequenceJob:
             # the residual's denominator: every component of ybar but the sources' h is constant (= g)
             others = [g_h[l] for l in range(L) if l not in srcs] + [c for c in g_c if c is not None]
             const_norm = norm_rows(torch.cat(others, 1)).add_(EPS) if others else lims[0].new_full((B,), EPS)
-            amap.reset(ft, [ms[l][t] for l in range(L)], g_h, g_c, d_above, const_norm,
-                       [None if q is None else q[t] for q in QS_t], [b[t] for b in dA_buf],
-                       {b: buf[t] for b, buf in d_in_buf.items()}, [None if q is None else q[t] for q in dQ_buf])
+            amap.reset(ft, ms_t[t], g_h, g_c, d_above, const_norm, [None if q is None else q[t] for q in QS_t],
+                       [b[t] for b in dA_t], {b: v[t] for b, v in d_in_t.items()}, [None if q is None else q[t] for q in dQ_t])
             y0 = g_h[srcs[0]] if len(srcs) == 1 else torch.cat([g_h[a] for a in srcs], 1)
             r = solve_step(amap, y0, B, rt.adj_spec, lims, max(1, hint - 1))
             hint = r.evaluations
@@ -309,7 +316,7 @@ class SequenceJob:
                 d_above = d_in[lo] if m is None else d_in[lo] * m
                 for l in range(lo - 1, -1, -1):
                     dh = g_h[l] + d_above
-                    dAs[l], extras[l] = cell.vjp(W[l], ft[l], dh, g_c[l], dA_buf[l][t])
+                    dAs[l], extras[l] = cell.vjp(W[l], ft[l], dh, g_c[l], dA_t[l][t])
                     dhs[l] = dh
                     if l > 0:
                         di = torch.mm(dAs[l], W[l].w_ih)

@@ -153,17 +153,18 @@ def solve_step(m: StepMap, x0: Optional[Tensor], B: int, spec: LoopSpec, lims: T
     hold: Optional[_Holder] = None
     entries: List[tuple] = []  # deferred checks: (k, x, aux, r, best, pending)
     k = 0
+    max_iter, every, plain = spec.max_iter, spec.check_every, spec.solver is None and spec.damping == 1.0
+    shortcut = spec.factor >= 1  # then r <= factor * min(best, r)  <=>  r <= factor * best
+    evaluate, residual = m.evaluate, m.residual
     while True:
-        aux, fx = m.evaluate(x)
+        aux, fx = evaluate(x)
         k += 1
-        last = k >= spec.max_iter
-        if last or (k - 1) % spec.check_every == 0:
-            r = m.residual(x, fx)
-            if best is None and spec.factor >= 1:
-                # first check: r <= factor * min(r) holds for every finite r (NaN fails r > tol)
-                pending, best = r > tol, r
-            elif spec.factor >= 1:
-                # r <= factor * min(best, r)  <=>  r <= factor * best  when factor >= 1
+        last = k >= max_iter
+        if last or (k - 1) % every == 0:
+            r = residual(x, fx)
+            if best is None and shortcut:  # first check: r <= factor * r for every finite r
+                pending, best = r > tol, r  # (and NaN fails r > tol)
+            elif shortcut:
                 pending = (r > tol).logical_and_(r <= best * factor)
                 best = torch.fmin(best, r)
             else:
@@ -171,44 +172,47 @@ def solve_step(m: StepMap, x0: Optional[Tensor], B: int, spec: LoopSpec, lims: T
                 pending = (r > tol).logical_and_(r <= best * factor)
             if live is not None:
                 pending.logical_or_(~live)
-            entries.append((k, x, aux, r, best, pending))
-            if last or k >= sync_from:
-                counts = _read_counts([e[-1] for e in entries] if len(entries) == 1 else _cumulative(entries))
-                b = fx.shape[0]
-                if hold is None and live is None and len(entries) == 1:  # the usual case, read at once
-                    if counts[0] == b and not last:
-                        entries = []
-                        x, state = (fx, None) if spec.solver is None and spec.damping == 1.0 else _advance(spec, state, x, fx, live)
-                        continue
-                    if counts[0] == 0 or last:  # every sample finished here (or must stop here)
-                        return StepResult(x, aux, k, r, best, k)
-                outcome = _settle(entries, counts, last, spec, rows, live, hold, B, fx)
-                entries = []
-                if outcome is None:
-                    pass
-                elif isinstance(outcome, tuple):  # every sample finished at one check, none before
-                    kf, xf, auxf, rf, bf, _ = outcome
-                    return StepResult(xf, auxf, kf, rf, bf, k, stale=kf != k)
-                else:
-                    hold, alive = outcome.hold, outcome.alive
-                    if alive is None:  # every sample has finished
-                        if spec.compact:
-                            return StepResult(hold.x, hold.aux, hold.iters, hold.res, hold.best, k)
-                        return StepResult(hold.x, aux, hold.iters, hold.res, hold.best, k, stale=outcome.earlier)
+            if hold is None and live is None and not entries and (last or k >= sync_from):
+                counts = _read_counts([pending])  # the usual case: this check is read at once
+                if counts[0] == fx.shape[0] and not last:
+                    x, state = (fx, None) if plain else _advance(spec, state, x, fx, live)
+                    continue
+                if counts[0] == 0 or last:  # every sample finished here (or must stop here)
+                    return StepResult(x, aux, k, r, best, k)
+                entries = [(k, x, aux, r, best, pending)]
+            else:
+                entries.append((k, x, aux, r, best, pending))
+                if not (last or k >= sync_from):
+                    x, state = (fx, None) if plain and live is None else _advance(spec, state, x, fx, live)
+                    continue
+                counts = _read_counts(_cumulative(entries) if len(entries) > 1 else [pending])
+            outcome = _settle(entries, counts, last, spec, rows, live, hold, B, fx)
+            entries = []
+            if outcome is None:
+                pass
+            elif isinstance(outcome, tuple):  # every sample finished at one check, none before
+                kf, xf, auxf, rf, bf, _ = outcome
+                return StepResult(xf, auxf, kf, rf, bf, k, stale=kf != k)
+            else:
+                hold, alive = outcome.hold, outcome.alive
+                if alive is None:  # every sample has finished
                     if spec.compact:
-                        keep = alive.nonzero().squeeze(1)
-                        rows = keep if rows is None else rows[keep]
-                        x = None if x is None else x[keep]
-                        fx, best = fx[keep], best[keep]
-                        state = None if state is None else tuple(s[keep] for s in state)
-                        m.compact(keep)
-                    else:
-                        # finished samples go back to their answer and stay there: the next
-                        # evaluations (for the others) recompute their intermediates unchanged
-                        live = alive
-                        if hold is not None:  # (batch halting: converged samples iterate on until all have)
-                            x = hold.x.clone() if x is None else torch.where(alive.unsqueeze(1), x, hold.x)
-        x, state = _advance(spec, state, x, fx, live)
+                        return StepResult(hold.x, hold.aux, hold.iters, hold.res, hold.best, k)
+                    return StepResult(hold.x, aux, hold.iters, hold.res, hold.best, k, stale=outcome.earlier)
+                if spec.compact:
+                    keep = alive.nonzero().squeeze(1)
+                    rows = keep if rows is None else rows[keep]
+                    x = None if x is None else x[keep]
+                    fx, best = fx[keep], best[keep]
+                    state = None if state is None else tuple(s[keep] for s in state)
+                    m.compact(keep)
+                else:
+                    # finished samples go back to their answer and stay there: the next
+                    # evaluations (for the others) recompute their intermediates unchanged
+                    live = alive
+                    if hold is not None:  # (batch halting: converged samples iterate on until all have)
+                        x = hold.x.clone() if x is None else torch.where(alive.unsqueeze(1), x, hold.x)
+        x, state = (fx, None) if plain and live is None else _advance(spec, state, x, fx, live)
 
 
 @dataclass
