@@ -13,8 +13,10 @@ cross-entropy, Adam (lr 1e-3), sequence length T = 50, batch 64. Variants, per k
   compiled once; ``--no-compiled`` skips it);
 * ``generic``   -- ``open`` on the generic one-FixedPoint-per-step path (``--generic``; slow).
 
-Timing: all variants live in one process, each gets warm-up steps, then ``--rounds`` rounds of
-``--steps`` training steps per variant, the order rotated every round; the table gives the median
+Timing: all variants live in one process, each gets two warm-up steps, then ``--rounds`` rounds of
+``--steps`` training steps per variant, the order rotated every round; each round starts from the
+state after the warm-up (parameters and Adam state restored), so the wormholes open no further from
+round to round and the iteration counts stay those of the start of training; the table gives the median
 of the per-round means and its ratio to ``torch``, in process CPU time (``cpu ms``: what a step
 costs, robust to other jobs on a shared machine) and in wall time. ``fwd/adj it`` are the mean forward / adjoint
 iterations per time step; ``reads/step`` the solve loop's host reads per time step (forward +
@@ -25,6 +27,7 @@ backward). ``compile s`` is the compiled variant's first step minus its median s
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -97,11 +100,13 @@ def bench(kind: str, hidden: int, variants: List[str], rounds: int, steps: int, 
     x, y = torch.randn(batch, T, INPUT), torch.randint(0, CLASSES, (batch,))
     models = {v: build(kind, hidden, v) for v in variants}
     first: Dict[str, float] = {}
+    start: Dict[str, tuple] = {}
     for v, (net, opt) in models.items():
         t0 = time.perf_counter()
         train_step(net, opt, x, y)
         first[v] = time.perf_counter() - t0
         train_step(net, opt, x, y)
+        start[v] = (copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()))
     times: Dict[str, List[float]] = {v: [] for v in variants}
     cpu: Dict[str, List[float]] = {v: [] for v in variants}
     its: Dict[str, List[tuple]] = {v: [] for v in variants}
@@ -110,6 +115,8 @@ def bench(kind: str, hidden: int, variants: List[str], rounds: int, steps: int, 
         order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
             net, opt = models[v]
+            net.load_state_dict(start[v][0])  # every round trains from the same point: the
+            opt.load_state_dict(start[v][1])  # iteration counts do not drift with the number of rounds
             before = reads.n
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
@@ -134,8 +141,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--kinds", nargs="+", default=["lstm", "gru"], choices=sorted(TORCH))
-    ap.add_argument("--rounds", "--repeats", type=int, default=8, help="alternating rounds (--repeats: the old name)")
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--rounds", "--repeats", type=int, default=16, help="alternating rounds (--repeats: the old name)")
+    ap.add_argument("--steps", type=int, default=1, help="training steps per variant and round")
     ap.add_argument("--T", "--lengths", type=int, nargs="+", default=[50], help="sequence length(s)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
