@@ -20,11 +20,13 @@ The time loop runs under ``torch.compiler.disable``, so ``torch.compile`` of a s
 never unrolls T steps into one graph; :meth:`ExplicitRecurrent.compile_step` compiles the cell once
 and the loop reuses it for every step, layer and sequence length.
 
-Temporal wormholes (see docs/recurrent.md). With wormholes the stack runs time-major: at step t a
-:class:`~fxwormhole.runtime.fixed_point.FixedPoint` solves ``u* = feedback(body(u*, x_t, s_{t-1}))``
-where ``u`` is the injection into the wormholes' destination layers' inputs, ``body`` runs the layer
-stack and returns the new states ``s_t``, and ``feedback`` returns ``gate(h_src)⊙proj(h_src)``.
-The step's gradient is implicit; between steps it is ordinary back-propagation through time.
+Temporal wormholes (see docs/recurrent.md). With wormholes the stack runs time-major: at step t the
+injection ``u`` into the wormholes' destination layers' inputs solves ``u* = feedback(body(u*, x_t,
+s_{t-1}))``, where ``body`` runs the layer stack and returns the new states ``s_t`` and ``feedback``
+returns ``gate(h_src)⊙proj(h_src)``. The step's gradient is implicit; between steps it is ordinary
+back-propagation through time. The fast runtime (:mod:`fxwormhole.runtime.temporal`) runs a whole
+sequence as one autograd node with hand-written VJPs; configurations it does not implement run one
+:class:`~fxwormhole.runtime.fixed_point.FixedPoint` call per step (``_forward_temporal_generic``).
 """
 from __future__ import annotations
 
