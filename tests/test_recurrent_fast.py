@@ -238,6 +238,16 @@ def test_on_fail_applies_once_per_sequence():
         e(x)
     msgs = [w for w in caught if "did not converge" in str(w.message)]
     assert len(msgs) == 1 and f"of {T * B} (step, sample)" in str(msgs[0].message)
+    # a caller run as `python -m pkg` (its loader cannot give its source) gets the warning too
+    class NoSource:
+        def get_source(self, name):
+            raise ImportError(f"loader for {name} cannot handle __main__")
+
+    scope = {"__name__": "__main__", "__loader__": NoSource(), "e": e, "x": x}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile("e(x)", "<python -m pkg>", "exec"), scope)
+    assert any("did not converge" in str(w.message) for w in caught)
     e2 = add_temporal_wormhole(nn.LSTM(I, H, 2), _open_config(solver=SolverConfig(name="picard", tol=1e-12, max_iter=2),
                                                               on_fail="raise"))
     with pytest.raises(ConvergenceError, match="forward solve did not converge"):

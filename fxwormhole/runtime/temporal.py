@@ -295,5 +295,6 @@ class TemporalRuntime:
         caller = sys._getframe(1)
         while caller.f_back is not None and caller.f_globals.get("__name__", "").split(".")[0] in ("fxwormhole", "torch"):
             caller = caller.f_back
+        # (no module_globals: a caller run as ``python -m pkg`` has a loader that cannot give its source)
         warnings.warn_explicit(msg, RuntimeWarning, caller.f_code.co_filename, caller.f_lineno,
-                               module=caller.f_globals.get("__name__"), registry={}, module_globals=caller.f_globals)
+                               module=caller.f_globals.get("__name__"), registry={})
