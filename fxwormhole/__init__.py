@@ -28,6 +28,7 @@ from .errors import (
     FxWormholeError,
     PlacementError,
     SaveError,
+    LoadError,
 )
 
 from .capture import capture
@@ -45,6 +46,9 @@ _LAZY = {
     "FixedPointStats": "fxwormhole.runtime.stats",
     "register_solver": "fxwormhole.runtime.solvers",
     "transform": "fxwormhole.api",
+    "save": "fxwormhole.persistence",
+    "load": "fxwormhole.persistence",
+    "load_optimizer": "fxwormhole.persistence",
 }
 
 __all__ = [
@@ -59,6 +63,7 @@ __all__ = [
     "ConvergenceError",
     "ExportError",
     "SaveError",
+    "LoadError",
     "capture",
     "compile",
     "export",

@@ -14,6 +14,7 @@ from .passes._common import run_passes
 from .passes.insert_wormholes import InsertWormholes
 from .passes.plan_wormholes import PlanWormholes
 from .passes.wrap_fixed_points import WrapFixedPoints
+from .persistence import TransformRecord
 from .transformed import TransformedModule
 
 __all__ = ["transform"]
@@ -93,6 +94,7 @@ def transform(
         gm = instrument_graph(gm, sal)
     result = TransformedModule(gm, gm.graph)
     result.meta = dict(gm.meta)
+    result.meta["fxwormhole"]["transform"] = TransformRecord.of(model, inputs, config, sal)  # for fxwormhole.save/load
     result.train(model.training)
     return result
 

@@ -13,6 +13,7 @@ __all__ = [
     "ConvergenceError",
     "ExportError",
     "SaveError",
+    "LoadError",
 ]
 
 
@@ -43,3 +44,9 @@ class ExportError(FxWormholeError):
 class SaveError(FxWormholeError, OSError):
     """Writing a file failed (disk full, no permission, missing directory, ...); the file that was
     at the path before is unchanged and no temporary file is left behind."""
+
+
+class LoadError(FxWormholeError):
+    """A folder written by :func:`fxwormhole.save` cannot be loaded: a file is missing or damaged, or
+    the model passed to :func:`fxwormhole.load` does not rebuild the saved one (the message names the
+    file and what to do)."""
