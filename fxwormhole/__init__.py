@@ -49,6 +49,8 @@ _LAZY = {
     "save": "fxwormhole.persistence",
     "load": "fxwormhole.persistence",
     "load_optimizer": "fxwormhole.persistence",
+    "report": "fxwormhole.stats_report",
+    "StatsLogger": "fxwormhole.stats_logger",
 }
 
 __all__ = [

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ._atomic import atomic_write
+from ._modules import unwrap
 from .config import GradConfig, SALConfig, SolverConfig, WormholeConfig
 from .errors import ConfigError, FxWormholeError, LoadError, SaveError
 
@@ -154,17 +155,6 @@ def _input_from_json(data: Mapping[str, Any]) -> InputSpec | None:
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-def _unwrap(net: nn.Module) -> nn.Module:
-    """The TransformedModule inside a DDP/FSDP wrapper (``.module``) or torch.compile (``._orig_mod``)."""
-    for _ in range(4):
-        inner = getattr(net, "_orig_mod", None) or (getattr(net, "module", None)
-                                                    if isinstance(net, nn.parallel.DistributedDataParallel) else None)
-        if not isinstance(inner, nn.Module):
-            return net
-        net = inner
-    return net
-
-
 def _record_of(net: nn.Module) -> TransformRecord:
     meta = getattr(net, "meta", None)
     record = meta.get("fxwormhole", {}).get("transform") if isinstance(meta, dict) else None
@@ -234,7 +224,7 @@ def save(net: nn.Module, directory: str | Path, *, optimizer: torch.optim.Optimi
             fxwormhole[save]``).
         SaveError: a file could not be written (the files already there are unchanged).
     """
-    net = _unwrap(net)
+    net = unwrap(net)
     record = _record_of(net)
     st = _safetensors("fxwormhole.save")
     folder = Path(directory)
