@@ -197,6 +197,21 @@ def _weights_for_safetensors(state: Mapping[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
+def _full_state(net: nn.Module, optimizer: Any) -> tuple[dict, bool]:
+    """``(state_dict with full tensors, whether this process writes)``: FSDP2 shards (DTensors) are
+    gathered on every rank, and only rank 0 writes."""
+    state = net.state_dict()
+    if not any(hasattr(v, "full_tensor") for v in state.values()):
+        return state, True
+    if optimizer is not None:
+        raise ConfigError("fxwormhole.save(optimizer=...): the optimizer state of an FSDP2 model is sharded; save it "
+                          "with torch.distributed.checkpoint (get_optimizer_state_dict) and call save without it")
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+    import torch.distributed as dist
+
+    return state, not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _mode_exceptions(net: nn.Module) -> dict[str, bool]:
     """Submodules whose training flag differs from the top module's (e.g. a frozen BatchNorm)."""
     return {name: m.training for name, m in net.named_modules() if name and m.training != net.training}
@@ -217,7 +232,9 @@ def save(net: nn.Module, directory: str | Path, *, optimizer: torch.optim.Optimi
 
     ``directory`` is created if missing; files of an earlier save there are replaced (each atomically).
     A model wrapped in ``DistributedDataParallel`` or ``torch.compile`` is unwrapped; save from one
-    rank only (rank 0).
+    rank only (rank 0). A model sharded with FSDP2 (``fully_shard``) is saved by calling this on
+    every rank (its shards are gathered, a collective); rank 0 writes. Its optimizer state is
+    sharded too: save it with ``torch.distributed.checkpoint``.
 
     Raises:
         ConfigError: ``net`` is not a transformed model, or safetensors is missing (``pip install
@@ -227,6 +244,9 @@ def save(net: nn.Module, directory: str | Path, *, optimizer: torch.optim.Optimi
     net = unwrap(net)
     record = _record_of(net)
     st = _safetensors("fxwormhole.save")
+    state, writer = _full_state(net, optimizer)
+    if not writer:
+        return Path(directory)
     folder = Path(directory)
     if folder.exists() and not folder.is_dir():
         raise SaveError(f"cannot save to {folder}: it is a file, not a folder; pass a folder path (it is created if missing)")
@@ -257,7 +277,7 @@ def save(net: nn.Module, directory: str | Path, *, optimizer: torch.optim.Optimi
     weights = folder / WEIGHTS_FILE
     with atomic_write(weights, what="the weights") as tmp:
         mode = stat.S_IMODE(tmp.stat().st_mode)  # safetensors re-creates the file as 0o600
-        st.save_file(_weights_for_safetensors(net.state_dict()), str(tmp), metadata={"format": FORMAT})
+        st.save_file(_weights_for_safetensors(state), str(tmp), metadata={"format": FORMAT})
         os.chmod(tmp, mode)
     config["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(weights)}
     config["optimizer"] = None
