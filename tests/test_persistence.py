@@ -45,6 +45,8 @@ def _lstm() -> torch.nn.Module:
 
 CASES = {
     "mlp_wormhole_sal": (_mlp, (12, 6), WormholeConfig(wormholes=[("layers.2", "layers.0")], **OPEN), SALConfig(eta=1e-2)),
+    # a parametrized (spectrally normalised) projection and per-channel gates
+    "mlp_spectral_norm": (_mlp, (12, 6), WormholeConfig(gate="channel", spectral_norm=True, **OPEN), None),
     "lstm_temporal": (_lstm, (12, 3, 4), WormholeConfig(gate="input", **OPEN), None),
 }
 
