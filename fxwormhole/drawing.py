@@ -369,11 +369,9 @@ def transformed_display(net: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
     holds ``highlights``, ``labels``, ``side``, ``wormholes`` and ``frames`` for
     :func:`build_display_graph`.
     """
-    from .describe import bridge_text, gate_text
     from .runtime.fixed_point import FixedPoint
     from .runtime.recurrent import ExplicitRecurrent
     from .runtime.sensitivity import NeuronProbe
-    from .runtime.wormhole import Wormhole
     from .transformed import public_name
 
     graph = fx.Graph()
@@ -394,8 +392,7 @@ def transformed_display(net: fx.GraphModule) -> tuple[fx.GraphModule, dict]:
         module = modules.get(str(node.target)) if node.op == "call_module" else None
         body = getattr(module, "body", None)
         if isinstance(module, FixedPoint) and isinstance(body, fx.GraphModule):
-            _inline_fixed_point(graph, env, node, module, body, opts, note_probe, modules,
-                                bridge_text, gate_text, Wormhole)
+            _inline_fixed_point(graph, env, node, module, opts, note_probe, modules)
             continue
         new = graph.node_copy(node, lambda n: env[n])
         new.meta = dict(node.meta)
@@ -435,8 +432,12 @@ def _temporal_names(module) -> list[tuple[str, str]]:
             for a, b in module.temporal_pairs]
 
 
-def _inline_fixed_point(graph, env, node, module, body, opts, note_probe, modules, bridge_text, gate_text, Wormhole):
-    """Copy ``body``'s nodes in place of the fixed-point ``node`` (see :func:`transformed_display`)."""
+def _inline_fixed_point(graph: fx.Graph, env: dict, node: fx.Node, module, opts: dict, note_probe, modules: dict) -> None:
+    """Copy the body's nodes of the fixed-point ``node`` in its place (see :func:`transformed_display`)."""
+    from .describe import bridge_text, gate_text
+    from .runtime.wormhole import Wormhole
+
+    body = module.body
     prefix = f"{node.target}.body."
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     n_states = len(placeholders) - len(node.args)
