@@ -14,7 +14,7 @@ from .passes._common import run_passes
 from .passes.insert_wormholes import InsertWormholes
 from .passes.plan_wormholes import PlanWormholes
 from .passes.wrap_fixed_points import WrapFixedPoints
-from .persistence import TransformRecord
+from .transform_record import TransformRecord
 from .transformed import TransformedModule
 
 __all__ = ["transform"]
