@@ -15,6 +15,7 @@ user's model is unchanged (``helpers.snapshot`` / ``helpers.assert_unchanged``).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 import warnings
@@ -26,7 +27,7 @@ import torch.nn as nn
 import fxwormhole as fw
 from fxwormhole.errors import CaptureError, ConfigError, FxWormholeError, PlacementError
 from fxwormhole.runtime.fixed_point import FixedPoint
-from fxwormhole.runtime.stats import CONVERGED, NON_FINITE
+from fxwormhole.runtime.stats import CONVERGED, MAX_ITER, NON_FINITE, failure_advice
 from helpers import TinyLSTM, TinyMLP, assert_unchanged, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -339,6 +340,74 @@ def test_nan_and_inf_inputs_stay_in_their_own_samples(config, front_end):
     assert stats.status.tolist() == [CONVERGED, NON_FINITE] + [CONVERGED] * 4
     if config is None:
         torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+SOLVER_ADVICE = "raise max_iter"  # the start of the solver hint (_loop._HINT, temporal._HINT)
+#: the open temporal config of the warning tests (iterates 3 times a step on TinyLSTM)
+OPEN_LSTM = fw.WormholeConfig(gate_init=0.0, proj_init="normal", proj_std=0.5)
+
+
+def _warnings_of(fn, *args) -> list:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn(*args)
+    return [w for w in caught if "did not converge" in str(w.message)]
+
+
+def _forward_and_backward(net: nn.Module, x: torch.Tensor) -> None:
+    net(x).nan_to_num().sum().backward()
+
+
+@pytest.mark.parametrize("front_end", ["symbolic_trace", "export"])
+@pytest.mark.parametrize("model, x, config", [
+    (TinyMLP, X, None), (TinyMLP, X, OPEN), (TinyLSTM, SEQ, OPEN_LSTM)],
+    ids=["closed gate", "open gate", "temporal"])
+def test_a_nan_input_is_reported_as_a_non_finite_input_not_as_a_solver_problem(model, x, config, front_end):
+    """Issue 13 row 7: a NaN sample fails at the first evaluation, before any solver step, so the
+    forward warning names the sample and says its input or activations were non-finite, and the
+    adjoint warning says its incoming gradient or forward values were; neither advises max_iter or
+    damping (which cannot help), with the gate closed or open, for fixed points and temporal
+    wormholes. Each warning points at the line of the caller (the temporal forward warning, issued
+    from fx-generated code, used to be dropped by warnings.warn_explicit)."""
+    net = fw.transform(model(), (x,), config, front_end=front_end)
+    bad = x.clone()
+    bad[1].view(-1)[2] = float("nan")
+    caught = _warnings_of(_forward_and_backward, net, bad)
+    assert [str(w.message).split(" solve")[0].split(": ")[-1] for w in caught] == ["forward", "backward (adjoint)"]
+    forward, backward = (str(w.message) for w in caught)
+    assert "sample 1 was non-finite (NaN/Inf) at the first evaluation" in forward, forward
+    assert "the input of that sample" in forward and "torch.isfinite(x)" in forward, forward
+    assert "sample 1 was non-finite" in backward and "the gradient arriving from the loss" in backward, backward
+    for message in (forward, backward):
+        assert SOLVER_ADVICE not in message, f"solver advice for a non-finite input: {message}"
+    assert {w.filename for w in caught} == {__file__}, [(w.filename, w.lineno) for w in caught]
+
+
+def test_a_solve_that_does_not_converge_still_gets_the_solver_advice():
+    """The other side of row 7: samples that fail while iterating are told what to change."""
+    net = fw.transform(TinyMLP(), (X,), dataclasses.replace(OPEN, max_iter=3))
+    (message,) = (str(w.message) for w in _warnings_of(net, X))
+    assert "to fix: " + SOLVER_ADVICE in message and "non-finite" not in message, message
+
+
+def test_a_nan_sample_among_samples_that_do_not_converge_gets_both_causes():
+    net = fw.transform(TinyMLP(), (X,), dataclasses.replace(OPEN, max_iter=3))
+    (message,) = (str(w.message) for w in _warnings_of(net, _with_nonfinite(X)))
+    status = net.fixed_point_stats()["fixed_point_0"].status
+    assert status[1] == NON_FINITE and int((status == MAX_ITER).sum()) > 0  # both causes in one batch
+    others = int((status != CONVERGED).sum()) - 1
+    assert "sample 1 was non-finite (NaN/Inf) at the first evaluation" in message, message
+    assert f"to fix the other failures ({others} samples): " + SOLVER_ADVICE in message, message
+
+
+def test_a_temporal_step_that_blows_up_is_a_solver_problem_not_an_input_one():
+    """NaN born while iterating (iterations > 1 at that step) is carried into the later steps, where
+    it is present at their first evaluation: the sample is still the solver's, not its input's."""
+    status = torch.tensor([[0, 0], [NON_FINITE, 0], [NON_FINITE, 0]], dtype=torch.int8)  # [T, B]: sample 0 blew up at step 1
+    iterations = torch.tensor([[3, 3], [9, 3], [1, 3]])
+    assert failure_advice(status, iterations, "forward", "HINT") == "to fix: HINT"
+    iterations[1, 0] = 1  # non-finite from the first evaluation of step 1 on: the input
+    assert failure_advice(status, iterations, "forward", "HINT").startswith("sample 0 was non-finite")
 
 
 class LogInBody(nn.Module):
