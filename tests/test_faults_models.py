@@ -451,21 +451,40 @@ def test_a_float32_model_called_with_another_float_dtype_raises_what_the_origina
     assert str(transformed.value) == str(original.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 13 row 8 (runtime): FixedPoint marks its inputs requires_grad before the body runs, which "
-    "fails for an integer tensor with 'only Tensors of floating point dtype can require gradients'; the "
-    "runtime should leave non-floating inputs as they are (or refuse them with a typed error naming the node)"))
-def test_a_float32_model_called_with_int64_raises_torchs_dtype_error_or_a_typed_one():
+@pytest.mark.parametrize("front_end", ["symbolic_trace", "export"])
+@pytest.mark.parametrize("grad", ["implicit", "phantom", "jfb", "unrolled"])
+@pytest.mark.parametrize("config", [None, OPEN], ids=["closed", "open"])
+def test_a_float32_model_called_with_int64_raises_torchs_dtype_error(config, grad, front_end):
+    """Issue 13 row 8: the original's error (torch's dtype mismatch at fc1), with and without
+    autograd, not 'only Tensors of floating point dtype can require gradients' from the runtime
+    (which made the integer state of the fixed point a leaf requiring grad)."""
     model = TinyMLP()
-    net = fw.transform(model, (X,))
+    config = dataclasses.replace(config or fw.WormholeConfig(), grad=fw.GradConfig(mode=grad))
+    net = fw.transform(model, (X,), config, front_end=front_end)
     ids = torch.randint(0, 3, (6, 5))
     with pytest.raises(RuntimeError) as original:
         model(ids)
-    with pytest.raises((RuntimeError, FxWormholeError)) as transformed:
-        net(ids)
-    message = str(transformed.value)
-    assert "only Tensors of floating point dtype can require gradients" not in message
-    assert isinstance(transformed.value, FxWormholeError) or message == str(original.value)
+    for autograd in (True, False):
+        with torch.set_grad_enabled(autograd), pytest.raises(RuntimeError) as transformed:
+            net(ids)
+        assert str(transformed.value) == str(original.value), (autograd, str(transformed.value))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("config", [None, OPEN_LSTM], ids=["closed", "open"])
+def test_a_transformed_lstm_called_with_another_dtype_raises_what_nn_lstm_raises(config, dtype):
+    """Row 8 for recurrent models: nn.LSTM refuses the dtype with a ValueError saying what to
+    convert; the explicit LSTM that replaces it said 'mat1 and mat2 must have the same dtype' (a
+    RuntimeError, which code catching the original's ValueError would miss)."""
+    model = TinyLSTM()
+    net = fw.transform(model, (SEQ,), config)
+    x = (SEQ * 3).to(dtype)
+    with pytest.raises(ValueError) as original:
+        model(x)
+    with pytest.raises(ValueError) as transformed:
+        net(x)
+    assert isinstance(transformed.value, FxWormholeError)
+    assert str(transformed.value).endswith(": " + str(original.value)), str(transformed.value)
 
 
 def test_a_float64_model_transforms_and_equals_the_original():
