@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import re
 import warnings
 
@@ -634,3 +635,56 @@ def test_batchnorm_inside_the_cycle_updates_its_statistics_once_per_call_with_sy
     assert int(state["bn.num_batches_tracked"]) == 1
     momentum = net.get_submodule("fixed_point_0.body.bn").momentum
     torch.testing.assert_close(state["bn.running_mean"], momentum * seen[-1].mean(0), rtol=1e-5, atol=1e-7)
+
+
+# ============================================================================ reports (row 12)
+def test_fixed_point_stats_repr_names_the_statuses():
+    """Row 12: ``repr`` showed ``status=tensor([0, 3, ...], dtype=torch.int8)``; it names them: per
+    sample for a small batch, counts and the failed samples for a large one (and for temporal stats)."""
+    net = fw.transform(TinyMLP(), (X,), OPEN)
+    _quiet(_forward_and_backward, net, _with_nonfinite(X))
+    stats = net.fixed_point_stats()["fixed_point_0"]
+    text = repr(stats)
+    names = ["converged", "non_finite"] + ["converged"] * 4
+    assert f"forward=SolveStats(iterations={stats.iterations.tolist()}," in text, text
+    assert f"status={names})" in text and "backward=SolveStats(" in text and "int8" not in text, text
+    big = torch.cat([X] * 3)
+    big[7, 0] = float("nan")
+    with torch.no_grad():
+        _quiet(net, big)
+    text = repr(net.fixed_point_stats()["fixed_point_0"])
+    assert "samples=18" in text and "status={'converged': 17, 'non_finite': 1}, failed_samples=[7]" in text, text
+    assert "backward=None" in text, text
+    lstm = fw.transform(TinyLSTM(), (SEQ,), OPEN_LSTM)
+    bad = SEQ.clone()
+    bad[2, 1, 0] = float("nan")  # sample 2 from step 1 on
+    with torch.no_grad():
+        _quiet(lstm, bad)
+    text = repr(lstm.fixed_point_stats()["rnn"])
+    assert text.startswith("TemporalStats(steps=4, forward=SolveStats(samples=3,") and "failed_samples=[2]" in text, text
+    assert "'non_finite': 3" in text and "int8" not in text, text
+
+
+def test_probes_never_updated_report_n_a_not_zero():
+    """Row 12: a probe that has not measured anything reported log-sensitivity +0.0000 (the edge of
+    chaos, a plausible and good-looking value), s_bar 0 and 100 % below target; its figures are NaN
+    and the tables print n/a until the first training-mode update, after which they are the buffers'."""
+    net = fw.transform(TinyMLP(), (X,), OPEN, sal=fw.SALConfig())
+    sal = fw.SAL(net)
+    rows = fw.sensitivity_report(net).rows
+    assert rows and all(r.updates == 0 for r in rows)
+    assert all(math.isnan(v) for r in rows for v in (r.mean_s_bar, r.log_rms_s, r.below_target))
+    assert math.isnan(sal.mean_s_bar()) and all(math.isnan(v) for v in sal.log_sensitivity().values())
+    assert math.isnan(fw.sensitivity_report(net).mean_log_rms())
+    for table in (str(fw.sensitivity_report(net)), str(fw.report(net))):
+        probe_lines = [ln for ln in table.splitlines() if ln.startswith(("fc1 ", "fc2 "))]
+        assert probe_lines and all(ln.split().count("n/a") == 3 and "+0.0000" not in ln for ln in probe_lines), table
+    assert not [k for k in fw.report(net).metrics() if k.startswith("sensitivity/")]
+    net.train()
+    _quiet(_forward_and_backward, net, X)
+    rows = {r.layer: r for r in fw.sensitivity_report(net).rows}
+    probe = next(p for p in fw.SAL(net).probes.values() if fw.transformed.public_name(p.layer) == "fc2")
+    assert rows["fc2"].updates >= 1 and rows["fc2"].log_rms_s == float(probe.log_rms)
+    assert sal.log_sensitivity()[probe.layer] == float(probe.log_rms) and not math.isnan(sal.mean_s_bar())
+    assert "n/a" not in str(fw.sensitivity_report(net))
+    assert fw.report(net).metrics()["sensitivity/fc2/log_rms"] == float(probe.log_rms)
