@@ -5,11 +5,7 @@ prints ``str(error)`` on one line and exits with code 2.
 """
 from __future__ import annotations
 
-import sys
-import warnings
-
 __all__ = [
-    "warn_user",
     "FxWormholeError",
     "ConfigError",
     "CaptureError",
@@ -72,19 +68,3 @@ class LoadError(FxWormholeError):
     """A folder written by :func:`fxwormhole.save` cannot be loaded: a file is missing or damaged, or
     the model passed to :func:`fxwormhole.load` does not rebuild the saved one (the message names the
     file and what to do)."""
-
-
-def warn_user(message: str, category: type = RuntimeWarning) -> None:
-    """Issue a warning attributed to the user's line: the first frame outside fxwormhole, torch and
-    code that torch.fx generated (which has no ``__name__``; a transformed model's forward is such code).
-
-    ``warnings.warn_explicit`` with a throwaway registry: ``warnings.warn`` would remember every
-    distinct text in the caller's ``__warningregistry__``, and these texts carry residuals, so a long
-    run grew without bound. The module is always named (``warn_explicit`` drops a warning whose
-    module is None), and no module globals are passed (a caller run as ``python -m pkg`` has a
-    loader that cannot give its source)."""
-    caller = sys._getframe(1)
-    while caller.f_back is not None and caller.f_globals.get("__name__", "torch").split(".")[0] in ("fxwormhole", "torch"):
-        caller = caller.f_back
-    warnings.warn_explicit(message, category, caller.f_code.co_filename, caller.f_lineno,
-                           module=caller.f_globals.get("__name__") or "fxwormhole", registry={})

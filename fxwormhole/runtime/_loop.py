@@ -14,13 +14,15 @@ optional ``[b]`` reference norm. They share one schedule so that they produce th
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..config import SolverConfig
-from ..errors import ConvergenceError, warn_user
+from ..errors import ConvergenceError
 from .solvers import FixedPointSolver
 from .stats import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, SolveStats, failure_advice
 from ._tree import residual
@@ -144,7 +146,11 @@ def report(stats: SolveStats, *, name: str, on_fail: str, phase: str) -> None:
            f"{failure_advice(stats.status, stats.iterations, phase, _HINT)}")
     if on_fail == "raise":
         raise ConvergenceError(msg)
-    warn_user(msg)
+    # warn_explicit with a throwaway registry: warnings.warn would remember every distinct text in the
+    # caller's __warningregistry__, and these texts carry residuals, so a long run grew without bound.
+    caller = sys._getframe(2)  # what stacklevel=3 pointed at: the code that ran the solve
+    warnings.warn_explicit(msg, RuntimeWarning, caller.f_code.co_filename, caller.f_lineno,
+                           module=caller.f_globals.get("__name__"), registry={}, module_globals=caller.f_globals)
 
 
 def solve_compiled(fmap: Callable, x0: Tensor, solver: FixedPointSolver, cfg: SolverConfig, *,

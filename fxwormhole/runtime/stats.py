@@ -28,11 +28,7 @@ CONVERGED, MAX_ITER, DIVERGED, NON_FINITE = 0, 1, 2, 3
 STATUS_NAMES = ("converged", "max_iter", "diverged", "non_finite")
 
 
-#: up to this many samples a repr lists each sample; above it, a summary
-_REPR_SAMPLES = 8
-
-
-@dataclass(repr=False)
+@dataclass
 class SolveStats:
     """One solve (forward or adjoint), per sample.
 
@@ -67,20 +63,6 @@ class SolveStats:
     def status_names(self) -> list[str]:
         return [STATUS_NAMES[int(c)] for c in self.status.tolist()]
 
-    def __repr__(self) -> str:
-        """Status names, not int8 codes; per sample for a small batch, else counts and the failed
-        samples (the last dimension is the batch: a temporal solve's stats are ``[T, B]``)."""
-        n = self.status.numel()
-        if n <= _REPR_SAMPLES and self.status.dim() == 1:
-            return (f"SolveStats(iterations={self.iterations.flatten().tolist()}, "
-                    f"residual={[float(f'{r:.3g}') for r in self.residual.detach().float().flatten().tolist()]}, "
-                    f"status={self.status_names()})")
-        failed = (self.status != CONVERGED).reshape(-1, self.status.shape[-1]).any(0).nonzero().flatten().tolist()
-        shown = failed[:_REPR_SAMPLES] + (["..."] if len(failed) > _REPR_SAMPLES else [])
-        return (f"SolveStats(samples={self.status.shape[-1] if self.status.dim() else n}, mean_iterations={self.mean_iterations:.3g}, "
-                f"max_iterations={int(self.iterations.max()) if n else 0}, worst_residual={self.worst_residual:.3g}, "
-                f"status={self.counts()}, failed_samples={shown})")
-
     def summary(self) -> dict:
         return {
             "mean_iterations": self.mean_iterations,
@@ -90,7 +72,7 @@ class SolveStats:
         }
 
 
-@dataclass(repr=False)
+@dataclass
 class FixedPointStats:
     """Statistics of the last call of a fixed-point node.
 
@@ -118,11 +100,6 @@ class FixedPointStats:
         if self.backward_iterations is None:
             return None
         return SolveStats(self.backward_iterations, self.backward_residual, self.backward_status)
-
-    def __repr__(self) -> str:
-        extra = f", extra={self.extra!r}" if self.extra else ""
-        return (f"FixedPointStats(name={self.name!r}, grad_mode={self.grad_mode!r}, tol={self.tol:g}, "
-                f"forward={self.forward!r}, backward={self.backward!r}{extra})")
 
     def set_backward(self, solve: SolveStats) -> None:
         self.backward_iterations, self.backward_residual, self.backward_status = (

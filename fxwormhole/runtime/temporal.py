@@ -27,6 +27,8 @@ loop (``nn.LSTMCell`` calls in a Python loop) can route it here.
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..config import GradConfig, SolverConfig
-from ..errors import ConfigError, ConvergenceError, warn_user
+from ..errors import ConfigError, ConvergenceError
 from .temporal_cells import LayerWeights, cell_math
 from .temporal_maps import Feedback, gate_adjoint_factors
 from .temporal_plan import StackPlan, TemporalStats
@@ -174,4 +176,11 @@ class TemporalRuntime:
                f"{failure_advice(status, iterations, phase, _HINT)}")
         if self.on_fail == "raise":
             raise ConvergenceError(msg)
-        warn_user(msg)
+        # warn_explicit with a throwaway registry: the texts carry residuals, and warnings.warn would
+        # remember every distinct one; the warning points at the first frame outside fxwormhole/torch.
+        caller = sys._getframe(1)
+        while caller.f_back is not None and caller.f_globals.get("__name__", "").split(".")[0] in ("fxwormhole", "torch"):
+            caller = caller.f_back
+        # (no module_globals: a caller run as ``python -m pkg`` has a loader that cannot give its source)
+        warnings.warn_explicit(msg, RuntimeWarning, caller.f_code.co_filename, caller.f_lineno,
+                               module=caller.f_globals.get("__name__"), registry={})

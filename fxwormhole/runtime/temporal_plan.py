@@ -12,8 +12,6 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .stats import SolveStats
-
 __all__ = ["StackPlan", "TemporalStats"]
 
 
@@ -123,12 +121,6 @@ class TemporalStats:
 
     def set_backward(self, iterations: Tensor, residual: Tensor, status: Tensor) -> None:
         self._bwd = (iterations, residual, status)
-
-    def __repr__(self) -> str:
-        bwd = self.backward_iterations
-        backward = None if bwd is None else SolveStats(bwd, self.backward_residual, self.backward_status)
-        return (f"TemporalStats(steps={self.steps}, forward={SolveStats(self.iterations, self.residual, self.status)!r}, "
-                f"backward={backward!r})")
 
     def summary(self) -> dict:
         it = self.iterations.float()
