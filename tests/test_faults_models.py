@@ -666,3 +666,21 @@ def test_probes_never_updated_report_n_a_not_zero():
     assert sal.log_sensitivity()[probe.layer] == float(probe.log_rms) and not math.isnan(sal.mean_s_bar())
     assert "n/a" not in str(fw.sensitivity_report(net))
     assert fw.report(net).metrics()["sensitivity/fc2/log_rms"] == float(probe.log_rms)
+
+
+# ================================================================================ export (item 3)
+@pytest.mark.parametrize("config", [fw.WormholeConfig(), OPEN_LSTM], ids=["closed", "open"])
+def test_export_of_temporal_wormholes_is_refused_with_what_is_true(config, tmp_path):
+    """torch.export cannot trace the temporal runtime (open or closed gates): fxwormhole.export used
+    to fail after tracing with 'rewrite the named op/line so torch.export can trace it', pointing at
+    fxwormhole's runtime/temporal.py; it now refuses before tracing, names the module and says what
+    works, and writes nothing."""
+    net = fw.transform(TinyLSTM(), (SEQ,), config)
+    snap = snapshot(net)
+    with pytest.raises(fw.ExportError) as info:
+        fw.export(net, (SEQ,), tmp_path / "net.pt2")
+    message = str(info.value)
+    assert "'rnn' has temporal wormholes" in message and "fxwormhole.save" in message, message
+    assert "rewrite the named" not in message and "temporal.py" not in message, message
+    assert list(tmp_path.iterdir()) == []
+    assert_unchanged(net, snap)
