@@ -90,7 +90,7 @@ class StatsReport:
                 out[f"{base}/{status}_fraction"] = r.status.get(status, 0) / max(r.samples, 1)
         for w in self.wormholes:
             out[f"gate/{w.name}"] = w.gate
-        for p in self.probes:
+        for p in (p for p in self.probes if p.updates):  # a probe not measured yet has no figures to log
             out[f"sensitivity/{p.layer}/log_rms"] = p.log_rms_s
             out[f"sensitivity/{p.layer}/mean_s_bar"] = p.mean_s_bar
             out[f"sensitivity/{p.layer}/below_target_fraction"] = p.below_target
@@ -117,8 +117,7 @@ class StatsReport:
             parts.append(table)
         if self.probes:
             head = ("probed layer", "neurons", "mean s_bar", "log RMS s", f"s_bar<{self.target:g}", "updates")
-            body = [(p.layer, p.neurons, f"{p.mean_s_bar:.4f}", f"{p.log_rms_s:+.4f}", f"{100 * p.below_target:.1f}%",
-                     p.updates) for p in self.probes]
+            body = [(p.layer, p.neurons, *p.figures(), p.updates) for p in self.probes]
             parts.append(text_table(head, body))
         return "\n\n".join(parts) if parts else "no fixed points, wormholes or sensitivity probes"
 

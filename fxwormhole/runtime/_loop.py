@@ -24,7 +24,7 @@ from torch import Tensor
 from ..config import SolverConfig
 from ..errors import ConvergenceError
 from .solvers import FixedPointSolver
-from .stats import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, SolveStats
+from .stats import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, SolveStats, failure_advice
 from ._tree import residual
 
 FMap = Callable[[Tensor, Optional[Tensor]], Tuple[Tuple[Tensor, ...], Tensor, Optional[Tensor]]]
@@ -142,7 +142,8 @@ def report(stats: SolveStats, *, name: str, on_fail: str, phase: str) -> None:
     worst = stats.worst_residual
     msg = (f"fixed point {name!r}: {phase} solve did not converge for "
            f"{stats.status.numel() - counts.get('converged', 0)} of {stats.status.numel()} samples "
-           f"(status counts {counts}, worst residual {worst:.3g}); to fix: {_HINT}")
+           f"(status counts {counts}, worst residual {worst:.3g}); "
+           f"{failure_advice(stats.status, stats.iterations, phase, _HINT)}")
     if on_fail == "raise":
         raise ConvergenceError(msg)
     # warn_explicit with a throwaway registry: warnings.warn would remember every distinct text in the

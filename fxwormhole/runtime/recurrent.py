@@ -342,6 +342,10 @@ class ExplicitRecurrent(nn.Module):
                               f"{getattr(input, 'shape', type(input).__name__)}")
         if input.shape[-1] != self.input_size:
             raise ConfigError(f"{where}: input has {input.shape[-1]} features, expected input_size={self.input_size}")
+        weight = self.weights(0, 0)[0]
+        if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():  # torch's RNN check, as a ValueError
+            raise ConfigError(f"{where}: RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+                              f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(1)
         if batched and self.batch_first:

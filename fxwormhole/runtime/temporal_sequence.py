@@ -60,7 +60,7 @@ class RuntimeParts(Protocol):
 
     def prepare(self, flat: Sequence[Optional[Tensor]]) -> Tuple[List[LayerWeights], List[Feedback]]: ...
 
-    def report(self, status: Tensor, residual: Tensor, phase: str) -> None: ...
+    def report(self, status: Tensor, residual: Tensor, phase: str, iterations: Optional[Tensor] = None) -> None: ...
 
 
 class SequenceJob:
@@ -185,7 +185,7 @@ class SequenceJob:
         R, BEST = torch.stack(res), torch.stack(best)
         status = status_codes(R, BEST, rt.fwd_spec.factor, rt.fwd_spec.tol)
         self.stats._fwd = (_step_stats(iters, T, B, x.device), R, status)
-        rt.report(status, R, "forward")
+        rt.report(status, R, "forward", self.stats._fwd[0])
         zero_u = x.new_zeros(B, sum(plan.dst_sizes))
         return ([_stack_steps(s) for s in states], [_stack_steps(a) for a in auxes],
                 [torch.stack(q) if q else None for q in Qs], torch.stack([zero_u if u is None else u for u in U]))
@@ -346,8 +346,9 @@ class SequenceJob:
                     dc_next[l] = prev[1]
         R, BEST = torch.stack(res[::-1]), torch.stack(best[::-1])
         status = status_codes(R, BEST, rt.adj_spec.factor, rt.adj_spec.tol)
-        self.stats.set_backward(_step_stats(iters[::-1], T, B, x.device), R, status)
-        rt.report(status, R, "backward (adjoint)")
+        bwd_iters = _step_stats(iters[::-1], T, B, x.device)
+        self.stats.set_backward(bwd_iters, R, status)
+        rt.report(status, R, "backward (adjoint)", bwd_iters)
         if needs[0] and 0 not in d_in_buf:
             d_in_buf[0] = dA_buf[0].view(T * B, -1).mm(W[0].w_ih).view(T, B, -1)
         return dict(dA=dA_buf, dh=dh_buf or [None] * L, d_in=d_in_buf, dQ=dQ_buf, dh0=dh_next, dc0=dc_next)
