@@ -142,6 +142,9 @@ class ExplicitRecurrent(nn.Module):
     Parameters are initialised as PyTorch does (``U(-1/sqrt(H), 1/sqrt(H))``).
     """
 
+    #: what a call leaves behind besides buffers (see :attr:`FixedPoint.RUN_STATE`)
+    RUN_STATE = ("_last_stats",)
+
     _torch_types: Tuple[type, ...] = (nn.RNNBase,)
     #: False for a module whose weights arrive with each call (:class:`~fxwormhole.runtime.cell_loop.CellLoop`)
     _owns_weights = True

@@ -8,16 +8,14 @@ by :func:`~fxwormhole.runtime.temporal_solve.solve_step`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .temporal_cells import CellMath, LayerWeights
+from .temporal_plan import StackPlan
 from .temporal_solve import StepMap
-
-if TYPE_CHECKING:
-    from .temporal import StackPlan
 
 __all__ = ["Feedback", "ForwardMap", "AdjointMap", "EPS", "gate_adjoint_factors", "norm_rows"]
 
@@ -91,7 +89,7 @@ class Feedback:
 class ForwardMap(StepMap):
     """One step's forward map ``u -> (states and intermediates of the looped layers, F(B(u)))``."""
 
-    def __init__(self, plan: "StackPlan", cell: CellMath, W: Sequence[LayerWeights], fbs: Sequence[Feedback]) -> None:
+    def __init__(self, plan: StackPlan, cell: CellMath, W: Sequence[LayerWeights], fbs: Sequence[Feedback]) -> None:
         self.plan, self.cell, self.W, self.fbs = plan, cell, W, fbs
         self.layers, self.hi = list(range(plan.lo, plan.hi + 1)), plan.hi
         self.n_state = 2 if cell.has_c else 1
@@ -155,7 +153,7 @@ class AdjointMap(StepMap):
     ``ybar`` is the constant ``g``, which enters the residual only through its norm.
     """
 
-    def __init__(self, plan: "StackPlan", cell: CellMath, W: Sequence[LayerWeights], fbs: Sequence[Feedback]) -> None:
+    def __init__(self, plan: StackPlan, cell: CellMath, W: Sequence[LayerWeights], fbs: Sequence[Feedback]) -> None:
         self.plan, self.cell, self.W, self.fbs = plan, cell, W, fbs
         self.srcs = plan.srcs
         self.src_slices = []

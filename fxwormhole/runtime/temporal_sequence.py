@@ -16,16 +16,15 @@ Weight gradients are formed after the loops, one matmul per weight over the ``T*
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .temporal_maps import EPS, AdjointMap, ForwardMap, norm_rows
-from .temporal_solve import limits, solve_step, status_codes
-
-if TYPE_CHECKING:
-    from .temporal import TemporalRuntime, TemporalStats
+from .temporal_cells import CellMath, LayerWeights
+from .temporal_maps import EPS, AdjointMap, Feedback, ForwardMap, norm_rows
+from .temporal_plan import StackPlan, TemporalStats
+from .temporal_solve import LoopSpec, limits, solve_step, status_codes
 
 __all__ = ["SequenceJob", "SequenceFn"]
 
@@ -49,10 +48,25 @@ def _zero_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if t is None else t
 
 
+class RuntimeParts(Protocol):
+    """What a job reads of its :class:`~fxwormhole.runtime.temporal.TemporalRuntime` (a protocol, so that
+    this module does not import the runtime that imports it)."""
+
+    plan: StackPlan
+    cell: CellMath
+    fwd_spec: LoopSpec
+    adj_spec: LoopSpec
+    kernels: Any
+
+    def prepare(self, flat: Sequence[Optional[Tensor]]) -> Tuple[List[LayerWeights], List[Feedback]]: ...
+
+    def report(self, status: Tensor, residual: Tensor, phase: str) -> None: ...
+
+
 class SequenceJob:
     """One call of a :class:`~fxwormhole.runtime.temporal.TemporalRuntime` (see the module docstring)."""
 
-    def __init__(self, rt: "TemporalRuntime", stats: "TemporalStats", masks: List[Tensor], zero_feedback: bool) -> None:
+    def __init__(self, rt: RuntimeParts, stats: TemporalStats, masks: List[Tensor], zero_feedback: bool) -> None:
         self.rt, self.stats, self.masks, self.zero = rt, stats, masks, zero_feedback
         self.saved: Optional[dict] = None
 
@@ -128,7 +142,9 @@ class SequenceJob:
         Qs: List[List[Tensor]] = [[] for _ in fbs]
         U: List[Optional[Tensor]] = []
         iters, res, best = [], [], []
-        hint = rt.hint_fwd
+        # evaluations the previous step needed (its checks before that are deferred: one host read);
+        # per call, so that no call's rounding depends on earlier calls (a resumed run is bit for bit)
+        hint = 1
 
         def once(l: int, consts, inp):
             st, ex = cell.evaluate(W[l], consts, inp)
@@ -167,7 +183,6 @@ class SequenceJob:
                 for l in range(hi + 1, L):
                     inp = once(l, consts[l], inp)
             prev = [states[l][-1] for l in range(L)]
-        rt.hint_fwd = hint
         R, BEST = torch.stack(res), torch.stack(best)
         status = status_codes(R, BEST, rt.fwd_spec.factor, rt.fwd_spec.tol)
         self.stats._fwd = (_step_stats(iters, T, B, x.device), R, status)
@@ -272,7 +287,7 @@ class SequenceJob:
         region = range(hi, lo - 1, -1)
         counted = range(lo, hi + 1) if plan.region_only else range(L)  # layers in the adjoint residual
         zero_h = torch.zeros_like(out[0])
-        hint = rt.hint_adj
+        hint = 1
         for t in range(T - 1, -1, -1):
             g_h = [zero_h if d is None else d for d in dh_next]
             if douts is not None:
@@ -331,7 +346,6 @@ class SequenceJob:
                 dh_next[l] = prev[0]
                 if has_c:
                     dc_next[l] = prev[1]
-        rt.hint_adj = hint
         R, BEST = torch.stack(res[::-1]), torch.stack(best[::-1])
         status = status_codes(R, BEST, rt.adj_spec.factor, rt.adj_spec.tol)
         self.stats.set_backward(_step_stats(iters[::-1], T, B, x.device), R, status)
