@@ -43,19 +43,22 @@ class Loop(nn.Module):
 
     ``init``: ``"zeros"`` (``x.new_zeros``), ``"given"`` (``h0`` [, ``c0``] inputs ``[L, B, H]``) or
     ``"none"`` (the cells' own zero state). ``out``: ``"head"`` (the last top ``h``) or ``"all"`` (every
-    step's top ``h``, stacked, and the bottom cell's last state).
+    step's top ``h``, stacked, and the bottom cell's last state). ``time_major``: the input is
+    ``[T, B, IN]`` and step ``t`` reads ``x[t]``.
     """
 
-    def __init__(self, kind: str, L: int = 2, T: int = 4, init: str = "zeros", out: str = "head", bias: bool = True):
+    def __init__(self, kind: str, L: int = 2, T: int = 4, init: str = "zeros", out: str = "head", bias: bool = True,
+                 time_major: bool = False):
         super().__init__()
-        self.kind, self.T, self.init, self.out = kind, T, init, out
+        self.kind, self.T, self.init, self.out, self.time_major = kind, T, init, out, time_major
         self.cells = nn.ModuleList([CELLS[kind](IN if l == 0 else HID, HID, bias=bias) for l in range(L)])
         self.head = nn.Linear(HID, 2)
 
     def forward(self, x, h0=None, c0=None):
         lstm = self.kind == "lstm"
+        batch = x.shape[1] if self.time_major else x.shape[0]
         if self.init == "zeros":
-            z = [x.new_zeros(x.shape[0], HID) for _ in range(2 * len(self.cells))]
+            z = [x.new_zeros(batch, HID) for _ in range(2 * len(self.cells))]
             st = [(z[2 * l], z[2 * l + 1]) if lstm else z[l] for l in range(len(self.cells))]
         elif self.init == "given":
             st = [(h0[l], c0[l]) if lstm else h0[l] for l in range(len(self.cells))]
@@ -63,7 +66,7 @@ class Loop(nn.Module):
             st = [None] * len(self.cells)
         tops = []
         for t in range(self.T):
-            inp = x[:, t]
+            inp = x[t] if self.time_major else x[:, t]
             for l, cell in enumerate(self.cells):
                 st[l] = cell(inp, st[l])
                 inp = st[l][0] if lstm else st[l]
@@ -73,8 +76,8 @@ class Loop(nn.Module):
         return self.head(torch.stack(tops, 1)), (st[0][1] if lstm else st[0])
 
 
-def _inputs(kind: str, L: int, T: int, init: str):
-    x = torch.randn(B, T, IN, dtype=DT)
+def _inputs(kind: str, L: int, T: int, init: str, time_major: bool = False):
+    x = torch.randn(*((T, B) if time_major else (B, T)), IN, dtype=DT)
     if init != "given":
         return (x,)
     return (x, torch.randn(L, B, HID, dtype=DT)) + ((torch.randn(L, B, HID, dtype=DT),) if kind == "lstm" else ())
@@ -133,7 +136,7 @@ FUSED_VS_UNFUSED = [
     dict(kind="rnn", init="given"), dict(kind="gru", init="none", front_end="export"),
     dict(kind="gru", gate="input"), dict(kind="rnn", gate="channel"),
     dict(kind="gru", wormholes=[("cells.1", "cells.1")]), dict(kind="gru", L=3, wormholes=[("cells.2", "cells.1")]),
-    dict(kind="gru", bias=False),
+    dict(kind="gru", bias=False), dict(kind="gru", time_major=True), dict(kind="rnn", time_major=True),
 ]
 
 
@@ -144,9 +147,9 @@ def test_fused_loop_equals_the_unfused_per_step_fixed_points_float64(case):
     case = dict(case)
     kind, L, T = case.pop("kind"), case.pop("L", 2), 4
     init, out, bias = case.pop("init", "zeros"), case.pop("out", "head"), case.pop("bias", True)
-    front_end = case.pop("front_end", "symbolic_trace")
-    model = Loop(kind, L, T, init, out, bias).to(DT)
-    inputs = _inputs(kind, L, T, init)
+    front_end, time_major = case.pop("front_end", "symbolic_trace"), case.pop("time_major", False)
+    model = Loop(kind, L, T, init, out, bias, time_major).to(DT)
+    inputs = _inputs(kind, L, T, init, time_major)
     config = _config(**case)
     fused, unfused = fw.transform(model, inputs, config, front_end=front_end), transform_unfused(model, inputs, config, front_end)
     _loop(fused)
@@ -167,7 +170,7 @@ def test_fused_loop_equals_the_unfused_per_step_fixed_points_float64(case):
 
 
 # ---- against the unrolled reference --------------------------------------------------------------
-def _unrolled(model, net, inputs, iters: int = 300):
+def _unrolled(model, net, inputs, iters: int = 300, time_major: bool = False):
     """Every step solved by ``iters`` plain iterations from u = 0 with autograd through all of them,
     using the user's cells (with the net's parameters) and the fused loop's wormhole module."""
     loop = _loop(net)
@@ -185,10 +188,10 @@ def _unrolled(model, net, inputs, iters: int = 300):
     else:
         st = [(x.new_zeros(B, HID), x.new_zeros(B, HID)) if lstm else x.new_zeros(B, HID) for _ in cells]
     tops = []
-    for t in range(x.shape[1]):
+    for t in range(x.shape[0] if time_major else x.shape[1]):
         u = None
         for _ in range(iters):
-            inp, new = x[:, t], []
+            inp, new = x[t] if time_major else x[:, t], []
             for l, c in enumerate(cells):
                 if l == b and u is not None:
                     inp = inp + u
@@ -204,7 +207,7 @@ UNROLLED = [
     dict(kind="lstm"), dict(kind="lstm", L=1), dict(kind="lstm", init="given"),
     dict(kind="lstm", front_end="export"), dict(kind="lstm", gate="input"),
     dict(kind="lstm", L=3, wormholes=[("cells.1", "cells.0")]), dict(kind="lstm", wormholes=[("cells.1", "cells.1")]),
-    dict(kind="gru"),
+    dict(kind="gru"), dict(kind="lstm", time_major=True),
 ]
 
 
@@ -212,13 +215,13 @@ UNROLLED = [
 def test_fused_loop_gradients_match_the_unrolled_reference_float64(case):
     case = dict(case)
     kind, L, T, init = case.pop("kind"), case.pop("L", 2), 4, case.pop("init", "zeros")
-    front_end = case.pop("front_end", "symbolic_trace")
-    model = Loop(kind, L, T, init).to(DT)
-    inputs = _inputs(kind, L, T, init)
+    front_end, time_major = case.pop("front_end", "symbolic_trace"), case.pop("time_major", False)
+    model = Loop(kind, L, T, init, time_major=time_major).to(DT)
+    inputs = _inputs(kind, L, T, init, time_major)
     net = fw.transform(model, inputs, _config(**case), front_end=front_end)
     _open(net)
     y = net(*inputs)
-    tops = _unrolled(model, net, inputs)
+    tops = _unrolled(model, net, inputs, time_major=time_major)
     y_ref = functional_call(model.head, dict(net.head.named_parameters()), (tops[-1],))
     assert rel(y, y_ref) < 1e-9
     params = list(net.parameters())
