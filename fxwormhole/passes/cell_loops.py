@@ -62,17 +62,15 @@ class FuseCellLoops(PassBase):
 
     Args:
         config: the wormhole config (pairs or policy, gate, init, solver, gradient).
-        keep_cell_calls: leave every loop unrolled (the sensitivity passes need the cell calls).
+
+    The transform pipeline leaves this pass out under SAL: the sensitivity probes wrap each cell call.
     """
 
-    def __init__(self, config: WormholeConfig = WormholeConfig(), *, keep_cell_calls: bool = False) -> None:
+    def __init__(self, config: WormholeConfig = WormholeConfig()) -> None:
         super().__init__()
         self.config = config
-        self.keep_cell_calls = keep_cell_calls
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        if self.keep_cell_calls:
-            return PassResult(gm, False)
         chains, why = find_cell_chains(gm)
         for path, reason in why.items():
             log.info("FuseCellLoops: calls of %s stay unrolled: %s", path, reason)

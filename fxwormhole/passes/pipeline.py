@@ -3,7 +3,7 @@
 
 =============  ==============================================================================
 capture        [NormaliseExport] (export graphs only)
-transform      [NormaliseExport], DecomposeRecurrent, TemporalWormholes, FuseCellLoops,
+transform      [NormaliseExport], DecomposeRecurrent, TemporalWormholes, [FuseCellLoops] (without SAL),
                PlanWormholes, InsertWormholes, WrapFixedPoints, [SensitivityAnnotate, SensitivityInsert]
 instrument     [NormaliseExport], SensitivityAnnotate, SensitivityInsert
 =============  ==============================================================================
@@ -54,7 +54,7 @@ def transform_passes(captured: Any, config: WormholeConfig, example_inputs: Sequ
         *capture_passes(captured),
         DecomposeRecurrent(),
         TemporalWormholes(config),
-        FuseCellLoops(config, keep_cell_calls=sal is not None),  # SAL probes wrap each cell call
+        *([FuseCellLoops(config)] if sal is None else []),  # SAL probes wrap each cell call: loops stay unrolled
         PlanWormholes(config),
         InsertWormholes(config),
         WrapFixedPoints(config, example_inputs),
