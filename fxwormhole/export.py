@@ -205,7 +205,8 @@ def prepare_export(model: nn.Module, example_inputs: Any, format: str = "pt2", *
     as is. :func:`export` calls it inside an atomic write; so does ``fxwormhole export``, which
     also loads and checks the artifact before it replaces the user's file."""
     _check_format(format)
-    _refuse_temporal_wormholes(model)
+    if dynamic_batch:
+        _refuse_temporal_wormholes(model)
     inputs = _as_tuple(example_inputs)
     ep = export_program(model, inputs, dynamic_batch=dynamic_batch)
     if format == "onnx":
@@ -217,9 +218,10 @@ def prepare_export(model: nn.Module, example_inputs: Any, format: str = "pt2", *
 
 
 def _refuse_temporal_wormholes(model: nn.Module) -> None:
-    """torch.export cannot trace the temporal-wormhole runtime (a Python time loop that reads the
-    host, under torch.compiler.disable), open or closed: say so before tracing, instead of a
-    torch.export error whose 'rewrite the named line' points into fxwormhole's own runtime."""
+    """Under export a module with temporal wormholes takes its per-step ``FixedPoint`` path, whose
+    loops torch.export traces at the example's batch size only: say so before tracing, instead of a
+    constraint violation after it (or, before, an error whose 'rewrite the named line' pointed into
+    fxwormhole's own runtime)."""
     from .runtime.recurrent import ExplicitRecurrent
     from .transformed import public_name
 
@@ -228,9 +230,9 @@ def _refuse_temporal_wormholes(model: nn.Module) -> None:
     if held:
         raise ExportError(
             f"fxwormhole.export: {', '.join(repr(h) for h in held[:3])} {'has' if len(held) == 1 else 'have'} temporal "
-            "wormholes, whose per-step solve torch.export cannot trace yet (fxwormhole's recurrent runtime, not your "
-            "code); keep the transformed model in PyTorch (fxwormhole.save / fxwormhole.load), or export the model "
-            "transformed without temporal wormholes")
+            "wormholes, whose per-step solve torch.export traces at the example's batch size only (fxwormhole's "
+            "recurrent runtime, not your code); export with dynamic_batch=False, or keep the transformed model in "
+            "PyTorch (fxwormhole.save / fxwormhole.load)")
 
 
 # ------------------------------------------------------------------------------------------------

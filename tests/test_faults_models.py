@@ -670,17 +670,25 @@ def test_probes_never_updated_report_n_a_not_zero():
 
 # ================================================================================ export (item 3)
 @pytest.mark.parametrize("config", [fw.WormholeConfig(), OPEN_LSTM], ids=["closed", "open"])
-def test_export_of_temporal_wormholes_is_refused_with_what_is_true(config, tmp_path):
-    """torch.export cannot trace the temporal runtime (open or closed gates): fxwormhole.export used
-    to fail after tracing with 'rewrite the named op/line so torch.export can trace it', pointing at
-    fxwormhole's runtime/temporal.py; it now refuses before tracing, names the module and says what
-    works, and writes nothing."""
-    net = fw.transform(TinyLSTM(), (SEQ,), config)
+def test_export_of_temporal_wormholes_needs_a_static_batch_and_says_so(config, tmp_path):
+    """Under export a module with temporal wormholes takes its per-step FixedPoint path, traced at the
+    example's batch size. With the default dynamic batch, fxwormhole.export used to fail after tracing
+    (first with 'rewrite the named op/line', pointing into fxwormhole's runtime/temporal.py); it now
+    refuses before tracing, names the module and says what works, and writes nothing. With
+    dynamic_batch=False the pt2 artifact computes what the model computes."""
+    net = fw.transform(TinyLSTM(), (SEQ,), config).eval()
     snap = snapshot(net)
     with pytest.raises(fw.ExportError) as info:
         fw.export(net, (SEQ,), tmp_path / "net.pt2")
     message = str(info.value)
-    assert "'rnn' has temporal wormholes" in message and "fxwormhole.save" in message, message
+    assert "'rnn' has temporal wormholes" in message and "dynamic_batch=False" in message, message
     assert "rewrite the named" not in message and "temporal.py" not in message, message
     assert list(tmp_path.iterdir()) == []
+    assert_unchanged(net, snap)
+    with torch.no_grad():
+        want = net(SEQ)
+    fw.export(net, (SEQ,), tmp_path / "net.pt2", dynamic_batch=False)
+    with torch.no_grad():
+        got = fw.export.load(tmp_path / "net.pt2")(SEQ)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_unchanged(net, snap)

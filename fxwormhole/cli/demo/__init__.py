@@ -96,13 +96,14 @@ def _train(name: str, net: nn.Module, data, cfg: DemoConfig, log: Callable[[str]
             evals.append((step, ev["acc"], ev["loss"]))
     final = _evaluate(net, xte, yte)
     log(f"{name}: test accuracy {final['acc']:.3f} after {cfg.steps} steps ({rec.seconds:.1f} s)")
-    return {"curve": rec.losses, "evals": evals, "final": final, "seconds": rec.seconds,
+    return {"curve": rec.losses, "evals": evals, "final": final, "seconds": rec.seconds, "cpu_seconds": rec.cpu_seconds,
             "train_fwd_iterations": rec.mean_fwd, "train_bwd_iterations": rec.mean_bwd}
 
 
 def _table(rows: list) -> str:
-    head = ["model", "params", "test acc", "test loss", "ms/step", "fwd iters", "bwd iters"]
+    head = ["model", "params", "test acc", "test loss", "ms/step", "cpu ms/step", "x LSTM", "fwd iters", "bwd iters"]
     body = [[r["model"], str(r["params"]), f"{r['test_acc']:.3f}", f"{r['test_loss']:.3f}", f"{r['ms_per_step']:.1f}",
+             f"{r['cpu_ms_per_step']:.1f}", f"{r['cpu_ms_per_step'] / rows[0]['cpu_ms_per_step']:.2f}",
              "-" if math.isnan(r["fwd_iterations"]) else f"{r['fwd_iterations']:.2f}",
              "-" if math.isnan(r["bwd_iterations"]) else f"{r['bwd_iterations']:.2f}"] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
@@ -193,7 +194,9 @@ The second one is `fxwormhole.transform(model, x, DEMO_WORMHOLES, sal=SALConfig(
 {_table(rows)}
 
 `fwd iters` / `bwd iters`: fixed-point iterations per time step, mean over test samples (forward)
-and over training batches (adjoint solve of the implicit gradient). `ms/step`: one training step.
+and over training batches (adjoint solve of the implicit gradient). `ms/step`: one training step
+(wall time); `cpu ms/step`: its CPU time (1 thread), and `x LSTM` the ratio of that to the plain
+LSTM's (CPU time: the runs are sequential, and other jobs on the machine stretch wall time unevenly).
 
 ## Training curves
 
@@ -262,6 +265,7 @@ def _run(out: Path, cfg: DemoConfig, log: Callable[[str], None], show_progress: 
         fwd = run["final"]["iterations"]
         rows.append({"model": name, "params": parameter_count(model), "test_acc": run["final"]["acc"],
                      "test_loss": run["final"]["loss"], "ms_per_step": 1000 * run["seconds"] / cfg.steps,
+                     "cpu_ms_per_step": 1000 * run["cpu_seconds"] / cfg.steps,
                      "fwd_iterations": float(fwd.mean()) if fwd is not None else math.nan,
                      "bwd_iterations": run["train_bwd_iterations"]})
     log("\n" + _table(rows))
