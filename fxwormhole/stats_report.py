@@ -23,7 +23,7 @@ from torch import nn
 from ._modules import unwrap
 from ._text import text_table
 
-__all__ = ["report", "StatsReport", "FixedPointRow", "WormholeRow"]
+__all__ = ["report", "stats_repr", "StatsReport", "FixedPointRow", "WormholeRow"]
 
 _STATUS = ("converged", "max_iter", "diverged", "non_finite")  # the codes of fxwormhole.runtime.stats
 
@@ -157,6 +157,32 @@ def _fixed_point_row(name: str, stats: Any) -> FixedPointRow:
         max_backward_iterations=None if b_iters is None else int(b_iters.max()),
         worst_backward_residual=_worst(_tensor(stats, "backward_residual")),
     )
+
+
+def stats_repr(stats: Any) -> str:
+    """One line for ``repr()`` of :class:`~fxwormhole.runtime.stats.FixedPointStats`,
+    :class:`~fxwormhole.runtime.stats.SolveStats` and ``TemporalStats``: the figures of a
+    :func:`report` row instead of per-sample tensors (``.summary()`` gives them as a dict, the
+    attributes as tensors)."""
+    kind = type(stats).__name__
+    iters = _tensor(stats, "iterations")
+    if iters is None or not iters.numel():
+        return f"{kind}(empty)"
+    row = _fixed_point_row(getattr(stats, "name", ""), stats)
+    size = " x ".join(str(n) for n in iters.shape)
+    unit = "samples" if iters.dim() == 1 else "(steps x samples)"
+    parts = [f"{row.name!r}"] if row.name else []
+    parts.append(f"{size} {unit}")
+    phase = "forward " if hasattr(stats, "backward_iterations") else ""  # a SolveStats is either phase
+    parts.append(f"{phase}{row.mean_iterations:.2f} iterations (max {row.max_iterations}), worst residual "
+                 f"{row.worst_residual:.1e}, {_status(row.status)}")
+    if row.mean_backward_iterations is not None:
+        parts.append(f"backward {row.mean_backward_iterations:.2f} iterations (max {row.max_backward_iterations})"
+                     + ("" if row.worst_backward_residual is None else
+                        f", worst residual {row.worst_backward_residual:.1e}"))
+    elif hasattr(stats, "backward_iterations"):
+        parts.append("no backward yet")
+    return f"{kind}({'; '.join(parts)})"
 
 
 def _owner(path: str, fixed_points: List[str]) -> str:

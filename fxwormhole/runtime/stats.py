@@ -41,6 +41,10 @@ class SolveStats:
     residual: Tensor
     status: Tensor
 
+    def __repr__(self) -> str:  # one line, not three tensors (fxwormhole.stats_report)
+        from ..stats_report import stats_repr
+        return stats_repr(self)
+
     def counts(self) -> Dict[str, int]:
         """Number of samples per status name (only statuses that occur)."""
         codes = torch.bincount(self.status.long().flatten(), minlength=len(STATUS_NAMES)).tolist()
@@ -89,6 +93,10 @@ class FixedPointStats:
     backward_residual: Optional[Tensor] = None
     backward_status: Optional[Tensor] = None
     extra: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # one line, not six tensors (fxwormhole.stats_report)
+        from ..stats_report import stats_repr
+        return stats_repr(self)
 
     @property
     def forward(self) -> SolveStats:
