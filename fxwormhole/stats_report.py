@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -42,6 +42,9 @@ class FixedPointRow:
     mean_backward_iterations: Optional[float] = None
     max_backward_iterations: Optional[int] = None
     worst_backward_residual: Optional[float] = None
+    #: solves (forward and adjoint) that did not converge, as counted by the non-convergence
+    #: warnings (fxwormhole.set_convergence_warnings) since they started recording
+    failed_solves: int = 0
 
     @property
     def ok(self) -> bool:
@@ -86,6 +89,7 @@ class StatsReport:
                 out[f"{base}/backward_iterations_max"] = float(r.max_backward_iterations)
             if r.worst_backward_residual is not None:
                 out[f"{base}/backward_residual_worst"] = r.worst_backward_residual
+            out[f"{base}/failed_solves"] = float(r.failed_solves)
             for status in _STATUS[1:]:  # failures only: 0 when all converged, so a plot shows when they start
                 out[f"{base}/{status}_fraction"] = r.status.get(status, 0) / max(r.samples, 1)
         for w in self.wormholes:
@@ -105,6 +109,9 @@ class StatsReport:
                      _opt(r.mean_backward_iterations, ".2f"), _opt(r.max_backward_iterations, "d"),
                      f"{r.worst_residual:.1e}", _opt(r.worst_backward_residual, ".1e"), _status(r.status))
                     for r in self.fixed_points]
+            if any(r.failed_solves for r in self.fixed_points):  # the warnings' running count
+                head += ("failed solves so far",)
+                body = [row + (r.failed_solves,) for row, r in zip(body, self.fixed_points)]
             parts.append(text_table(head, body))
         if self.not_run:
             parts.append(f"not called yet: {', '.join(self.not_run)}")
@@ -202,14 +209,19 @@ def report(net: nn.Module) -> StatsReport:
     from .runtime.wormhole import Wormhole
     from .transformed import public_name
 
+    from .runtime._warnings import convergence_failures
+
     net = unwrap(net)
     rows, not_run = [], []
+    failures = convergence_failures()
     stats_of = net.fixed_point_stats() if callable(getattr(net, "fixed_point_stats", None)) else {}
     for name, stats in stats_of.items():
         if stats is None or _tensor(stats, "iterations") is None:
             not_run.append(name)
         else:
-            rows.append(_fixed_point_row(name, stats))
+            # the warnings count by the runtime's name: the node's, or "temporal:<path>" (runtime.recurrent)
+            failed = failures.get(getattr(stats, "name", None) or f"temporal:{name}", 0)
+            rows.append(replace(_fixed_point_row(name, stats), failed_solves=failed))
     wormholes = []
     for path, module in net.named_modules():
         if isinstance(module, Wormhole):

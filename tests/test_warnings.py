@@ -69,6 +69,7 @@ def test_a_400_step_run_prints_a_few_lines_that_add_up():
         warnings.simplefilter("default")
         fwd, bwd = _train(net, 400)
         failures = _warnings.convergence_failures()
+        report = fw.report(net)
         fw.flush_convergence_warnings()
     assert fwd == 400, "the forced-open cycle must fail at every step for this test to mean anything"
     texts = [str(w.message) for w in seen if issubclass(w.category, fw.NonConvergenceWarning)]
@@ -91,6 +92,10 @@ def test_a_400_step_run_prints_a_few_lines_that_add_up():
     assert int(last.group(5)) == 4 * int(last.group(2))
     assert 0 < int(last.group(4)) <= int(last.group(5))
     assert failures == {NODE: total}
+    # report() shows the running count next to the last call's figures
+    (row,) = report.fixed_points
+    assert row.failed_solves == total and report.metrics()[f"fixed_point/{NODE}/failed_solves"] == total
+    assert "failed solves so far" in str(report) and str(report).splitlines()[2].endswith(f" {total}")
 
 
 def test_every_n_and_always():
