@@ -66,7 +66,7 @@ class _Tally:
         self.solves[phase] += 1
         self.items += items
         self.failed += items - counts.get("converged", 0)
-        self.status.update({k: v for k, v in counts.items() if k != "converged"})
+        self.status.update({k: v for k, v in counts.items() if k != "converged" and v})
         self.worst = max(self.worst, worst)  # NaN-free: the callers map NaN to inf
         self.where = where
 
