@@ -60,9 +60,9 @@ class _Tally:
     items: int = 0
     status: Counter = field(default_factory=Counter)
     worst: float = 0.0
-    where: Tuple[str, int, str] = ("<unknown>", 0, None)
+    where: Tuple[str, int, str] = ("<unknown>", 0, "<unknown>")  # the latest failure's user code
 
-    def add(self, phase: str, counts: Mapping[str, int], items: int, worst: float, where) -> None:
+    def add(self, phase: str, counts: Mapping[str, int], items: int, worst: float, where: Tuple[str, int, str]) -> None:
         self.solves[phase] += 1
         self.items += items
         self.failed += items - counts.get("converged", 0)
