@@ -12,44 +12,17 @@ Example::
 """
 from __future__ import annotations
 
-import math
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
-import torch
 from torch import nn
 
 from ._modules import unwrap
 from ._text import text_table
+from .runtime.stats_rows import STATUS_NAMES as _STATUS, FixedPointRow, fixed_point_row, stats_repr, status_text, \
+    tensor_of
 
 __all__ = ["report", "stats_repr", "StatsReport", "FixedPointRow", "WormholeRow"]
-
-_STATUS = ("converged", "max_iter", "diverged", "non_finite")  # the codes of fxwormhole.runtime.stats
-
-
-@dataclass(frozen=True)
-class FixedPointRow:
-    """One fixed point (a graph node, or the per-step fixed points of a recurrent module) over the
-    samples (and time steps) of its last call. Backward fields are None before a backward pass."""
-
-    name: str
-    samples: int
-    mean_iterations: float
-    max_iterations: int
-    worst_residual: float
-    status: Dict[str, int]
-    mean_backward_iterations: Optional[float] = None
-    max_backward_iterations: Optional[int] = None
-    worst_backward_residual: Optional[float] = None
-    #: solves (forward and adjoint) that did not converge, as counted by the non-convergence
-    #: warnings (fxwormhole.set_convergence_warnings) since they started recording
-    failed_solves: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return set(self.status) <= {"converged"}
-
 
 @dataclass(frozen=True)
 class WormholeRow:
@@ -107,7 +80,7 @@ class StatsReport:
                     "bwd", "status")
             body = [(r.name, r.samples, f"{r.mean_iterations:.2f}", r.max_iterations,
                      _opt(r.mean_backward_iterations, ".2f"), _opt(r.max_backward_iterations, "d"),
-                     f"{r.worst_residual:.1e}", _opt(r.worst_backward_residual, ".1e"), _status(r.status))
+                     f"{r.worst_residual:.1e}", _opt(r.worst_backward_residual, ".1e"), status_text(r.status))
                     for r in self.fixed_points]
             if any(r.failed_solves for r in self.fixed_points):  # the warnings' running count
                 head += ("failed solves so far",)
@@ -134,64 +107,6 @@ def _opt(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _status(counts: Dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
-
-
-def _tensor(stats: Any, name: str) -> Optional[torch.Tensor]:
-    value = getattr(stats, name, None)
-    return value.detach() if isinstance(value, torch.Tensor) else None
-
-
-def _worst(residual: Optional[torch.Tensor]) -> Optional[float]:
-    if residual is None or not residual.numel():
-        return None
-    return float(residual.float().nan_to_num(nan=math.inf).max())
-
-
-def _fixed_point_row(name: str, stats: Any) -> FixedPointRow:
-    iters, status = _tensor(stats, "iterations"), _tensor(stats, "status")
-    b_iters = _tensor(stats, "backward_iterations")
-    codes = Counter(int(c) for c in status.flatten().tolist()) if status is not None else Counter()
-    return FixedPointRow(
-        name=name,
-        samples=int(iters.numel()),
-        mean_iterations=float(iters.float().mean()),
-        max_iterations=int(iters.max()),
-        worst_residual=_worst(_tensor(stats, "residual")) or 0.0,
-        status={_STATUS[c] if c < len(_STATUS) else str(c): n for c, n in sorted(codes.items())},
-        mean_backward_iterations=None if b_iters is None else float(b_iters.float().mean()),
-        max_backward_iterations=None if b_iters is None else int(b_iters.max()),
-        worst_backward_residual=_worst(_tensor(stats, "backward_residual")),
-    )
-
-
-def stats_repr(stats: Any) -> str:
-    """One line for ``repr()`` of :class:`~fxwormhole.runtime.stats.FixedPointStats`,
-    :class:`~fxwormhole.runtime.stats.SolveStats` and ``TemporalStats``: the figures of a
-    :func:`report` row instead of per-sample tensors (``.summary()`` gives them as a dict, the
-    attributes as tensors)."""
-    kind = type(stats).__name__
-    iters = _tensor(stats, "iterations")
-    if iters is None or not iters.numel():
-        return f"{kind}(empty)"
-    row = _fixed_point_row(getattr(stats, "name", ""), stats)
-    size = " x ".join(str(n) for n in iters.shape)
-    unit = "samples" if iters.dim() == 1 else "(steps x samples)"
-    parts = [f"{row.name!r}"] if row.name else []
-    parts.append(f"{size} {unit}")
-    phase = "forward " if hasattr(stats, "backward_iterations") else ""  # a SolveStats is either phase
-    parts.append(f"{phase}{row.mean_iterations:.2f} iterations (max {row.max_iterations}), worst residual "
-                 f"{row.worst_residual:.1e}, {_status(row.status)}")
-    if row.mean_backward_iterations is not None:
-        parts.append(f"backward {row.mean_backward_iterations:.2f} iterations (max {row.max_backward_iterations})"
-                     + ("" if row.worst_backward_residual is None else
-                        f", worst residual {row.worst_backward_residual:.1e}"))
-    elif hasattr(stats, "backward_iterations"):
-        parts.append("no backward yet")
-    return f"{kind}({'; '.join(parts)})"
-
-
 def _owner(path: str, fixed_points: List[str]) -> str:
     """The fixed point whose module path is the longest prefix of ``path`` ("" when none)."""
     owners = [fp for fp in fixed_points if path.startswith(f"{fp}.")]
@@ -216,12 +131,12 @@ def report(net: nn.Module) -> StatsReport:
     failures = convergence_failures()
     stats_of = net.fixed_point_stats() if callable(getattr(net, "fixed_point_stats", None)) else {}
     for name, stats in stats_of.items():
-        if stats is None or _tensor(stats, "iterations") is None:
+        if stats is None or tensor_of(stats, "iterations") is None:
             not_run.append(name)
         else:
             # the warnings count by the runtime's name: the node's, or "temporal:<path>" (runtime.recurrent)
             failed = failures.get(getattr(stats, "name", None) or f"temporal:{name}", 0)
-            rows.append(replace(_fixed_point_row(name, stats), failed_solves=failed))
+            rows.append(replace(fixed_point_row(name, stats), failed_solves=failed))
     wormholes = []
     for path, module in net.named_modules():
         if isinstance(module, Wormhole):

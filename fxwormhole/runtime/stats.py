@@ -41,8 +41,8 @@ class SolveStats:
     residual: Tensor
     status: Tensor
 
-    def __repr__(self) -> str:  # one line, not three tensors (fxwormhole.stats_report)
-        from ..stats_report import stats_repr
+    def __repr__(self) -> str:  # one line, not three tensors (runtime.stats_rows)
+        from .stats_rows import stats_repr
         return stats_repr(self)
 
     def counts(self) -> Dict[str, int]:
@@ -94,8 +94,8 @@ class FixedPointStats:
     backward_status: Optional[Tensor] = None
     extra: dict = field(default_factory=dict)
 
-    def __repr__(self) -> str:  # one line, not six tensors (fxwormhole.stats_report)
-        from ..stats_report import stats_repr
+    def __repr__(self) -> str:  # one line, not six tensors (runtime.stats_rows)
+        from .stats_rows import stats_repr
         return stats_repr(self)
 
     @property

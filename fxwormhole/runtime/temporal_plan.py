@@ -122,8 +122,8 @@ class TemporalStats:
     def set_backward(self, iterations: Tensor, residual: Tensor, status: Tensor) -> None:
         self._bwd = (iterations, residual, status)
 
-    def __repr__(self) -> str:  # one line, not [T, B] tensors (fxwormhole.stats_report)
-        from ..stats_report import stats_repr
+    def __repr__(self) -> str:  # one line, not [T, B] tensors (runtime.stats_rows)
+        from .stats_rows import stats_repr
         return stats_repr(self)
 
     def summary(self) -> dict:
