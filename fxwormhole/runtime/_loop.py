@@ -146,11 +146,8 @@ def report(stats: SolveStats, *, name: str, on_fail: str, phase: str) -> None:
            f"{failure_advice(stats.status, stats.iterations, phase, _HINT)}")
     if on_fail == "raise":
         raise ConvergenceError(msg)
-    # warn_explicit with a throwaway registry: warnings.warn would remember every distinct text in the
-    # caller's __warningregistry__, and these texts carry residuals, so a long run grew without bound.
-    caller = sys._getframe(2)  # what stacklevel=3 pointed at: the code that ran the solve
-    warnings.warn_explicit(msg, RuntimeWarning, caller.f_code.co_filename, caller.f_lineno,
-                           module=caller.f_globals.get("__name__"), registry={}, module_globals=caller.f_globals)
+    from ._warnings import warn_nonconvergence  # first failure in full, later ones summed up
+    warn_nonconvergence(name, phase, msg, counts, stats.status.numel(), worst)
 
 
 def solve_compiled(fmap: Callable, x0: Tensor, solver: FixedPointSolver, cfg: SolverConfig, *,

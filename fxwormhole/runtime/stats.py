@@ -42,6 +42,10 @@ class SolveStats:
     residual: Tensor
     status: Tensor
 
+    def __repr__(self) -> str:  # one line, not three tensors (runtime.stats_rows)
+        from .stats_rows import stats_repr
+        return stats_repr(self)
+
     def counts(self) -> Dict[str, int]:
         """Number of samples per status name (only statuses that occur)."""
         codes = torch.bincount(self.status.long().flatten(), minlength=len(STATUS_NAMES)).tolist()
@@ -90,6 +94,10 @@ class FixedPointStats:
     backward_residual: Optional[Tensor] = None
     backward_status: Optional[Tensor] = None
     extra: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # one line, not six tensors (runtime.stats_rows)
+        from .stats_rows import stats_repr
+        return stats_repr(self)
 
     @property
     def forward(self) -> SolveStats:

@@ -176,11 +176,5 @@ class TemporalRuntime:
                f"{failure_advice(status, iterations, phase, _HINT)}")
         if self.on_fail == "raise":
             raise ConvergenceError(msg)
-        # warn_explicit with a throwaway registry: the texts carry residuals, and warnings.warn would
-        # remember every distinct one; the warning points at the first frame outside fxwormhole/torch.
-        caller = sys._getframe(1)
-        while caller.f_back is not None and caller.f_globals.get("__name__", "").split(".")[0] in ("fxwormhole", "torch"):
-            caller = caller.f_back
-        # (no module_globals: a caller run as ``python -m pkg`` has a loader that cannot give its source)
-        warnings.warn_explicit(msg, RuntimeWarning, caller.f_code.co_filename, caller.f_lineno,
-                               module=caller.f_globals.get("__name__"), registry={})
+        from ._warnings import warn_nonconvergence  # first failure in full, later ones summed up
+        warn_nonconvergence(self.name, phase, msg, dict(zip(names, counts)), status.numel(), worst, "(step, sample) pairs")

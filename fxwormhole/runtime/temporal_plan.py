@@ -128,6 +128,10 @@ class TemporalStats:
     def set_backward(self, iterations: Tensor, residual: Tensor, status: Tensor) -> None:
         self._bwd = (iterations, residual, status)
 
+    def __repr__(self) -> str:  # one line, not [T, B] tensors (runtime.stats_rows)
+        from .stats_rows import stats_repr
+        return stats_repr(self)
+
     def summary(self) -> dict:
         it = self.iterations.float()
         out = {"steps": self.steps, "mean_iterations": float(it.mean()), "max_iterations": int(it.max())}
