@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import io
 import logging
@@ -29,12 +30,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import TreeSpec
 
 from ._text import capture_failure_message, describe_failure
 from .analysis import LAYER_TYPES
 from .errors import CaptureError, ConfigError
 from .passes._common import run_passes
-from .passes.meta import KEY, GraphRecord, graph_record
+from .passes.meta import KEY, GraphRecord, graph_record, update_graph
 from .passes.pipeline import capture_passes
 
 __all__ = ["capture", "capture_graph", "Captured", "LayerTracer", "LAYER_TYPES", "FRONT_ENDS", "propagate_shapes",
@@ -84,7 +86,7 @@ class Captured:
 
 def capture(
     model: nn.Module,
-    example_inputs: tuple | torch.Tensor,
+    example_inputs: Any,
     *,
     kwargs: dict | None = None,
     front_end: str = "auto",
@@ -116,7 +118,7 @@ def capture(
 
 def capture_graph(
     model: nn.Module,
-    example_inputs: tuple | torch.Tensor,
+    example_inputs: Any,
     *,
     kwargs: dict | None = None,
     front_end: str = "auto",
@@ -126,51 +128,129 @@ def capture_graph(
         raise ConfigError(f"capture(front_end={front_end!r}) is invalid: expected one of {FRONT_ENDS}")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"capture(model=...) expects an nn.Module, got {type(model).__name__}")
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    args = example_args(example_inputs)
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ConfigError(f"kwargs must be a dict of keyword arguments of forward, got {type(kwargs).__name__}")
     kwargs = dict(kwargs or {})
 
     order = ("symbolic_trace", "export") if front_end == "auto" else (front_end,)
     attempts: dict[str, str] = {}
     for name in order:
-        work = copy.deepcopy(model)  # a fresh copy per attempt: a failed trace must leave no trace
         try:
-            gm = _FRONT_ENDS[name](work, args, kwargs)
+            captured = _capture_with(name, model, args, kwargs)
         except Exception as exc:  # each front end fails in its own way; report them all
             attempts[name] = describe_failure(exc)
             log.debug("capture: %s failed: %s", name, attempts[name])
             continue
-        gm.training = model.training
-        for node in gm.graph.nodes:  # string annotations (PEP 563 sources) break GraphModule pickling
-            if isinstance(node.type, str):
-                node.type = None
-        gm.recompile()
-        try:
-            # FakeTensor logs a traceback of a failing op at ERROR level; the CaptureError says it in one line
-            with _quiet(("torch._subclasses.fake_tensor",), logging.CRITICAL):
-                propagate_shapes(gm, args, kwargs)
-        except Exception as exc:  # the trace is shape-agnostic: wrong shapes surface only here
-            raise CaptureError(
-                f"{type(model).__name__}: the example inputs do not fit the model: running the captured graph on "
-                f"them failed with {describe_failure(exc)}; pass example_inputs that model(*example_inputs) "
-                f"accepts (check their number, shapes and dtypes)") from exc
-        gm.meta[KEY] = GraphRecord(front_end=name, input_shapes=tuple(tuple(t.shape) for t in _tensors(args, kwargs)),
-                                   attempts=attempts, training=model.training, normalised=0)
-        return Captured(gm, work)
+        update_graph(captured.graph_module, attempts=attempts)
+        return captured
+    _refuse_inputs_the_model_refuses(model, args, kwargs)
     raise CaptureError(capture_failure_message(type(model).__name__, attempts))
+
+
+def example_args(example_inputs: Any) -> tuple:
+    """The positional arguments ``example_inputs`` stands for.
+
+    A tensor is one argument; a tuple or list holds the positional arguments (each may be a
+    structure: a tuple of tensors, a dict, a namedtuple, a dataclass); a namedtuple or any other
+    object is one argument. A dict is refused: keyword arguments go in ``kwargs=``.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and not hasattr(example_inputs, "_fields"):
+        return tuple(example_inputs)
+    if example_inputs is None or isinstance(example_inputs, dict):
+        what = "None" if example_inputs is None else "a dict"
+        raise ConfigError(
+            f"example_inputs is {what}: pass the positional arguments of forward, e.g. (torch.randn(8, 32),), and "
+            f"keyword arguments as kwargs=..., e.g. kwargs={{'attention_mask': mask}}; a dict that is one argument "
+            f"of forward goes in a tuple: (batch_dict,)")
+    return (example_inputs,)
+
+
+def graph_args(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> tuple:
+    """``args`` and ``kwargs`` of a model call as the positional arguments of the captured graph.
+
+    The passes and the self-check call the graph positionally; the graph's forward names every
+    input (its placeholders), so keyword arguments bind by name.
+    """
+    if not kwargs:
+        return tuple(args)
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.args)
+
+
+def _capture_with(name: str, model: nn.Module, args: tuple, kwargs: dict) -> Captured:
+    """One front end: trace a fresh copy (a failed trace must leave no trace), then propagate shapes.
+    A graph that does not run on the example inputs is that front end's failure."""
+    work = copy.deepcopy(model)
+    with _transformer_mask_hint_off():
+        gm, dropped = _FRONT_ENDS[name](work, args, kwargs)
+    gm.training = model.training
+    for node in gm.graph.nodes:  # string annotations (PEP 563 sources) break GraphModule pickling
+        if isinstance(node.type, str):
+            node.type = None
+    gm.recompile()
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in dropped}
+    # FakeTensor logs a traceback of a failing op at ERROR level; the CaptureError says it in one line
+    with _quiet(("torch._subclasses.fake_tensor",), logging.CRITICAL):
+        propagate_shapes(gm, args, call_kwargs)
+    gm.meta[KEY] = GraphRecord(front_end=name, input_shapes=tuple(tuple(t.shape) for t in _tensors(args, kwargs)),
+                               training=model.training, normalised=0, fixed_kwargs=dropped or None)
+    return Captured(gm, work)
+
+
+def _refuse_inputs_the_model_refuses(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """No front end captured the model: blame the inputs only if the model itself refuses them."""
+    from .passes._common import state_preserved
+
+    work = copy.deepcopy(model)
+    try:
+        with state_preserved(work), torch.no_grad():
+            work(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, the inputs do not fit it
+        raise CaptureError(
+            f"{type(model).__name__}: the example inputs do not fit the model: calling it on them failed with "
+            f"{describe_failure(exc)}; pass example_inputs that model(*example_inputs) accepts (check their "
+            f"number, shapes and dtypes)") from exc
+
+
+@contextlib.contextmanager
+def _transformer_mask_hint_off():
+    """``nn.TransformerEncoder/Decoder`` compare a given mask with a causal one to set an
+    ``is_causal`` hint: a data-dependent bool no front end can trace. The hint only picks a faster
+    kernel (a mask is applied either way, the same numbers): while tracing, an unset hint stays off."""
+    from torch.nn.modules import transformer
+
+    real = transformer._detect_is_causal_mask
+
+    def detect(mask: Any, is_causal: bool | None = None, size: int | None = None) -> bool:
+        return is_causal is True
+
+    transformer._detect_is_causal_mask = detect
+    try:
+        yield
+    finally:
+        transformer._detect_is_causal_mask = real
 
 
 # ------------------------------------------------------------------------------------------------
 # front ends
 
 
-def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, dict]:
     sig = inspect.signature(model.forward)
     bound = sig.bind(*args, **kwargs)
     bound.apply_defaults()
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
         raise TypeError("forward takes *args/**kwargs, which symbolic_trace cannot bind to placeholders")
-    # Tensors become placeholders; everything else (None, flags, sizes) is specialised.
-    concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+    # Tensors become placeholders, and so does every tensor inside a tuple/list/dict/namedtuple
+    # argument (fx.PH: the graph takes the structure and flattens it); an argument holding tensors in
+    # a structure pytree does not know (a dataclass) stays one placeholder the graph reads attributes
+    # of. Everything else (None, flags, sizes) is specialised.
+    concrete = {k: _placeholders_for_tensors(v) for k, v in bound.arguments.items()
+                if not isinstance(v, torch.Tensor) and not _holds_unflattenable_tensor(v)}
     before = _state_versions(model)
     graph = LayerTracer().trace(model, concrete_args=concrete or None)
     mutated = [name for name, version in _state_versions(model).items() if before.get(name) != version]
@@ -180,10 +260,35 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
         raise TypeError(f"forward mutates {', '.join(repr(n) for n in mutated[:5])} in place, which symbolic_trace "
                         f"cannot record (it runs once at trace time)")
     for node in graph.nodes:  # fx renames specialised args `h` -> `h_1`; keep the user's names
-        if node.op == "placeholder" and node.target.endswith("_1") and node.target[:-2] in concrete:
+        if node.op == "placeholder" and node.target.endswith("_1") and node.target[:-2] in concrete \
+                and not _has_tensor(bound.arguments[node.target[:-2]]):
             node.target = node.target[:-2]
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    return gm
+    return gm, {}
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(value))
+
+
+def _placeholders_for_tensors(value: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda v: fx.PH if isinstance(v, torch.Tensor) else v, value)
+
+
+def _holds_unflattenable_tensor(value: Any, depth: int = 0) -> bool:
+    """True for a value holding tensors that pytree cannot reach (fields of a dataclass, attributes)."""
+    if depth > 4:
+        return False
+    for leaf in torch.utils._pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor) or leaf is None or isinstance(leaf, (bool, int, float, str)):
+            continue
+        fields = getattr(leaf, "__dict__", None)
+        if dataclasses.is_dataclass(leaf):
+            fields = {f.name: getattr(leaf, f.name, None) for f in dataclasses.fields(leaf)}
+        if isinstance(fields, dict) and any(isinstance(v, torch.Tensor) or _holds_unflattenable_tensor(v, depth + 1)
+                                            for v in fields.values()):
+            return True
+    return False
 
 
 def _state_versions(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -193,14 +298,21 @@ def _state_versions(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: (id(t), t._version) for name, t in tensors}
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    # Failures are reported by CaptureError; export also prints its partial graph to stderr.
-    with _quiet(_NOISY_LOGGERS), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-        # RNN modules rebuild their _flat_weights list while traced; harmless, re-synced below
-        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
-        ep = torch.export.export(model, args, kwargs or None, strict=False,
-                                 dynamic_shapes=_batch_dynamic(model, args, kwargs))
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, dict]:
+    try:
+        ep = _run_export(model, args, kwargs)
+        dropped: dict = {}
+    except Exception as exc:
+        # A decoder's default config returns a key/value cache object (transformers' DynamicCache)
+        # that torch.export cannot return. The cache serves step-by-step generation, which the
+        # rewritten model does not do: capture the call with use_cache=False, as a user would.
+        if not (_returns_unknown_object(exc) and _accepts(model, "use_cache") and "use_cache" not in kwargs):
+            raise
+        dropped = {"use_cache": False}
+        ep = _run_export(model, args, {**kwargs, **dropped})
     egm = ep.module()
+    if dropped:
+        _drop_constant_kwargs(egm, set(dropped))
     if isinstance(getattr(egm, "_guards_fn", None), nn.Module):
         # export's guard (refusing, e.g., a sequence length the export specialised) is a closure
         # that cannot be pickled: enforce the same contract with a module that can
@@ -212,7 +324,46 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     # Re-wrap as a plain GraphModule: ep.module() refuses .train()/.eval(), which passes need.
     gm = fx.GraphModule(egm, egm.graph, class_name=type(model).__name__)
     gm.meta.update(egm.meta)
-    return gm
+    return gm, dropped
+
+
+def _run_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    # Failures are reported by CaptureError; export also prints its partial graph to stderr.
+    with _quiet(_NOISY_LOGGERS), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        # RNN modules rebuild their _flat_weights list while traced; harmless, re-synced below
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
+        return torch.export.export(model, args, kwargs or None, strict=False,
+                                   dynamic_shapes=_batch_dynamic(model, args, kwargs))
+
+
+def _returns_unknown_object(exc: BaseException) -> bool:
+    return "in output, which is not a known type" in str(exc)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _drop_constant_kwargs(gm: fx.GraphModule, names: set[str]) -> None:
+    """Remove keyword inputs that capture fixed (``use_cache=False``) from the graph's signature:
+    the graph computes the call with that value, and is called without it."""
+    codegen = gm.graph._codegen
+    info = codegen.pytree_info
+    spec = info.in_spec
+    args_spec, kw_spec = spec.children()
+    keep = [i for i, k in enumerate(kw_spec.context) if k not in names]
+    n_args = args_spec.num_children
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder" and n.target in names]:
+        for user in list(node.users):  # only export's input guard reads a constant input
+            user.args = tuple(a for a in user.args if a is not node)
+        gm.graph.erase_node(node)
+    kw_spec = TreeSpec(dict, [kw_spec.context[i] for i in keep], [kw_spec.children()[i] for i in keep])
+    orig_args = list(info.orig_args[:n_args]) + [info.orig_args[n_args + i] for i in keep]
+    codegen.pytree_info = info._replace(orig_args=orig_args, in_spec=TreeSpec(tuple, None, [args_spec, kw_spec]))
+    gm.recompile()
 
 
 def _static_shape(val: Any) -> tuple | None:
@@ -274,7 +425,7 @@ def _quiet(names: Sequence[str], level: int = logging.ERROR):
             lg.setLevel(level)
 
 
-_FRONT_ENDS: dict[str, Callable[[nn.Module, tuple, dict], fx.GraphModule]] = {
+_FRONT_ENDS: dict[str, Callable[[nn.Module, tuple, dict], tuple[fx.GraphModule, dict]]] = {
     "symbolic_trace": _symbolic_trace,
     "export": _export,
 }
@@ -285,21 +436,33 @@ _FRONT_ENDS: dict[str, Callable[[nn.Module, tuple, dict], fx.GraphModule]] = {
 
 
 def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> list[Any]:
-    """The value of each placeholder of ``gm`` (in graph order) for the call ``gm(*args, **kwargs)``."""
+    """The value of each placeholder of ``gm`` (in graph order) for the call ``gm(*args, **kwargs)``.
+
+    Follows the graph's own input handling: a graph whose code flattens structured inputs (export
+    graphs; symbolic_trace graphs of a model taking tuples, dicts or namedtuples) takes the leaves its
+    input spec names, in its order; any other graph takes the arguments bound to its signature.
+    """
     kwargs = kwargs or {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    info = getattr(gm.graph._codegen, "pytree_info", None)  # export graphs take pytree inputs
-    spec = getattr(info, "in_spec", None)
-    if spec is not None:
-        from torch.fx._pytree import tree_flatten_spec
-
-        flat = tree_flatten_spec((list(args), kwargs), spec)
-        if len(flat) == len(placeholders):
-            return list(flat)
-    code_sig = inspect.signature(gm.forward)
-    bound = code_sig.bind(*args, **kwargs)
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
     bound.apply_defaults()
-    return list(bound.arguments.values())[: len(placeholders)]
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "in_spec", None)
+    if spec is None:
+        return list(bound.arguments.values())[: len(placeholders)]
+    from torch.fx._pytree import tree_flatten_spec
+
+    # symbolic_trace's code flattens [self, *args] and drops the module itself
+    with_self = bool(info.orig_args) and info.orig_args[0] == "self" and "self" not in bound.arguments
+    values = [gm if with_self and i == 0 else bound.arguments[name] for i, name in enumerate(info.orig_args)]
+    children = spec.children() if spec.type is tuple else []
+    if len(children) == 2 and children[0].type is tuple and children[1].type is dict:
+        n_args = children[0].num_children  # the code binds (args, kwargs): export's calling convention
+        tree: Any = (values[:n_args], dict(zip(children[1].context, values[n_args:])))
+    else:
+        tree = values
+    flat = list(tree_flatten_spec(tree, spec))
+    return flat[1:] if with_self else flat
 
 
 def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> None:
@@ -314,7 +477,8 @@ def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None
     from .passes._common import state_preserved
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    values = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in placeholder_values(gm, args, kwargs)]
+    values = torch.utils._pytree.tree_map(lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v,
+                                          placeholder_values(gm, args, kwargs))
     # Real buffers enter the fake run: BatchNorm's ``num_batches_tracked += 1`` would really happen.
     with state_preserved(gm), mode:
         FakeTensorProp(gm, mode).run(*values, enable_io_processing=False)

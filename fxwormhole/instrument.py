@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import capture_graph
+from .capture import capture_graph, example_args, graph_args
 from .config import SALConfig
 from ._text import text_table
 from .errors import ConfigError, PlacementError
@@ -57,8 +57,8 @@ def instrument_graph(gm: fx.GraphModule, sal: Optional[SALConfig] = None,
 
 
 def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] = None, *,
-               activations: Optional[Mapping[str, ActivationSpec]] = None, front_end: str = "auto",
-               verify: bool = True) -> fx.GraphModule:
+               kwargs: Optional[dict] = None, activations: Optional[Mapping[str, ActivationSpec]] = None,
+               front_end: str = "auto", verify: bool = True) -> fx.GraphModule:
     """A copy of ``model`` with a sensitivity probe on every neuron (and SAL when ``sal`` is enabled).
 
     ``model`` is never mutated: it is captured (deep-copied) by :func:`fxwormhole.capture.capture`.
@@ -69,8 +69,10 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
 
     Args:
         model: the network.
-        example_inputs: a tensor or a tuple of positional example inputs.
+        example_inputs: a tensor or a tuple of positional example inputs (structures of tensors
+            allowed, as in :func:`fxwormhole.transform`).
         sal: :class:`SALConfig`; ``None`` installs measuring probes only.
+        kwargs: keyword arguments of the example call.
         activations: per-layer activation overrides by module path (a registered name, or an
             elementwise callable / activation module).
         front_end: capture front end (``"auto"``, ``"symbolic_trace"``, ``"export"``).
@@ -83,8 +85,9 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
     sal = _check_sal(sal)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"instrument(model=...) expects an nn.Module, got {type(model).__name__}")
-    captured = capture_graph(model, example_inputs, front_end=front_end)
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    args = example_args(example_inputs)
+    captured = capture_graph(model, args, kwargs=kwargs, front_end=front_end)
+    inputs = graph_args(captured.graph_module, args, kwargs)
     gm = run_passes(captured.graph_module, instrument_passes(captured, sal, activations),
                     check=PipelineCheck(inputs, verify=verify, what="instrument"))
     if not probes_of(gm):
