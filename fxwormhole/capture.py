@@ -2,8 +2,10 @@
 
 Two front ends, tried in this order by ``front_end="auto"``:
 
-1. ``torch.fx.symbolic_trace`` with :class:`LayerTracer`, which keeps every layer
-   (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.RNN/LSTM/GRU`` and their cells) as a ``call_module`` leaf
+1. ``torch.fx.symbolic_trace`` with :class:`LayerTracer`, which keeps every layer module
+   (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.RNN/LSTM/GRU`` and their
+   cells, a module whose forward is one matrix product against its weight: see
+   :mod:`fxwormhole.layer_ops`) as a ``call_module`` leaf
    and traces through everything that contains one (so the layers of a residual block or a
    transformer block stay visible).
 2. ``torch.export.export(model, args, kwargs, strict=False).module()``, which follows any Python
@@ -30,10 +32,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.export.graph_signature import InputKind
 from torch.utils._pytree import TreeSpec
 
 from ._text import capture_failure_message, describe_failure
-from .analysis import LAYER_TYPES
+from .layer_ops import LAYER_TYPES, is_layer_module
 from .errors import CaptureError, ConfigError
 from .passes._common import run_passes
 from .passes.meta import KEY, GraphRecord, graph_record, update_graph
@@ -58,11 +61,11 @@ class LayerTracer(fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, LAYER_TYPES):
+        if is_layer_module(m):
             return True
         if isinstance(m, _CONTAINERS):
             return False
-        if any(isinstance(c, LAYER_TYPES) for c in m.modules() if c is not m):
+        if any(is_layer_module(c) for c in m.modules() if c is not m):
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -162,7 +165,7 @@ def example_args(example_inputs: Any) -> tuple:
     if example_inputs is None or isinstance(example_inputs, dict):
         what = "None" if example_inputs is None else "a dict"
         raise ConfigError(
-            f"example_inputs is {what}: pass the positional arguments of forward, e.g. (torch.randn(8, 32),), and "
+            f"example_inputs is {what}: pass e.g. (torch.randn(8, 32),), the positional arguments of forward, and "
             f"keyword arguments as kwargs=..., e.g. kwargs={{'attention_mask': mask}}; a dict that is one argument "
             f"of forward goes in a tuple: (batch_dict,)")
     return (example_inputs,)
@@ -205,6 +208,12 @@ def _refuse_inputs_the_model_refuses(model: nn.Module, args: tuple, kwargs: dict
     """No front end captured the model: blame the inputs only if the model itself refuses them."""
     from .passes._common import state_preserved
 
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return  # the wrong number of arguments: the capture message says what forward takes
+    except ValueError:  # no signature to read
+        pass
     work = copy.deepcopy(model)
     try:
         with state_preserved(work), torch.no_grad():
@@ -310,14 +319,18 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule
             raise
         dropped = {"use_cache": False}
         ep = _run_export(model, args, {**kwargs, **dropped})
+    # The exported program's own inputs say which dims it specialised (read before .module(),
+    # whose placeholders carry fresh symbols for every dim marked AUTO).
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    shapes = [_static_shape(vals.get(spec.arg.name)) for spec in ep.graph_signature.input_specs
+              if spec.kind == InputKind.USER_INPUT]
     egm = ep.module()
-    if dropped:
-        _drop_constant_kwargs(egm, set(dropped))
     if isinstance(getattr(egm, "_guards_fn", None), nn.Module):
         # export's guard (refusing, e.g., a sequence length the export specialised) is a closure
         # that cannot be pickled: enforce the same contract with a module that can
-        shapes = [_static_shape(n.meta.get("val")) for n in egm.graph.nodes if n.op == "placeholder"]
         egm._guards_fn = InputShapeGuard(type(model).__name__, shapes)
+    if dropped:
+        _drop_constant_kwargs(egm, set(dropped))
     egm.graph.lint()
     # GraphModule's unpickler re-traces with the recorded tracer class; export's needs arguments
     egm.graph._tracer_cls = None
@@ -333,7 +346,7 @@ def _run_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exp
         # RNN modules rebuild their _flat_weights list while traced; harmless, re-synced below
         warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
         return torch.export.export(model, args, kwargs or None, strict=False,
-                                   dynamic_shapes=_batch_dynamic(model, args, kwargs))
+                                   dynamic_shapes=_dynamic_dims(model, args, kwargs))
 
 
 def _returns_unknown_object(exc: BaseException) -> bool:
@@ -358,6 +371,8 @@ def _drop_constant_kwargs(gm: fx.GraphModule, names: set[str]) -> None:
     n_args = args_spec.num_children
     for node in [n for n in gm.graph.nodes if n.op == "placeholder" and n.target in names]:
         for user in list(node.users):  # only export's input guard reads a constant input
+            if isinstance(getattr(gm, "_guards_fn", None), InputShapeGuard) and user.target == "_guards_fn":
+                del gm._guards_fn.shapes[user.args.index(node)]
             user.args = tuple(a for a in user.args if a is not node)
         gm.graph.erase_node(node)
     kw_spec = TreeSpec(dict, [kw_spec.context[i] for i in keep], [kw_spec.children()[i] for i in keep])
@@ -367,10 +382,13 @@ def _drop_constant_kwargs(gm: fx.GraphModule, names: set[str]) -> None:
 
 
 def _static_shape(val: Any) -> tuple | None:
-    """A fake value's shape with symbolic dims as None (None for non-tensors)."""
+    """A fake value's shape with symbolic dims as None (None for non-tensors); a dim the export
+    specialised (a symbol equal to a constant) is that constant."""
     if not isinstance(val, torch.Tensor):
         return None
-    return tuple(d if isinstance(d, int) else None for d in val.shape)
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return tuple(int(d) if is_concrete_int(d) else None for d in val.shape)
 
 
 class InputShapeGuard(nn.Module):
@@ -391,11 +409,13 @@ class InputShapeGuard(nn.Module):
                     f"again with example inputs of the new shape")
 
 
-def _batch_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
-    """Let export keep dim 0 (the batch) symbolic where the model allows it (``Dim.AUTO``).
+def _dynamic_dims(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """Let export keep every dim symbolic where the model allows it (``Dim.AUTO``).
 
-    Without this, export bakes the example batch size into the graph and the captured module
-    refuses any other batch; AUTO never fails: a dimension the model fixes is specialised.
+    Without this, export bakes the example's sizes into the graph and the captured module refuses
+    another batch, sequence length or image size; AUTO never fails: a dimension the model fixes
+    (a position table, a flatten into a Linear) is specialised, and the input guard refuses other
+    sizes there with a CaptureError.
     """
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
@@ -404,7 +424,7 @@ def _batch_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
     auto = torch.export.Dim.AUTO
 
     def leaf(v: Any) -> Any:
-        return {0: auto} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+        return {d: auto for d in range(v.dim())} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
 
     return {k: torch.utils._pytree.tree_map(leaf, v) for k, v in bound.arguments.items()}
 

@@ -22,6 +22,7 @@ from .capture import capture_graph, example_args, graph_args
 from .config import SALConfig
 from ._text import text_table
 from .errors import ConfigError, PlacementError
+from .layer_ops import layer_kind
 from .passes._common import run_passes
 from .passes.pipeline import instrument_passes, sensitivity_passes
 from .passes.sensitivity_annotate import ActivationSpec
@@ -91,11 +92,29 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
     gm = run_passes(captured.graph_module, instrument_passes(captured, sal, activations),
                     check=PipelineCheck(inputs, verify=verify, what="instrument"))
     if not probes_of(gm):
-        raise PlacementError(
-            f"instrument: no neuron layer (Linear, ConvNd, RNN/LSTM/GRU or a cell) found as a submodule of "
-            f"{type(model).__name__}; a bare layer passed as the model is not a submodule: wrap it in a module")
+        raise PlacementError(f"instrument: {_why_no_probe(model, gm)}")
     gm.train(model.training)
     return gm
+
+
+def _why_no_probe(model: nn.Module, gm: fx.GraphModule) -> str:
+    """Why ``model`` got no probe, true for that model, and what to do."""
+    from .analysis import layer_table
+    from .passes.sensitivity_annotate import PROBED_KINDS
+
+    name = type(model).__name__
+    if layer_kind(model) is not None:
+        return (f"the model is a bare {name} layer, not a model holding one: probes go on the layers inside a "
+                f"model, so wrap it in a module (e.g. nn.Sequential(layer))")
+    unprobed = [(l.name, l.kind) for l in layer_table(gm) if l.kind not in PROBED_KINDS]
+    if unprobed:
+        shown = ", ".join(f"{n!r} ({k})" for n, k in list(dict.fromkeys(unprobed))[:4])
+        return (f"{name}'s neuron layers are {shown}: sensitivity probes measure nn.Linear, nn.Conv1d/2d/3d and "
+                f"recurrent layers only; probe a model built from those layers, or transform this one without sal")
+    return (f"{name} holds no neuron layer (nn.Linear, nn.Conv1d/2d/3d, nn.RNN/LSTM/GRU or a cell, a matrix product "
+            f"against a parameter) that its forward calls, so there is nothing to measure; a layer computed from a "
+            f"weight that is no parameter (made in forward) is not seen: wrap it in a module holding the weight as "
+            f"an nn.Parameter")
 
 
 @dataclass(frozen=True)
