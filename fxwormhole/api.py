@@ -9,8 +9,10 @@ from .capture import capture_graph, example_args, graph_args
 from .config import SALConfig, WormholeConfig
 from .errors import ConfigError
 from .passes._common import run_passes
+from .passes.meta import update_graph
 from .passes.pipeline import transform_passes
 from .passes.verify import PipelineCheck
+from .transform_record import TransformRecord
 from .transformed import TransformedModule
 
 __all__ = ["transform"]
@@ -87,5 +89,6 @@ def transform(
                     check=PipelineCheck(inputs, verify=verify))
     result = TransformedModule(gm, gm.graph)
     result.meta = dict(gm.meta)
+    update_graph(result, transform=TransformRecord.of(model, inputs, config, sal))  # for fxwormhole.save/load
     result.train(model.training)
     return result

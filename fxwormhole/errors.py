@@ -13,9 +13,8 @@ __all__ = [
     "ConvergenceError",
     "ExportError",
     "SaveError",
-
-
     "VerificationError",
+    "LoadError",
 ]
 
 
@@ -63,3 +62,9 @@ class VerificationError(FxWormholeError):
         super().__init__(message)
         self.pass_name, self.node, self.module_path = pass_name, node, module_path
         self.error, self.scale = error, scale
+
+
+class LoadError(FxWormholeError):
+    """A folder written by :func:`fxwormhole.save` cannot be loaded: a file is missing or damaged, or
+    the model passed to :func:`fxwormhole.load` does not rebuild the saved one (the message names the
+    file and what to do)."""

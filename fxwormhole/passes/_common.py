@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import heapq
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -120,13 +121,18 @@ def state_preserved(*modules: torch.nn.Module, seed: int | None = None) -> Itera
 
     A pass that evaluates the graph (example values, the coupling check, shape propagation, the
     self-check) would otherwise update BatchNorm running statistics, ``num_batches_tracked``, probe
-    averages and any buffer a forward mutates in place, and advance the global random number
+    averages, any buffer a forward mutates in place and the fixed points' last-call stats (a module's
+    ``RUN_STATE``), and advance the global random number
     generators (dropout). Buffers are restored in place (tensor identity is kept, so aliases stay
     valid); the RNG state of the CPU and of every device the modules use is restored on exit. With
     ``seed``, those generators are seeded inside, so two runs draw the same random numbers.
     """
     saved = [(owner, name, b, b.detach().clone())
              for m in modules for owner in m.modules() for name, b in owner._buffers.items() if b is not None]
+    # runtime modules' last-call records (fixed-point stats): a check's run is not the user's last call
+    run_state = [(owner, name, copy.copy(getattr(owner, name)))
+                 for m in modules for owner in m.modules() for name in getattr(type(owner), "RUN_STATE", ())
+                 if hasattr(owner, name)]
     cuda = sorted({t.device.index or 0 for m in modules for t in [*m.parameters(), *m.buffers()]
                    if t.device.type == "cuda"})
     try:
@@ -141,6 +147,8 @@ def state_preserved(*modules: torch.nn.Module, seed: int | None = None) -> Itera
             for owner, name, b, value in saved:
                 owner._buffers[name] = b  # a forward may rebind a buffer (``self.n = self.n + 1``)
                 b.copy_(value)  # always: ATen's batch_norm updates running stats without a version bump
+        for owner, name, value in run_state:
+            setattr(owner, name, value)
 
 
 def build_wormhole(src_shape: Sequence[int], dst_shape: Sequence[int], config: WormholeConfig, *, src: str, dst: str,

@@ -240,6 +240,7 @@ class GraphRecord(_Readable):
     back_edges: tuple[BackEdge, ...] | None = None
     fixed_points: tuple[str, ...] | None = None
     sensitivity: SensitivityRecord | None = None
+    transform: Any = None  # fxwormhole.transform_record.TransformRecord: the call, for fxwormhole.save/load
 
     _legacy = {"input_shapes": list, "wormholes": list, "back_edges": list, "fixed_points": list}
 

@@ -21,16 +21,17 @@ The time loop runs under ``torch.compiler.disable``, so ``torch.compile`` of a s
 never unrolls T steps into one graph; :meth:`ExplicitRecurrent.compile_step` compiles the cell once
 and the loop reuses it for every step, layer and sequence length.
 
-Temporal wormholes (see docs/recurrent.md). With wormholes the stack runs time-major: at step t a
-:class:`~fxwormhole.runtime.fixed_point.FixedPoint` solves ``u* = feedback(body(u*, x_t, s_{t-1}))``
-where ``u`` is the injection into the wormholes' destination layers' inputs, ``body`` runs the layer
-stack and returns the new states ``s_t``, and ``feedback`` returns ``gate(h_src)⊙proj(h_src)``.
-The step's gradient is implicit; between steps it is ordinary back-propagation through time.
+Temporal wormholes (see docs/recurrent.md). With wormholes the stack runs time-major: at step t the
+injection ``u`` into the wormholes' destination layers' inputs solves ``u* = feedback(body(u*, x_t,
+s_{t-1}))``, where ``body`` runs the layer stack and returns the new states ``s_t`` and ``feedback``
+returns ``gate(h_src)⊙proj(h_src)``. The step's gradient is implicit; between steps it is ordinary
+back-propagation through time. The fast runtime (:mod:`fxwormhole.runtime.temporal`) runs a whole
+sequence as one autograd node with hand-written VJPs; configurations it does not implement run one
+:class:`~fxwormhole.runtime.fixed_point.FixedPoint` call per step (``_forward_temporal_generic``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from ..config import WormholeConfig
 from ..errors import ConfigError, PlacementError
 from .gates import RECURRENT_LAYOUTS
+from .temporal import StackPlan, TemporalRuntime, TemporalStats, fast_path_refusal
 from .wormhole import Wormhole
 
 __all__ = [
@@ -139,6 +141,9 @@ class ExplicitRecurrent(nn.Module):
     Args mirror ``nn.LSTM``: ``mode`` is ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``.
     Parameters are initialised as PyTorch does (``U(-1/sqrt(H), 1/sqrt(H))``).
     """
+
+    #: what a call leaves behind besides buffers (see :attr:`FixedPoint.RUN_STATE`)
+    RUN_STATE = ("_last_stats",)
 
     _torch_types: Tuple[type, ...] = (nn.RNNBase,)
 
@@ -286,13 +291,19 @@ class ExplicitRecurrent(nn.Module):
 
         The Python time loop stays outside the compiled graph and reuses the compiled cell for every
         step, layer and direction, so compile time does not grow with the sequence length.
+        With temporal wormholes on the fast runtime, the runtime's per-sequence bulk kernels are
+        compiled instead (:meth:`~fxwormhole.runtime.temporal.TemporalRuntime.compile`).
         """
         self._compiled_cell = torch.compile(self._cell_fn, **compile_kwargs)
+        if self._temporal is not None:
+            self._temporal.compile(compile_kwargs)
         return self
 
     def uncompile_step(self) -> "ExplicitRecurrent":
-        """Go back to the eager cell."""
+        """Go back to the eager cell (and the fast runtime's eager kernels)."""
         self._compiled_cell = None
+        if self._temporal is not None:
+            self._temporal.compile(None)
         return self
 
     def __getstate__(self) -> dict:
@@ -383,16 +394,40 @@ class ExplicitRecurrent(nn.Module):
         """Time-major execution: one fixed-point solve per step over the whole layer stack."""
         tmp = self._temporal
         assert tmp is not None
-        tmp.fp.train(self.training)
-        tmp.body.refresh(self)
-        T, B, L, S = x.shape[0], x.shape[1], self.num_layers, self.state_size
-        flat = [states[l][s] for s in range(S) for l in range(L)]
         masks: List[Tensor] = []
+        T, B, L = x.shape[0], x.shape[1], self.num_layers
         if self.dropout and self.training and L > 1:
             # Drawn up front (fixed across the iterations of a step), one [T, B, H] mask per layer
             # boundary in layer order: the same random draws as nn.LSTM's dropout under one seed.
             ones = x.new_ones(T, B, self.real_hidden_size)
             masks = [F.dropout(ones, self.dropout, True) for _ in range(L - 1)]
+        fast = tmp.fast(self)
+        if fast is not None:
+            return self._run_fast(fast, x, states, masks)
+        return self._forward_temporal_generic(x, states, masks)
+
+    @torch.compiler.disable
+    def _run_fast(self, fast: TemporalRuntime, x: Tensor, states: List[State], masks: List[Tensor]) -> Tuple[Tensor, List[State]]:
+        L = self.num_layers
+        h0 = torch.stack([s[0] for s in states])
+        c0 = torch.stack([s[1] for s in states]) if self.mode == "LSTM" else None
+        layers = [self.weights(l) for l in range(L)]
+        wormholes = []
+        for wh in self.temporal_wormholes.values():
+            gate = wh.gate
+            wormholes.append((wh.proj.map.weight, gate.logit, gate.map.map.weight if gate.kind == "input" else None))
+        out, hn, cn, stats = fast.run(x, h0, c0, layers, wormholes, masks)
+        self._last_stats = stats
+        return out, [((hn[l], cn[l]) if cn is not None else (hn[l],)) for l in range(L)]
+
+    def _forward_temporal_generic(self, x: Tensor, states: List[State], masks: List[Tensor]) -> Tuple[Tensor, List[State]]:
+        """One :class:`FixedPoint` call per step (configurations the fast runtime does not take)."""
+        tmp = self._temporal
+        assert tmp is not None
+        tmp.fp.train(self.training)
+        tmp.body.refresh(self)
+        T, B, L, S = x.shape[0], x.shape[1], self.num_layers, self.state_size
+        flat = [states[l][s] for s in range(S) for l in range(L)]
         outs, per_step = [], []
         z_width = sum(tmp.dst_sizes)
         xs, ms = x.unbind(0), [m.unbind(0) for m in masks]  # unbind once (see _time_loop)
@@ -403,7 +438,7 @@ class ExplicitRecurrent(nn.Module):
             per_step.append(tmp.fp.stats)
             flat = list(y)
             outs.append(flat[L - 1])
-        self._last_stats = TemporalStats(per_step)
+        self._last_stats = TemporalStats.from_steps(per_step)
         return torch.stack(outs), [tuple(flat[s * L + l] for s in range(S)) for l in range(L)]
 
 
@@ -512,52 +547,47 @@ class _WormholeFeedback(nn.Module):
 
 
 class _Temporal:
-    """Plain holder (not an nn.Module) of the per-step fixed point: keeps it out of the module tree."""
+    """Plain holder (not an nn.Module) of the per-step fixed point: keeps it out of the module tree.
+
+    ``runtime`` chooses the execution: ``"auto"`` (the fast :class:`~fxwormhole.runtime.temporal.
+    TemporalRuntime` when the configuration fits, see :func:`~fxwormhole.runtime.temporal.
+    fast_path_refusal`, else one ``FixedPoint`` call per step), ``"fast"`` or ``"generic"``.
+    """
 
     def __init__(self, pairs: Tuple[Tuple[str, str], ...], fp: nn.Module, body: _StackBody, dst_sizes: Sequence[int]) -> None:
         self.pairs, self.fp, self.body, self.dst_sizes = pairs, fp, body, tuple(dst_sizes)
+        self.runtime = "auto"
+        self._fast: Optional[TemporalRuntime] = None
+        self._compile_kwargs: Optional[dict] = None
+        self.refusal = fast_path_refusal(fp.solver_config, fp.grad_config)
 
+    def compile(self, kwargs: Optional[dict]) -> None:
+        """Compile (``kwargs``: torch.compile's) or uncompile (None) the fast runtime's kernels."""
+        self._compile_kwargs = None if kwargs is None else dict(kwargs)
+        if self._fast is not None:
+            self._fast.uncompile() if kwargs is None else self._fast.compile(**kwargs)
 
-@dataclass
-class TemporalStats:
-    """Solver statistics of every step of the last forward; tensors are ``[T, B]``.
+    def fast(self, rnn: "ExplicitRecurrent") -> Optional[TemporalRuntime]:
+        """The fast runtime for ``rnn``, or None when this call must take the generic path."""
+        if self.runtime == "generic" or (self.runtime == "auto" and (self.refusal or torch.is_autocast_enabled())):
+            return None
+        if self.refusal:
+            raise ConfigError(f"{self.fp.name}: runtime='fast' is impossible: {self.refusal}")
+        if self._fast is None:
+            whs = list(rnn.temporal_wormholes.values())
+            plan = StackPlan(rnn.mode, rnn.num_layers, rnn.input_size, rnn.hidden_size, rnn.proj_size,
+                             tuple((int(a[5:]), int(b[5:])) for a, b in self.pairs),
+                             tuple(wh.gate.kind for wh in whs), tuple(float(wh.gate.cap) for wh in whs))
+            self._fast = TemporalRuntime(plan, self.fp.solver_config, self.fp.grad_config, self.fp.on_fail, self.fp.name)
+            if self._compile_kwargs is not None:
+                self._fast.compile(**self._compile_kwargs)
+        return self._fast
 
-    ``backward_iterations`` is ``None`` until a backward pass has run through every step.
-    """
-
-    steps: List[Any]  # FixedPointStats per time step
-
-    def _stack(self, field: str) -> Optional[Tensor]:
-        vals = [getattr(s, field) for s in self.steps]
-        return None if any(v is None for v in vals) else torch.stack([v.detach() for v in vals])
-
-    @property
-    def iterations(self) -> Tensor:
-        return self._stack("iterations")  # type: ignore[return-value]
-
-    @property
-    def residual(self) -> Tensor:
-        return self._stack("residual")  # type: ignore[return-value]
-
-    @property
-    def status(self) -> Tensor:
-        return self._stack("status")  # type: ignore[return-value]
-
-    @property
-    def backward_iterations(self) -> Optional[Tensor]:
-        return self._stack("backward_iterations")
-
-    @property
-    def backward_residual(self) -> Optional[Tensor]:
-        return self._stack("backward_residual")
-
-    def summary(self) -> dict:
-        it = self.iterations.float()
-        out = {"steps": len(self.steps), "mean_iterations": float(it.mean()), "max_iterations": int(it.max())}
-        bwd = self.backward_iterations
-        if bwd is not None:
-            out["mean_backward_iterations"] = float(bwd.float().mean())
-        return out
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fast"] = None  # rebuilt on first use (holds per-sequence hints only)
+        state["_compile_kwargs"] = None  # compiled kernels do not pickle; call compile_step() again
+        return state
 
 
 def attach_temporal_runtime(rnn: ExplicitRecurrent, pairs: Sequence[Tuple[int, int]], wormholes: Sequence[Wormhole],
