@@ -253,3 +253,21 @@ def test_torchvision_ops_the_shim_defines_refuse_to_run():
             getattr(torch.ops.torchvision, name)(boxes, scores, 0.5)
     with pytest.raises(RuntimeError, match="Couldn't load custom C\\+\\+ ops"):
         tv.ops.nms(boxes, scores, 0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16 class 5 at unit size: BatchNorm in eval mode inside a fixed point compiles
+
+
+def test_compiled_backward_builds_for_a_body_with_batchnorm_in_eval_mode():
+    """Eval-mode BatchNorm reads its running statistics, which have no derivative: the compiled
+    backward's VJP graphs differentiate parameters only (they took every buffer and failed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    net = fw.transform(model, (x,), steps.open_gates()).eval()
+    before = {k: v.clone() for k, v in net.named_buffers()}
+    fw.compile.prepare(net, (x,))
+    assert all(fp._graphs is not None for fp in net.fixed_point_modules().values())
+    assert all(torch.equal(v, before[k]) for k, v in net.named_buffers())
