@@ -14,7 +14,7 @@ from torch import nn
 import fxwormhole as fw
 from fxwormhole.runtime.fixed_point import FixedPoint
 from fxwormhole.runtime.gradients import make_grad
-from fxwormhole.runtime.solve_dropout import SolveDropout
+from fxwormhole.runtime.solve_dropout import SolveAttention, SolveDropout
 from fxwormhole.runtime.stats import CONVERGED
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,3 +125,40 @@ def test_the_implicit_gradient_is_the_gradient_of_the_map_with_the_masks_it_solv
     worst = max(float((implicit[k] - unrolled[k]).abs().max() / unrolled[k].abs().max()) for k in unrolled)
     assert worst < 1e-5
     assert isinstance(fp, FixedPoint)
+
+
+class DropAttention(nn.Module):
+    """Attention with dropout on its weights, and a dropout on a permuted (non-contiguous) tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.qkv, self.out, self.head = nn.Linear(8, 16), nn.Linear(16, 48), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):  # x: [B, T, 8]
+        h = self.inp(x)
+        qkv = self.qkv(h).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)  # [3, B, heads, T, 8]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2 if self.training else 0.0, is_causal=True)
+        a = a.transpose(1, 2).flatten(2)
+        h = h + F.dropout(self.out(a).transpose(0, 1), 0.3, self.training).transpose(0, 1)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("front_end", ["symbolic_trace", "export"])
+def test_attention_dropout_and_permuted_layouts_match_the_original_and_hold_within_a_call(front_end):
+    torch.manual_seed(0)
+    model, x = DropAttention().train(), torch.randn(3, 5, 8)
+    closed = fw.transform(model, (x,), fw.WormholeConfig(wormholes=[("head", "qkv")]), front_end=front_end).train()
+    (fp,) = closed.fixed_point_modules().values()
+    assert any(isinstance(m, SolveAttention) for m in fp.body.modules())
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        want = model(x)
+        torch.manual_seed(4)
+        got = closed(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    opened = fw.transform(model, (x,), fw.WormholeConfig(wormholes=[("head", "qkv")], gate_init=0.0, proj_init="normal",
+                                                         proj_std=0.1), front_end=front_end).train()
+    (fp,) = opened.fixed_point_modules().values()
+    opened(x)
+    assert bool((fp.stats.status == CONVERGED).all()) and int(fp.stats.iterations.max()) > 2

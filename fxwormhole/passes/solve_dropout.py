@@ -4,7 +4,8 @@ Runs after :class:`~fxwormhole.passes.wrap_fixed_points.WrapFixedPoints`. In eve
 body and feedback, each dropout -- an ``nn.Dropout``/``Dropout1d/2d/3d`` module call,
 ``F.dropout``/``F.dropout1d/2d/3d``, ``torch.dropout``, or ATen's ``dropout``/``native_dropout``/
 ``feature_dropout`` of an export graph -- becomes a call of a
-:class:`~fxwormhole.runtime.solve_dropout.SolveDropout`, which draws its mask once per forward call
+:class:`~fxwormhole.runtime.solve_dropout.SolveDropout` (an attention with ``dropout_p > 0``, a
+:class:`~fxwormhole.runtime.solve_dropout.SolveAttention`), which draws its mask once per forward call
 of the fixed point (see that module for why). Outside fixed points dropout is left alone.
 
 An ATen dropout recorded with ``train=False`` (an export graph captured in eval mode) stays as it
@@ -22,7 +23,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..runtime.fixed_point import FixedPoint
-from ..runtime.solve_dropout import SolveDropout
+from ..runtime.solve_dropout import SolveAttention, SolveDropout
 
 __all__ = ["SolveDropoutMasks", "dropout_spec"]
 
@@ -69,21 +70,46 @@ def dropout_spec(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[float, boo
     return float(p), feature, returns_mask
 
 
+_SDPA = (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+
+def _attention(node: fx.Node) -> Optional[tuple[SolveAttention, tuple]]:
+    """A :class:`SolveAttention` and its arguments when ``node`` is an attention with dropout."""
+    if node.op != "call_function" or node.target not in _SDPA:
+        return None
+    args = dict(zip(_SDPA_ARGS, node.args), **node.kwargs)
+    p, causal = args.get("dropout_p", 0.0), args.get("is_causal", False)
+    if not isinstance(p, (int, float)) or p == 0.0 or not isinstance(causal, bool):
+        return None
+    mod = SolveAttention(float(p), is_causal=causal, scale=args.get("scale"),
+                         enable_gqa=bool(args.get("enable_gqa", False)))
+    return mod, (args["query"], args["key"], args["value"], args.get("attn_mask"))
+
+
+def _replacement(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[nn.Module, tuple]]:
+    spec = dropout_spec(gm, node)
+    if spec is None:
+        return _attention(node)
+    p, feature, returns_mask = spec
+    return SolveDropout(p, feature=feature, returns_mask=returns_mask), (
+        node.args[0] if node.args else node.kwargs["input"],)
+
+
 def _rewrite(gm: fx.GraphModule) -> int:
     count = 0
     for node in list(gm.graph.nodes):
-        spec = dropout_spec(gm, node)
-        if spec is None:
+        found = _replacement(gm, node)
+        if found is None:
             continue
-        p, feature, returns_mask = spec
+        mod, args = found
         name = f"solve_dropout_{count}"
         while hasattr(gm, name):
             name += "_"
-        mod = SolveDropout(p, feature=feature, returns_mask=returns_mask)
         mod.train(gm.training)
         gm.add_submodule(name, mod)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))
+            new = gm.graph.call_module(name, args)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

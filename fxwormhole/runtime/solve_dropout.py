@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SolveDropout", "new_masks", "has_masks"]
+__all__ = ["SolveDropout", "SolveAttention", "new_masks", "has_masks"]
 
 
 class SolveDropout(nn.Module):
@@ -50,7 +52,10 @@ class SolveDropout(nn.Module):
     def _draw(self, x: Tensor) -> Tensor:
         """The scaled noise ``keep / (1 - p)``, drawn by the op the original dropout runs, so that
         under one seed the first evaluation equals the original model's, bit for bit."""
-        ones = torch.ones(self._mask_shape(x), dtype=x.dtype, device=x.device)
+        # elementwise noise is laid out like x (ATen draws into empty_like(x): a permuted x gets
+        # permuted noise); channel noise is a fresh contiguous [N, C, 1, ...] tensor
+        ones = (torch.ones(self._mask_shape(x), dtype=x.dtype, device=x.device) if self.feature
+                else torch.ones_like(x))
         if self.returns_mask:
             return torch.native_dropout(ones, self.p, True)[0]
         return (torch.feature_dropout if self.feature else torch.dropout)(ones, self.p, True)
@@ -63,6 +68,38 @@ class SolveDropout(nn.Module):
             noise = self._noise = self._draw(x)  # a new call, or a new batch: draw afresh
         out = x * noise
         return (out, (noise != 0).expand_as(x)) if self.returns_mask else out
+
+
+class SolveAttention(nn.Module):
+    """``scaled_dot_product_attention`` with ``dropout_p > 0``, its attention weights dropped by a
+    :class:`SolveDropout` (the math of ATen's reference kernel, which draws the same noise).
+
+    Args:
+        p, is_causal, scale, enable_gqa: the call's arguments.
+    """
+
+    def __init__(self, p: float, *, is_causal: bool = False, scale: Optional[float] = None,
+                 enable_gqa: bool = False) -> None:
+        super().__init__()
+        self.is_causal, self.scale, self.enable_gqa = bool(is_causal), scale, bool(enable_gqa)
+        self.dropout = SolveDropout(p)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        if not self.training or self.dropout.p == 0.0:
+            return nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask, 0.0, self.is_causal, scale=self.scale, enable_gqa=self.enable_gqa)
+        if self.enable_gqa:
+            k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)
+            v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
+        root = math.sqrt(self.scale if self.scale is not None else 1.0 / math.sqrt(q.size(-1)))
+        scores = (q * root) @ (k * root).transpose(-2, -1)
+        if self.is_causal:
+            causal = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None:
+            scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                      else scores + attn_mask)
+        return self.dropout(scores.softmax(-1)) @ v
 
 
 def _dropouts(module: nn.Module) -> list[SolveDropout]:
