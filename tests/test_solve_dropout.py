@@ -44,6 +44,16 @@ def _net(front_end: str, *, closed: bool = False):
     return model, x, fw.transform(model, (x,), cfg, front_end=front_end)
 
 
+def _assert_equal_under_one_seed(model, net, x, seed: int = 5):
+    """Training mode, one seed: the same dropout draws give the original's outputs."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        want = model(x)
+        torch.manual_seed(seed)
+        got = net(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("front_end", ["symbolic_trace", "export"])
 def test_every_dropout_in_the_body_becomes_a_solve_dropout(front_end):
     _, _, net = _net(front_end)
@@ -84,12 +94,7 @@ def test_a_training_solve_converges_with_one_mask_and_the_next_call_draws_new_on
 def test_closed_gates_in_training_mode_equal_the_original_under_one_seed(front_end):
     model, x, net = _net(front_end, closed=True)
     net.train()
-    with torch.random.fork_rng():
-        torch.manual_seed(5)
-        want = model(x)
-        torch.manual_seed(5)
-        got = net(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_equal_under_one_seed(model, net, x)
 
 
 def test_eval_mode_is_the_identity_and_the_original_model_is_untouched():
@@ -151,12 +156,7 @@ def test_attention_dropout_and_permuted_layouts_match_the_original_and_hold_with
     closed = fw.transform(model, (x,), fw.WormholeConfig(wormholes=[("head", "qkv")]), front_end=front_end).train()
     (fp,) = closed.fixed_point_modules().values()
     assert any(isinstance(m, SolveAttention) for m in fp.body.modules())
-    with torch.random.fork_rng():
-        torch.manual_seed(4)
-        want = model(x)
-        torch.manual_seed(4)
-        got = closed(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_equal_under_one_seed(model, closed, x)
     opened = fw.transform(model, (x,), fw.WormholeConfig(wormholes=[("head", "qkv")], gate_init=0.0, proj_init="normal",
                                                          proj_std=0.1), front_end=front_end).train()
     (fp,) = opened.fixed_point_modules().values()
