@@ -4,7 +4,8 @@
 =============  ==============================================================================
 capture        [NormaliseExport] (export graphs only)
 transform      [NormaliseExport], DecomposeRecurrent, TemporalWormholes, PlanWormholes,
-               InsertWormholes, WrapFixedPoints, SolveDropoutMasks,
+               InsertWormholes, WrapFixedPoints, SeparateAliasedInputs,
+               SolveDropoutMasks,
                [SensitivityAnnotate, SensitivityInsert]
 instrument     [NormaliseExport], SensitivityAnnotate, SensitivityInsert
 =============  ==============================================================================
@@ -28,6 +29,7 @@ from .plan_wormholes import PlanWormholes
 from .recurrent import DecomposeRecurrent
 from .sensitivity_annotate import ActivationSpec, SensitivityAnnotate
 from .sensitivity_insert import SensitivityInsert
+from .separate_aliases import SeparateAliasedInputs
 from .solve_dropout import SolveDropoutMasks
 from .temporal_wormhole import TemporalWormholes
 from .wrap_fixed_points import WrapFixedPoints
@@ -56,6 +58,7 @@ def transform_passes(captured: Any, config: WormholeConfig, example_inputs: Sequ
         PlanWormholes(config),
         InsertWormholes(config),
         WrapFixedPoints(config, example_inputs),
+        SeparateAliasedInputs(),
         SolveDropoutMasks(),
     ]
     return passes + (sensitivity_passes(sal) if sal is not None else [])
