@@ -155,7 +155,9 @@ def _all_stats(net) -> dict[str, Any]:
 
 
 def _wormhole_params(net: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in net.named_parameters() if any(part.startswith("wormhole") for part in n.split("."))}
+    """Feed-forward (``...wormhole_0.proj``) and temporal (``rnn.temporal_wormholes....``) wormholes."""
+    return {n: p for n, p in net.named_parameters()
+            if any(part.startswith("wormhole") or part == "temporal_wormholes" for part in n.split("."))}
 
 
 def _loss(out: Any) -> Tensor:
