@@ -399,36 +399,8 @@ def _onnx_digests(proto: Any) -> dict[str, str]:
             "program": hashlib.sha256(program.SerializeToString(deterministic=True)).hexdigest()}
 
 
-def _views_as_reshapes(ep: torch.export.ExportedProgram) -> int:
-    """Turn ``aten.view`` into ``aten.reshape`` where nothing writes through the view, in the program
-    and in its ``while_loop`` bodies; returns how many.
-
-    torch.export can keep a ``view`` whose input it traced as contiguous (a ``contiguous()`` it
-    dropped inside a fixed point's loop body), and the ONNX exporter's re-trace, which sees the real
-    strides, then refuses it ("Cannot view a tensor ... as a tensor with shape ..."; T5's attention
-    output). A reshape is that view wherever a view is possible and a copy elsewhere: the same
-    values, and ONNX has one Reshape for both.
-    """
-    from .passes._mutation import alias_roots, mutated_inputs
-
-    count = 0
-    for gm in ep.graph_module.modules():
-        if not isinstance(gm, torch.fx.GraphModule):
-            continue
-        roots = alias_roots(gm)
-        written = {roots[t] for n in gm.graph.nodes for t in mutated_inputs(gm, n)}
-        for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target is torch.ops.aten.view.default and roots[node] not in written:
-                node.target = torch.ops.aten.reshape.default
-                count += 1
-        if count:
-            gm.recompile()
-    return count
-
-
 def _onnx_proto(ep: torch.export.ExportedProgram, inputs: tuple) -> Any:
     """The ExportedProgram as an ONNX ModelProto (``while_loop`` -> ``Loop``), errors as ExportError."""
-    _views_as_reshapes(ep)
     try:
         onx = torch.onnx.export(ep, inputs, dynamo=True, verbose=False,
                                 custom_translation_table=_onnx_translations())
