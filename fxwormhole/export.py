@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ._atomic import atomic_write, check_target
 from .errors import ConfigError, ExportError
@@ -60,22 +61,28 @@ def _as_tuple(example_inputs: Any) -> tuple:
                       f"got {type(example_inputs).__name__}")
 
 
+def _batched(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.dim() > 0
+
+
 def _dynamic_shapes(inputs: tuple, dynamic_batch: bool):
+    """Dim 0 of every tensor symbolic, in the structure of ``inputs`` (a namedtuple argument gets
+    a namedtuple of specs: torch.export matches the two structures)."""
     if not dynamic_batch:
         return None
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    return tuple({0: batch} if isinstance(t, Tensor) and t.dim() > 0 else None for t in inputs)
+    return tuple(tree_map(lambda t: {0: batch} if _batched(t) else None, x) for x in inputs)
 
 
 def _batch_of_one(inputs: tuple) -> bool:
-    batched = [t for t in inputs if isinstance(t, Tensor) and t.dim() > 0]
+    batched = [t for t in tree_leaves(inputs) if _batched(t)]
     return bool(batched) and all(t.shape[0] == 1 for t in batched)
 
 
 def _doubled(inputs: tuple) -> tuple:
     """The example with every batched input repeated to batch 2: torch.export specialises a size-1
     dim (1 broadcasts, so it cannot stand for any size) and would refuse a dynamic batch."""
-    return tuple(torch.cat([t, t]) if isinstance(t, Tensor) and t.dim() > 0 else t for t in inputs)
+    return tree_map(lambda t: torch.cat([t, t]) if _batched(t) else t, inputs)
 
 
 _FXWORMHOLE_DIR = str(Path(__file__).resolve().parent)
@@ -312,8 +319,25 @@ def _pt2_digests(archive: zipfile.ZipFile, records: dict[str, zipfile.ZipInfo]) 
             if not name.startswith("extra/") and not info.is_dir()}
 
 
+def _register_namedtuples(spec: Any) -> None:
+    """Give every namedtuple class of an input structure the serialised name ``module.QualName``
+    that ``torch.export.save`` requires. (Loading such a file in another process needs the same
+    registration: torch.utils._pytree._register_namedtuple.)"""
+    from torch.utils._pytree import SUPPORTED_SERIALIZED_TYPES, _register_namedtuple
+
+    cls = getattr(spec, "context", None)  # a namedtuple node: type collections.namedtuple, context the class
+    if isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields") \
+            and cls not in SUPPORTED_SERIALIZED_TYPES:
+        _register_namedtuple(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+    for child in getattr(spec, "children_specs", ()):
+        _register_namedtuples(child)
+
+
 def _write_pt2(ep: torch.export.ExportedProgram, tmp: Path, meta: dict) -> None:
     """``torch.export.save`` and then the metadata record, which holds the checksums of all others."""
+    for entry in ep.module_call_graph:
+        if entry.signature is not None:
+            _register_namedtuples(entry.signature.in_spec)
     with open(tmp, "wb") as f:
         torch.export.save(ep, f)
     with zipfile.ZipFile(tmp, "a") as archive:  # records stay uncompressed, as torch writes them
@@ -515,7 +539,8 @@ class _OrtRunner:
             raise ExportError(f"{path}: onnxruntime cannot load it ({_one_line(exc)}); re-export it") from None
         self.names = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, *inputs: Tensor) -> Any:
+    def __call__(self, *inputs: Any) -> Any:
+        inputs = tuple(t for t in tree_leaves(inputs) if isinstance(t, Tensor))  # ONNX takes the leaves
         if len(inputs) != len(self.names):
             raise ExportError(f"the ONNX model takes {len(self.names)} inputs {self.names}, got {len(inputs)}")
         feed = {n: t.detach().cpu().numpy() for n, t in zip(self.names, inputs)}
