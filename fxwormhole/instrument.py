@@ -18,10 +18,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import capture_graph
+from .capture import capture_graph, example_args, graph_args
 from .config import SALConfig
 from ._text import text_table
 from .errors import ConfigError, PlacementError
+from .layer_ops import layer_kind
 from .passes._common import run_passes
 from .passes.pipeline import instrument_passes, sensitivity_passes
 from .passes.sensitivity_annotate import ActivationSpec
@@ -57,8 +58,8 @@ def instrument_graph(gm: fx.GraphModule, sal: Optional[SALConfig] = None,
 
 
 def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] = None, *,
-               activations: Optional[Mapping[str, ActivationSpec]] = None, front_end: str = "auto",
-               verify: bool = True) -> fx.GraphModule:
+               kwargs: Optional[dict] = None, activations: Optional[Mapping[str, ActivationSpec]] = None,
+               front_end: str = "auto", verify: bool = True) -> fx.GraphModule:
     """A copy of ``model`` with a sensitivity probe on every neuron (and SAL when ``sal`` is enabled).
 
     ``model`` is never mutated: it is captured (deep-copied) by :func:`fxwormhole.capture.capture`.
@@ -69,8 +70,10 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
 
     Args:
         model: the network.
-        example_inputs: a tensor or a tuple of positional example inputs.
+        example_inputs: a tensor or a tuple of positional example inputs (structures of tensors
+            allowed, as in :func:`fxwormhole.transform`).
         sal: :class:`SALConfig`; ``None`` installs measuring probes only.
+        kwargs: keyword arguments of the example call.
         activations: per-layer activation overrides by module path (a registered name, or an
             elementwise callable / activation module).
         front_end: capture front end (``"auto"``, ``"symbolic_trace"``, ``"export"``).
@@ -83,16 +86,35 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
     sal = _check_sal(sal)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"instrument(model=...) expects an nn.Module, got {type(model).__name__}")
-    captured = capture_graph(model, example_inputs, front_end=front_end)
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    args = example_args(example_inputs)
+    captured = capture_graph(model, args, kwargs=kwargs, front_end=front_end)
+    inputs = graph_args(captured.graph_module, args, kwargs)
     gm = run_passes(captured.graph_module, instrument_passes(captured, sal, activations),
                     check=PipelineCheck(inputs, verify=verify, what="instrument"))
     if not probes_of(gm):
-        raise PlacementError(
-            f"instrument: no neuron layer (Linear, ConvNd, RNN/LSTM/GRU or a cell) found as a submodule of "
-            f"{type(model).__name__}; a bare layer passed as the model is not a submodule: wrap it in a module")
+        raise PlacementError(f"instrument: {_why_no_probe(model, gm)}")
     gm.train(model.training)
     return gm
+
+
+def _why_no_probe(model: nn.Module, gm: fx.GraphModule) -> str:
+    """Why ``model`` got no probe, true for that model, and what to do."""
+    from .analysis import layer_table
+    from .passes.sensitivity_annotate import PROBED_KINDS
+
+    name = type(model).__name__
+    if layer_kind(model) is not None:
+        return (f"the model is a bare {name} layer, not a model holding one: probes go on the layers inside a "
+                f"model, so wrap it in a module (e.g. nn.Sequential(layer))")
+    unprobed = [(l.name, l.kind) for l in layer_table(gm) if l.kind not in PROBED_KINDS]
+    if unprobed:
+        shown = ", ".join(f"{n!r} ({k})" for n, k in list(dict.fromkeys(unprobed))[:4])
+        return (f"{name}'s neuron layers are {shown}: sensitivity probes measure nn.Linear, nn.Conv1d/2d/3d and "
+                f"recurrent layers only; probe a model built from those layers, or transform this one without sal")
+    return (f"{name} holds no neuron layer (nn.Linear, nn.Conv1d/2d/3d, nn.RNN/LSTM/GRU or a cell, a matrix product "
+            f"against a parameter) that its forward calls, so there is nothing to measure; a layer computed from a "
+            f"weight that is no parameter (made in forward) is not seen: wrap it in a module holding the weight as "
+            f"an nn.Parameter")
 
 
 @dataclass(frozen=True)

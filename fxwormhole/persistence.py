@@ -111,6 +111,10 @@ def _record_of(net: nn.Module) -> TransformRecord:
         raise ConfigError(f"fxwormhole.save: a {type(net).__name__} is not a model returned by fxwormhole.transform "
                           "(it carries no record of the transform to repeat at load time); save the result of "
                           "fxwormhole.transform(...), or use torch.save(model.state_dict(), path) for other modules")
+    if record.keywords:
+        raise ConfigError(f"fxwormhole.save: this model was transformed with keyword inputs ({', '.join(record.keywords)}), "
+                          "which fxwormhole.load cannot repeat yet; save its weights with torch.save(net.state_dict(), "
+                          "path) and rebuild it with the same fxwormhole.transform call before load_state_dict")
     return record
 
 

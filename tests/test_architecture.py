@@ -124,7 +124,7 @@ def test_transform_and_instrument_run_one_pass_list(monkeypatch):
     monkeypatch.setattr(_common.PassManager, "__call__", counting)
     fw.transform(TinyLSTM(), (torch.randn(2, 4, 3),), sal=fw.SALConfig())
     assert calls == [["DecomposeRecurrent", "TemporalWormholes", "PlanWormholes", "InsertWormholes", "WrapFixedPoints",
-                      "RefuseDeadCycles", "SensitivityAnnotate", "SensitivityInsert"]]
+                      "RefuseDeadCycles", "SeparateAliasedInputs", "SolveDropoutMasks", "SensitivityAnnotate", "SensitivityInsert"]]
     calls.clear()
     fw.transform(TinyMLP(), (torch.randn(4, 5),), front_end="export")
     assert len(calls) == 1 and calls[0][0] == "NormaliseExport"

@@ -9,7 +9,8 @@ copy in a fixed-point body (``Graph.node_copy`` copies ``meta`` shallowly) is ne
 Who writes what:
 
 =====================  ==========================================================================
-capture                ``GraphRecord.front_end``, ``input_shapes``, ``attempts``, ``training``
+capture                ``GraphRecord.front_end``, ``input_shapes``, ``attempts``, ``training``,
+                       ``fixed_kwargs``
 NormaliseExport        ``NodeInfo.normalised_from``; ``GraphRecord.normalised`` (count)
 DecomposeRecurrent     ``NodeInfo.recurrent`` (:class:`RecurrentInfo`); ``GraphRecord.recurrent``
 TemporalWormholes      ``NodeInfo.recurrent.temporal_wormholes``; ``GraphRecord.temporal``
@@ -253,6 +254,7 @@ class GraphRecord(_Readable):
     attempts: Mapping[str, str] | None = None  # front end tried first -> why it failed
     training: bool | None = None  # the model's mode at capture
     normalised: int | None = None  # ATen layer ops turned into call_module (export graphs)
+    fixed_kwargs: Mapping[str, Any] | None = None  # keyword arguments capture added ({"use_cache": False})
     recurrent: Mapping[str, str] | None = None  # path -> "decomposed" | "skipped: <why>"
     temporal: TemporalPlacement | None = None
     cell_loops: Mapping[str, tuple[str, ...]] | None = None  # CellLoop path -> its cells, bottom first

@@ -5,6 +5,7 @@
 capture        [NormaliseExport] (export graphs only)
 transform      [NormaliseExport], DecomposeRecurrent, TemporalWormholes, [FuseCellLoops] (without SAL),
                PlanWormholes, InsertWormholes, WrapFixedPoints, RefuseDeadCycles,
+               SeparateAliasedInputs, SolveDropoutMasks,
                [SensitivityAnnotate, SensitivityInsert]
 instrument     [NormaliseExport], SensitivityAnnotate, SensitivityInsert
 =============  ==============================================================================
@@ -32,6 +33,8 @@ from .plan_wormholes import PlanWormholes
 from .recurrent import DecomposeRecurrent
 from .sensitivity_annotate import ActivationSpec, SensitivityAnnotate
 from .sensitivity_insert import SensitivityInsert
+from .separate_aliases import SeparateAliasedInputs
+from .solve_dropout import SolveDropoutMasks
 from .temporal_wormhole import TemporalWormholes
 from .wrap_fixed_points import WrapFixedPoints
 
@@ -61,6 +64,8 @@ def transform_passes(captured: Any, config: WormholeConfig, example_inputs: Sequ
         InsertWormholes(config),
         WrapFixedPoints(config, example_inputs),
         RefuseDeadCycles(config),
+        SeparateAliasedInputs(),
+        SolveDropoutMasks(),
     ]
     return passes + (sensitivity_passes(sal) if sal is not None else [])
 

@@ -141,7 +141,9 @@ class _ImplicitFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tape: _Tape, stats: FixedPointStats, *targets: Tensor):
         ctx.tape, ctx.stats = tape, stats
-        return tuple(t.detach() for t in tape.y)
+        # copies: the caller may update y* in place (torchvision's Hardswish(inplace=True) after the
+        # source layer), and the tape's VJPs need the values it saved (the feedback's input, y itself)
+        return tuple(t.detach().clone() for t in tape.y)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
