@@ -1,31 +1,49 @@
-"""The two solve loops (eager with per-sample halting; compiled with ``torch.while_loop``) and the
-``on_fail`` policy.
+"""The solve loops, their one halting classifier, and the ``on_fail`` policy.
 
-Both loops solve ``x = f(x)`` for a flat ``[B, D]`` iterate given a map
+Every loop solves ``x = f(x)`` for a flat ``[B, D]`` iterate, given a map
 ``fmap(x, rows) -> (aux, fx, scale)`` where ``aux`` is a tuple of per-sample tensors computed on the
-way (the body output ``y`` in the forward solve, ``zbar`` in the adjoint solve) and ``scale`` an
-optional ``[b]`` reference norm. They share one schedule so that they produce the same numbers:
+way (the body output ``y`` in the forward solve, ``zbar`` in the adjoint solve), ``scale`` an
+optional ``[b]`` reference norm and ``rows`` the indices (into the full batch) of the samples the
+call is for (None: all). They share one schedule and one classifier, so they give the same numbers:
 
 * evaluation ``k = 1`` is always checked (this is what makes a closed feedback cost one step);
   afterwards every ``check_every``-th evaluation and the ``max_iter``-th are checked;
-* a sample finishes at the evaluation where its residual ``r <= tol`` (converged), ``r`` is not
-  finite (non_finite), ``r > divergence_factor * min(r so far)`` (diverged) or ``k = max_iter``;
-* the returned point is the iterate ``x_k`` at which ``f`` was evaluated, with its ``aux`` and ``r``.
+* :func:`pending_of` / :func:`codes_of` (the classifier): a sample finishes at the check where its
+  residual ``r <= tol`` (converged), ``r`` is not finite (non_finite), ``r > divergence_factor *
+  min(r so far)`` (diverged) or ``k = max_iter``;
+* the returned point is the iterate ``x_k`` at which ``f`` was evaluated, with its ``aux`` and ``r``;
+* a solver with a ``fallback_rate`` (Anderson) takes plain (damped) steps for a sample while its
+  residual falls by at least that factor per evaluation, tested at the 2nd, 4th, 8th, ... check;
+  once a sample's residual falls more slowly it is accelerated from a fresh history for good.
+  Everything is per sample, so a sample's trajectory never depends on the rest of its batch.
+
+The loops:
+
+* :func:`solve_eager`: per-sample halting that saves work: finished samples are indexed out of
+  the active set. One host read per check (a count), nothing else per evaluation; the
+  bookkeeping (scatter of the finished rows) only runs at checks where a sample finished.
+* :func:`solve_blocks`: the compiled driver. A *step* function (compiled, no host reads) does one
+  evaluation, check and solver step on a fixed-size batch, freezing finished rows; the driver
+  calls it for a block of evaluations, then reads one count, moves finished rows out and pads the
+  rest to a power-of-two bucket (so a handful of sizes, never 1, reach the compiled code).
+* :func:`solve_while` (``torch.export``): one ``torch.while_loop`` over the full batch, finished
+  rows frozen; what an exported program carries.
 """
 from __future__ import annotations
 
 import sys
 import warnings
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..config import SolverConfig
 from ..errors import ConvergenceError
+from ._tree import residual
 from .solvers import FixedPointSolver
 from .stats import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, SolveStats
-from ._tree import residual
 
 FMap = Callable[[Tensor, Optional[Tensor]], Tuple[Tuple[Tensor, ...], Tensor, Optional[Tensor]]]
 
@@ -34,106 +52,460 @@ _HINT = ("raise max_iter, use damping (solver='damped' or SolverConfig(damping=0
          "or spectral-normalise the feedback")
 
 
+# ------------------------------------------------------------------------------------------------
+# host reads: every loop reads device values through here, so they can be counted
+class HostReads:
+    """Counts the loops' device-to-host reads (each is a stream sync on a GPU)."""
+
+    count = 0
+
+    @classmethod
+    def reset(cls) -> int:
+        n, cls.count = cls.count, 0
+        return n
+
+
+def host_read(t: Tensor) -> List[float]:
+    """The values of a small tensor on the host: the loops' only synchronisation point."""
+    HostReads.count += 1
+    return t.reshape(-1).tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# the schedule and the classifier (shared by every loop)
 def is_check(k: int, every: int, max_iter: int) -> bool:
     return (k - 1) % every == 0 or k >= max_iter
 
 
-def _codes(r: Tensor, best: Tensor, factor: float, tol) -> Tensor:
-    """Status code per sample for residual ``r`` (tol: float or 0-d tensor)."""
-    status = torch.full_like(r, MAX_ITER, dtype=torch.int8)
-    status = torch.where(r > factor * best, torch.full_like(status, DIVERGED), status)
-    status = torch.where(r <= tol, torch.full_like(status, CONVERGED), status)
-    return torch.where(torch.isfinite(r), status, torch.full_like(status, NON_FINITE))
+def tests_contraction(c: int) -> bool:
+    """Whether check number ``c`` (1-based) tests the contraction for the solver's fall-back."""
+    return c >= 2 and (c & (c - 1)) == 0
+
+
+def pending_of(r: Tensor, best: Tensor, tol: Any, factor: float) -> Tensor:
+    """Samples that keep iterating after a check: not converged, not diverged, finite."""
+    return (r > tol) & (r <= best * factor) & (r < float("inf"))
+
+
+def check(x: Tensor, fx: Tensor, scale: Optional[Tensor], best: Optional[Tensor], tol: Any, factor: float):
+    """The residual at a check, the best residual so far and :func:`pending_of`'s verdict."""
+    r = residual(x, fx, scale)
+    best = r if best is None else torch.fmin(best, r)
+    return r, best, pending_of(r, best, tol, factor)
+
+
+def codes_of(r: Tensor, pending: Tensor, tol: Any) -> Tensor:
+    """Status codes for :func:`pending_of`'s verdict: MAX_ITER (still running), or why not."""
+    code = torch.where(r <= tol, CONVERGED, torch.where(torch.isfinite(r), DIVERGED, NON_FINITE))
+    return torch.where(pending, MAX_ITER, code).to(torch.int8)
+
+
+def slow_of(r: Tensor, r_prev: Tensor, rate: float) -> Tensor:
+    """Samples whose residual fell by less than ``rate`` since the previous check."""
+    return r > r_prev * rate
+
+
+@dataclass
+class Work:
+    """Host-side account of one solve: what it cost."""
+
+    evaluations: int = 0  # rows x evaluations actually computed (padding and frozen rows included)
+    checks: int = 0
+    host_reads: int = 0
+    settled_first: bool = False  # every sample finished at evaluation 1
+    last: int = 0  # evaluations of the longest-running sample
+
+
+class _Steps:
+    """The solver's steps with its per-sample fall-back (eager): no history is kept and no
+    acceleration computed while no active sample needs it."""
+
+    def __init__(self, solver: FixedPointSolver, x: Tensor, every: int) -> None:
+        self.solver = solver
+        rate = getattr(solver, "fallback_rate", None)
+        self.rate = None if rate is None else float(rate) ** every
+        self.accel: Optional[Tensor] = None  # per-sample switch (None: nobody accelerates yet)
+        self.all_accel = self.rate is None
+        self.state = solver.init(x) if self.all_accel else None
+
+    def wants_test(self, c: int) -> bool:
+        return not self.all_accel and tests_contraction(c)
+
+    def update(self, slow: Tensor, pending: Tensor, count: Optional[Tensor] = None) -> Tensor:
+        """Switch on the slow pending samples; returns the device count of accelerated rows among
+        ``count`` (default: the pending ones; all rows when None is not wanted)."""
+        now = slow & pending
+        self.accel = now if self.accel is None else self.accel | now
+        return (self.accel & (pending if count is None else count)).sum()
+
+    def set_count(self, n_accel: int, n_rows: int, x: Tensor) -> None:
+        if n_accel == 0:
+            self.accel = None
+        elif self.state is None:
+            self.state = self.solver.init(x)
+        self.all_accel = self.rate is None or n_accel == n_rows
+
+    def select(self, idx: Tensor) -> None:
+        if self.state is not None:
+            self.state = tuple(s.index_select(0, idx) for s in self.state)
+        if self.accel is not None:
+            self.accel = self.accel.index_select(0, idx)
+
+    def __call__(self, x: Tensor, fx: Tensor) -> Tensor:
+        if self.all_accel:
+            x_new, self.state = self.solver.step(self.state, x, fx)
+            return x_new
+        if self.accel is None:
+            return self.solver.fallback_step(x, fx)
+        x_acc, state = self.solver.step(self.state, x, fx)
+        # rows not (yet) accelerated keep a fresh history (the step may have written in place)
+        fresh = self.solver.init(x)
+        self.state = tuple(torch.where(self.accel.view((-1,) + (1,) * (n.dim() - 1)), n, s)
+                           for n, s in zip(state, fresh))
+        return torch.where(self.accel.unsqueeze(1), x_acc, self.solver.fallback_step(x, fx))
+
+
+# ------------------------------------------------------------------------------------------------
+# eager
+class _Outputs:
+    """Per-sample results, scattered in only at checks where some sample finished."""
+
+    def __init__(self, B: int, x: Tensor, rdtype: torch.dtype, keep_aux: bool) -> None:
+        dev = x.device
+        self.x = x.new_empty(x.shape)
+        self.aux: Optional[List[Tensor]] = None
+        self.keep_aux = keep_aux
+        self.iterations = torch.empty(B, dtype=torch.int64, device=dev)
+        self.residual = torch.empty(B, dtype=rdtype, device=dev)
+        self.status = torch.empty(B, dtype=torch.int8, device=dev)
+
+    def put(self, g: Tensor, pos: Optional[Tensor], k: int, x: Tensor, aux, r: Tensor, codes: Tensor) -> None:
+        take = (lambda t: t) if pos is None else (lambda t: t.index_select(0, pos))
+        self.x.index_copy_(0, g, take(x))
+        if self.keep_aux:
+            if self.aux is None:
+                self.aux = [a.new_empty((self.x.shape[0],) + a.shape[1:]) for a in aux]
+            for buf, a in zip(self.aux, aux):
+                buf.index_copy_(0, g, take(a))
+        self.iterations.index_fill_(0, g, k)
+        self.residual.index_copy_(0, g, take(r))
+        self.status.index_copy_(0, g, take(codes))
 
 
 def solve_eager(fmap: FMap, x0: Tensor, solver: FixedPointSolver, cfg: SolverConfig, *,
-                tol: float, max_iter: int, compact: bool,
+                tol: Optional[float] = None, max_iter: Optional[int] = None,
                 first: Optional[Tuple[Tuple[Tensor, ...], Tensor, Optional[Tensor]]] = None,
-                keep_aux: bool = True) -> Tuple[Tensor, Optional[Tuple[Tensor, ...]], SolveStats]:
-    """Eager solve. ``compact=True`` (per-sample halting) indexes finished samples out of the
-    active set, so later evaluations only cost the hard samples; otherwise finished samples are
-    frozen by a mask (``halting="batch"`` keeps iterating until every sample converged)."""
-    B, dev = x0.shape[0], x0.device
-    if first is None:
-        first = fmap(x0, None)
-    r1 = residual(x0, first[1], first[2])
-    if bool((r1 <= tol).all()):
-        # Every sample settled at the first evaluation (closed wormholes): no bookkeeping, no
-        # solver state; this is what keeps a closed node at the cost of one body evaluation.
-        ones = torch.ones(B, dtype=torch.int64, device=dev)
-        return x0, (first[0] if keep_aux else None), SolveStats(ones, r1, torch.full((B,), CONVERGED, dtype=torch.int8, device=dev))
-    batch_halt = cfg.halting == "batch"
-    compact = compact and not batch_halt
-    factor = float(cfg.divergence_factor)
-    out_x = x0.detach().clone()
-    out_aux: Optional[list] = None
-    iters = torch.zeros(B, dtype=torch.int64, device=dev)
-    rdt = torch.promote_types(x0.dtype, torch.float32)
-    res = torch.full((B,), float("inf"), dtype=rdt, device=dev)
-    status = torch.full((B,), MAX_ITER, dtype=torch.int8, device=dev)
-    rows = torch.arange(B, device=dev)
-    live = torch.ones(B, dtype=torch.bool, device=dev)
-    all_live = True
-    best = torch.full((B,), float("inf"), dtype=rdt, device=dev)
-    x, state = x0, solver.init(x0)
-    k = 0
+                keep_aux: bool = True) -> Tuple[Tensor, Optional[Tuple[Tensor, ...]], SolveStats, Work]:
+    """Eager solve; ``cfg.halting="sample"`` drops finished samples from the active set (later
+    evaluations cost only the samples still running), ``"batch"`` iterates the whole batch until
+    every sample converged. ``first`` is the evaluation at ``x0`` if already made.
+    Returns ``(x*, aux*, stats, work)``."""
+    tol = cfg.tol if tol is None else tol
+    max_iter = cfg.max_iter if max_iter is None else max_iter
+    if cfg.halting == "batch":
+        return _solve_batch(fmap, x0, solver, cfg, tol, max_iter, first, keep_aux)
+    B = x0.shape[0]
+    every, factor = int(cfg.check_every), float(cfg.divergence_factor)
+    work = Work()
+    reads0 = HostReads.count
+    aux, fx, scale = first if first is not None else fmap(x0, None)
+    x, rows, n = x0, None, B  # rows: indices of the active samples (None: all B, in order)
+    steps = _Steps(solver, x0, every)
+    out: Optional[_Outputs] = None
+    r_prev: Optional[Tensor] = None
+    best: Optional[Tensor] = None
+    k = c = 0
     while True:
-        if k == 0 and first is not None:
-            aux, fx, scale = first
-        else:
-            aux, fx, scale = fmap(x, None if rows.numel() == B else rows)
         k += 1
-        if is_check(k, cfg.check_every, max_iter):
-            r = residual(x, fx, scale)
-            best = torch.fmin(best, r)
-            # fast path, one host sync: every live sample still pending (NaN compares False)
-            pending = (r > tol).logical_and_(r <= best * factor)
-            if not all_live:
-                pending.logical_or_(~live)
-            if k < max_iter and bool(pending.all()):
-                x, state = _advance(solver, state, x, fx, live, all_live or compact)
-                continue
-            codes = _codes(r, best, factor, tol)
-            if batch_halt:
-                done_now = (codes != MAX_ITER) & live  # failed or converged this check
-                failed = done_now & (codes != CONVERGED)
-                all_done = k >= max_iter or bool(((codes == CONVERGED) | failed | ~live).all())
-                fin = live if all_done else failed
+        work.evaluations += n
+        if is_check(k, every, max_iter):
+            c += 1
+            r, best, pending = check(x, fx, scale, best, tol, factor)
+            if steps.wants_test(c):
+                n_accel = steps.update(slow_of(r, r_prev, steps.rate), pending)
+                n_pend, n_accel = (int(v) for v in host_read(torch.stack([pending.sum(), n_accel])))
             else:
-                fin = live & (codes != MAX_ITER) if k < max_iter else live
-            if bool(fin.any()):
-                g = rows[fin]
-                out_x[g] = x[fin]
-                iters[g] = k
-                res[g] = r[fin]
-                status[g] = codes[fin]
-                if keep_aux:
-                    if out_aux is None:
-                        out_aux = [a.new_zeros((B,) + a.shape[1:]) for a in aux]
-                    for buf, a in zip(out_aux, aux):
-                        buf[g] = a[fin]
-                if compact:
-                    keep = ~fin
-                    rows, x, fx, best, live = rows[keep], x[keep], fx[keep], best[keep], live[keep]
-                    state = tuple(s[keep] for s in state)
-                else:
-                    live = live & ~fin
-                    all_live = False
-                if rows.numel() == 0 or not bool(live.any()):
+                n_accel = None
+                n_pend = int(host_read(pending.sum())[0])
+            if n_pend < n or k >= max_iter:
+                done = k >= max_iter
+                n_fin = n if done else n - n_pend
+                codes = codes_of(r, pending, tol)
+                if n_fin == B:  # everyone at once (closed nodes): no bookkeeping at all
+                    work.checks, work.last, work.settled_first = c, k, k == 1
+                    work.host_reads = HostReads.count - reads0
+                    it = torch.full((B,), k, dtype=torch.int64, device=x.device)
+                    return x, (aux if keep_aux else None), SolveStats(it, r, codes), work
+                if out is None:
+                    out = _Outputs(B, x0, r.dtype, keep_aux)
+                if done or n_fin == n:
+                    out.put(rows, None, k, x, aux, r, codes)
                     break
-        x, state = _advance(solver, state, x, fx, live, all_live or compact)
-    return out_x, (tuple(out_aux) if out_aux is not None else None), SolveStats(iters, res, status)
+                order = torch.argsort(pending.to(torch.uint8), stable=True)  # finished first, order kept
+                fin, keep = order[:n_fin], order[n_fin:]
+                g = fin if rows is None else rows.index_select(0, fin)
+                out.put(g, fin, k, x, aux, r, codes)
+                rows = keep if rows is None else rows.index_select(0, keep)
+                x, fx, best, r = (t.index_select(0, keep) for t in (x, fx, best, r))
+                steps.select(keep)
+                n = n_pend
+            if n_accel is not None:
+                steps.set_count(n_accel, n, x)
+            r_prev = r
+        x = steps(x, fx)
+        aux, fx, scale = fmap(x, rows)
+    work.checks, work.last = c, k
+    work.host_reads = HostReads.count - reads0
+    stats = SolveStats(out.iterations, out.residual, out.status)
+    return out.x, (tuple(out.aux) if out.aux is not None else None), stats, work
 
 
-def _advance(solver: FixedPointSolver, state, x: Tensor, fx: Tensor, live: Tensor, unmasked: bool):
-    """One solver step; rows that are not live keep their iterate and state."""
-    x_new, state_new = solver.step(state, x, fx)
-    if unmasked:
-        return x_new, state_new
-    x_new = torch.where(live.unsqueeze(1), x_new, x)
-    return x_new, tuple(torch.where(live.view((-1,) + (1,) * (s.dim() - 1)), n, s) for n, s in zip(state_new, state))
+def _solve_batch(fmap, x0, solver, cfg, tol, max_iter, first, keep_aux):
+    """``halting="batch"``: the whole batch iterates until every sample converged (bodies that
+    couple samples). Failed samples are frozen; the others return their last iterate."""
+    B = x0.shape[0]
+    every, factor = int(cfg.check_every), float(cfg.divergence_factor)
+    work = Work()
+    reads0 = HostReads.count
+    aux, fx, scale = first if first is not None else fmap(x0, None)
+    x = x0
+    steps = _Steps(solver, x0, every)
+    out = _Outputs(B, x0, torch.promote_types(x0.dtype, torch.float32), keep_aux)
+    live: Optional[Tensor] = None  # None: all live
+    n_live = B
+    best = r_prev = None
+    k = c = 0
+    while True:
+        k += 1
+        work.evaluations += B
+        if is_check(k, every, max_iter):
+            c += 1
+            r, best, pending = check(x, fx, scale, best, tol, factor)
+            codes = codes_of(r, pending, tol)
+            live_now = torch.ones_like(pending) if live is None else live
+            failed = live_now & ~pending & (codes != CONVERGED)
+            reads = [(live_now & pending).sum(), failed.sum()]
+            if steps.wants_test(c):
+                reads.append(steps.update(slow_of(r, r_prev, steps.rate), pending & live_now, torch.ones_like(pending)))
+            vals = [int(v) for v in host_read(torch.stack(reads))]
+            if vals[0] == 0 or k >= max_iter:
+                g = live_now.nonzero_static(size=n_live).view(-1)
+                out.put(g, g, k, x, aux, r, codes)
+                break
+            if vals[1]:
+                g = failed.nonzero_static(size=vals[1]).view(-1)
+                out.put(g, g, k, x, aux, r, codes)
+                live = live_now & ~failed
+                n_live -= vals[1]
+            if len(vals) > 2:
+                steps.set_count(vals[2], B, x)
+            r_prev = r
+        x_new = steps(x, fx)
+        x = x_new if live is None else torch.where(live.unsqueeze(1), x_new, x)
+        aux, fx, scale = fmap(x, None)
+    work.checks, work.last = c, k
+    work.host_reads = HostReads.count - reads0
+    return out.x, (tuple(out.aux) if out.aux is not None else None), SolveStats(out.iterations, out.residual, out.status), work
 
 
+# ------------------------------------------------------------------------------------------------
+# compiled: blocks of a compiled step, compaction between blocks
+@dataclass
+class Carry:
+    """The loop state of :func:`solve_blocks` (every tensor has batch dim 0)."""
+
+    x: Tensor  # the point to evaluate next (frozen for finished rows)
+    live: Tensor  # bool: still iterating
+    best: Tensor
+    r: Tensor  # residual at the last check (for finished rows: at their stop)
+    iterations: Tensor  # int64: evaluations spent per row
+    status: Tensor  # int8
+    accel: Tensor  # bool: the solver accelerates this row
+    state: Tuple[Tensor, ...]
+
+    def tensors(self) -> Tuple[Tensor, ...]:
+        return (self.x, self.live, self.best, self.r, self.iterations, self.status, self.accel, *self.state)
+
+    @staticmethod
+    def of(tensors: Sequence[Tensor]) -> "Carry":
+        return Carry(*tensors[:7], tuple(tensors[7:]))
+
+    def take(self, idx: Tensor) -> "Carry":
+        return Carry.of([t.index_select(0, idx) for t in self.tensors()])
+
+
+def step_body(fmap: Callable, carry: Carry, k: Tensor, solver: FixedPointSolver, cfg: SolverConfig, tol: Tensor,
+              max_iter: int):
+    """One evaluation + check + solver step of the compiled loops (traceable, no host reads).
+
+    ``k`` (0-d int64) is the evaluation number of this call (1-based). Finished rows are frozen:
+    their point stays, so evaluating it again gives their output again. Returns the new carry and
+    the evaluation's ``aux``."""
+    every, factor = int(cfg.check_every), float(cfg.divergence_factor)
+    rate = getattr(solver, "fallback_rate", None)
+    x = carry.x
+    aux, fx, scale = fmap(x)
+    live = carry.live
+    iterations = carry.iterations + live.to(torch.int64)
+    checking = ((k - 1) % every == 0) | (k >= max_iter)
+    on = live & checking
+    r_new, best_new, pending = check(x, fx, scale, carry.best, tol, factor)
+    r_new = r_new.to(carry.r.dtype)
+    best = torch.where(on, best_new, carry.best)
+    codes = codes_of(r_new, pending, tol)
+    if cfg.halting == "batch":  # the whole batch runs until every live row is done; failures freeze
+        failed = on & ~pending & (codes != CONVERGED)
+        everyone = checking & ~(live & pending).any()
+        fin = torch.where(everyone | (k >= max_iter), on, failed)
+    else:
+        fin = on & (~pending | (k >= max_iter))
+    status = torch.where(fin, codes, carry.status)
+    r = torch.where(on, r_new, carry.r)
+    accel = carry.accel
+    if rate is not None:
+        # contraction test at the checks number 2, 4, 8, ... (check number c = (k-1)//every + 1)
+        cnum = (k - 1) // every + 1
+        testing = checking & (cnum >= 2) & ((cnum & (cnum - 1)) == 0)
+        accel = accel | (testing & on & pending & slow_of(r_new, carry.r, float(rate) ** every))
+    live_next = live & ~fin
+    x_acc, state = solver.step(carry.state, x, fx)
+    if rate is not None:
+        x_next = torch.where(accel.unsqueeze(1), x_acc, solver.fallback_step(x, fx))
+        state = tuple(torch.where(accel.view((-1,) + (1,) * (n.dim() - 1)), n, s) for n, s in zip(state, carry.state))
+    else:
+        x_next = x_acc
+    freeze = live_next.unsqueeze(1)
+    x_next = torch.where(freeze, x_next, x)
+    state = tuple(torch.where(live_next.view((-1,) + (1,) * (n.dim() - 1)), n, s) for n, s in zip(state, carry.state))
+    return Carry(x_next, live_next, best, r, iterations, status, accel, state), aux
+
+
+def pow2_bucket(n: int, low: int = 2) -> int:
+    b = low
+    while b < n:
+        b *= 2
+    return b
+
+
+def _pad(t: Tensor, n: int) -> Tensor:
+    if t.shape[0] == n:
+        return t
+    return torch.cat([t, t.new_zeros((n - t.shape[0],) + t.shape[1:])])
+
+
+def solve_blocks(step: Callable, x0: Tensor, init_state: Tuple[Tensor, ...], rdtype: torch.dtype, *,
+                 max_iter: int, schedule: Sequence[int], take_inputs: Callable[[Optional[Tensor], int], Any],
+                 keep_aux: bool = True):
+    """Drive ``step(carry, k, inputs, n_aux) -> (carry, aux)`` (compiled, fixed size) in blocks:
+    ``schedule`` gives the block lengths (the last one repeats). After each block, one host read
+    (the number of live rows); finished rows are moved to the outputs, the rest compacted and
+    padded to a power-of-two bucket; ``take_inputs(rows, size)`` slices and pads the batched inputs.
+    Padding rows start dead. Returns ``(x*, aux*, stats, work)``."""
+    B, dev = x0.shape[0], x0.device
+    work = Work()
+    reads0 = HostReads.count
+    rows: Optional[Tensor] = None
+    size = pow2_bucket(B)
+    live0 = torch.arange(size, device=dev) < B
+    carry = Carry(_pad(x0, size), live0, torch.full((size,), float("inf"), dtype=rdtype, device=dev),
+                  torch.full((size,), float("inf"), dtype=rdtype, device=dev),
+                  torch.zeros(size, dtype=torch.int64, device=dev), torch.full((size,), MAX_ITER, dtype=torch.int8, device=dev),
+                  torch.zeros(size, dtype=torch.bool, device=dev), tuple(_pad(s, size) for s in init_state))
+    out_x = out_aux = out_it = out_r = out_st = None
+    inputs = take_inputs(None, size)
+    k, b, n = 0, 0, B
+    while True:
+        length = min(schedule[min(b, len(schedule) - 1)], max_iter - k)
+        b += 1
+        aux = None
+        for _ in range(length):
+            k += 1
+            carry, aux = step(carry, torch.full((), k, dtype=torch.int64, device=dev), inputs)
+            work.evaluations += size
+        n_live = int(host_read(carry.live.sum())[0])
+        work.checks += 1
+        if n_live == 0 or k >= max_iter:
+            if out_x is None and rows is None:  # all finished in the first block: no scatter
+                work.last, work.settled_first = k, k == 1
+                work.host_reads = HostReads.count - reads0
+                return (carry.x[:B], (tuple(a[:B] for a in aux) if keep_aux else None),
+                        SolveStats(carry.iterations[:B], carry.r[:B], carry.status[:B]), work)
+        if out_x is None:
+            out_x = x0.new_empty(x0.shape)
+            out_aux = [a.new_empty((B,) + a.shape[1:]) for a in aux] if keep_aux else []
+            out_it = torch.empty(B, dtype=torch.int64, device=dev)
+            out_r = torch.empty(B, dtype=rdtype, device=dev)
+            out_st = torch.empty(B, dtype=torch.int8, device=dev)
+        done = n_live == 0 or k >= max_iter
+        real = carry.live[:n] if rows is not None else carry.live[:B]
+        if done:
+            fin, keep = torch.arange(n, device=dev), None
+        else:
+            order = torch.argsort(real.to(torch.uint8), stable=True)
+            fin, keep = order[: n - n_live], order[n - n_live:]
+        g = fin if rows is None else rows.index_select(0, fin)
+        out_x.index_copy_(0, g, carry.x.index_select(0, fin))
+        for buf, a in zip(out_aux, aux):
+            buf.index_copy_(0, g, a.index_select(0, fin))
+        out_it.index_copy_(0, g, carry.iterations.index_select(0, fin))
+        out_r.index_copy_(0, g, carry.r.index_select(0, fin))
+        out_st.index_copy_(0, g, carry.status.index_select(0, fin))
+        if done:
+            break
+        rows = keep if rows is None else rows.index_select(0, keep)
+        n = n_live
+        size = pow2_bucket(n)
+        carry = carry.take(keep)
+        carry = Carry.of([_pad(t, size) for t in carry.tensors()])
+        carry.live[n:] = False
+        inputs = take_inputs(rows, size)
+    work.last = k
+    work.host_reads = HostReads.count - reads0
+    return out_x, (tuple(out_aux) if keep_aux else None), SolveStats(out_it, out_r, out_st), work
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.export: one while_loop
+def solve_while(fmap: Callable, x0: Tensor, solver: FixedPointSolver, cfg: SolverConfig, *,
+                tol: float, max_iter: int):
+    """Fixed-shape solve for ``torch.export``: ``torch.while_loop`` over :func:`step_body` with an
+    early exit once no sample is live. ``fmap(x) -> (aux, fx, scale)`` on the full batch.
+    Returns ``(x*, aux*, iterations, residual, status)``."""
+    from torch._higher_order_ops.while_loop import while_loop
+
+    B, dev = x0.shape[0], x0.device
+    aux0, fx0, scale0 = fmap(x0)
+    rdt = torch.promote_types(x0.dtype, torch.float32)
+    # tol as a 0-d tensor: a python float becomes a SymFloat under dynamic shapes that dynamo
+    # cannot lift into a while_loop (research note 3.2.4).
+    tol_t = torch.full((), tol, dtype=rdt, device=dev)
+    inf = torch.full((B,), float("inf"), dtype=rdt, device=dev)
+    carry0 = Carry(x0.clone(), torch.ones(B, dtype=torch.bool, device=dev), inf, inf.clone(),
+                   torch.zeros(B, dtype=torch.int64, device=dev), torch.full((B,), MAX_ITER, dtype=torch.int8, device=dev),
+                   torch.zeros(B, dtype=torch.bool, device=dev), tuple(s.clone() for s in solver.init(x0)))
+    # while_loop rejects carries that alias each other or the closed-over inputs: clone them all
+    aux_init = tuple(torch.zeros_like(a) for a in aux0)
+
+    def cond(k, aux, *t):
+        return (k < max_iter) & t[1].any()
+
+    def body(k, aux, *t):
+        k1 = k + 1
+        carry, aux_new = step_body(fmap, Carry.of(t), k1, solver, cfg, tol_t, max_iter)
+        # a row that froze at this evaluation keeps this evaluation's aux; frozen rows keep theirs
+        keep = Carry.of(t).live
+        aux = tuple(torch.where(keep.view((-1,) + (1,) * (a.dim() - 1)), an, a) for an, a in zip(aux_new, aux))
+        return (k1, aux, *carry.tensors())
+
+    k0 = torch.zeros((), dtype=torch.int64, device=dev)
+    out = while_loop(cond, body, (k0, aux_init, *carry0.tensors()))
+    _, aux, *t = out
+    carry = Carry.of(t)
+    return carry.x, aux, carry.iterations, carry.r, carry.status
+
+
+# ------------------------------------------------------------------------------------------------
+# failure policy
 def report(stats: SolveStats, *, name: str, on_fail: str, phase: str) -> None:
     """Apply the ``on_fail`` policy to a finished solve."""
     if on_fail == "ignore" or stats.ok:
@@ -150,70 +522,3 @@ def report(stats: SolveStats, *, name: str, on_fail: str, phase: str) -> None:
     caller = sys._getframe(2)  # what stacklevel=3 pointed at: the code that ran the solve
     warnings.warn_explicit(msg, RuntimeWarning, caller.f_code.co_filename, caller.f_lineno,
                            module=caller.f_globals.get("__name__"), registry={}, module_globals=caller.f_globals)
-
-
-def solve_compiled(fmap: Callable, x0: Tensor, solver: FixedPointSolver, cfg: SolverConfig, *,
-                   tol: float, max_iter: int, first: Tuple[Tuple[Tensor, ...], Tensor, Optional[Tensor]]):
-    """Fixed-shape solve for ``torch.compile``: ``torch.while_loop`` with early exit on the
-    active mask; finished samples are frozen with ``torch.where``. ``fmap(x) -> (aux, fx, scale)``
-    (full batch). ``first`` is the evaluation at ``x0`` (done outside the loop, checked as k=1).
-    Returns ``(x*, aux*, iterations, residual, status)``."""
-    from torch._higher_order_ops.while_loop import while_loop
-
-    B, dev = x0.shape[0], x0.device
-    factor = float(cfg.divergence_factor)
-    every = int(cfg.check_every)
-    batch_halt = cfg.halting == "batch"
-    aux0, fx0, scale0 = first
-    r0 = residual(x0, fx0, scale0)
-    rdt = r0.dtype
-    # tol as a 0-d tensor: a python float becomes a SymFloat under dynamic shapes that dynamo
-    # cannot lift into a while_loop nested in an autograd.Function (research note 3.2.4).
-    tol_t = torch.full((), tol, dtype=rdt, device=dev)
-
-    def classify(r, best, live, k_done):
-        codes = _codes(r, best, factor, tol_t)
-        if batch_halt:
-            failed = live & (codes != CONVERGED) & (codes != MAX_ITER)
-            all_done = (((codes == CONVERGED) | failed | ~live).all()) | k_done
-            fin = torch.where(all_done, live, failed)
-        else:
-            fin = live & ((codes != MAX_ITER) | k_done)
-        return codes, fin
-
-    best0 = r0
-    k0 = torch.ones((), dtype=torch.int64, device=dev)
-    codes0, fin0 = classify(r0, best0, torch.ones(B, dtype=torch.bool, device=dev), k0 >= max_iter)
-    status0 = torch.where(fin0, codes0, torch.full_like(codes0, MAX_ITER))
-    # while_loop rejects carries that alias each other or the closed-over inputs: clone them all
-    # (fx0 is often a view of aux0, e.g. when there is no feedback).
-    carry = (k0, x0.clone(), fx0.clone(), tuple(a.clone() for a in aux0), ~fin0,
-             torch.ones(B, dtype=torch.int64, device=dev), r0.clone(), status0, best0.clone(),
-             tuple(s.clone() for s in solver.init(x0)))
-
-    def cond(k, x, fx, aux, live, iters, res, status, best, state):
-        return (k < max_iter) & live.any()
-
-    def body(k, x, fx, aux, live, iters, res, status, best, state):
-        scale = None
-        r = res
-        for _ in range(every):
-            step_on = live & (k < max_iter)
-            m = step_on.unsqueeze(1)
-            x_new, state_new = solver.step(state, x, fx)
-            aux_new, fx_new, scale = fmap(x_new)
-            x = torch.where(m, x_new, x)
-            fx = torch.where(m, fx_new, fx)
-            aux = tuple(torch.where(step_on.view((-1,) + (1,) * (a.dim() - 1)), an, a) for an, a in zip(aux_new, aux))
-            state = tuple(torch.where(step_on.view((-1,) + (1,) * (s.dim() - 1)), sn, s) for sn, s in zip(state_new, state))
-            iters = iters + step_on.to(iters.dtype)
-            k = k + 1
-        r = torch.where(live, residual(x, fx, scale).to(rdt), res)
-        best = torch.where(live, torch.fmin(best, r), best)
-        codes, fin = classify(r, best, live, k >= max_iter)
-        status = torch.where(fin, codes, status)
-        return k, x, fx, aux, live & ~fin, iters, r, status, best, state
-
-    out = while_loop(cond, body, carry)
-    _, x, _, aux, _, iters, res, status, _, _ = out
-    return x, aux, iters, res, status

@@ -1,0 +1,452 @@
+"""Every row of issue 19's goal table, each a ratio measured side by side in one process.
+
+    python bench/bench_runtime.py [--rounds 15] [--only overhead,halting,...] [--quick]
+
+Method (the same for every row): the variants of a row run in alternating order (reversed every
+round), each call timed with the calling thread's CPU clock (torch runs on 1 thread, so this is the
+call's cost and does not count time the process spends descheduled on a shared machine); a round
+takes the median of ``inner`` calls per variant, and a row reports the median over rounds of the
+per-round ratio to its base. ``uptime`` is printed before and after.
+
+Rows (goal in brackets):
+  overhead   fixed_point fwd + implicit bwd / bare hand loop, tanh(Wz+Ux), ||W||=0.6
+             (d=64 b=16 <= 1.5; d=256 b=64 <= 1.15; d=1024 b=256 <= 1.05, plus TorchDEQ for reference)
+  halting    90% easy / 10% hard batch, per-sample / whole-batch halting: eager training step (<= 0.25),
+             compiled forward (<= 0.35)
+  closed     closed gates (default transform) / original: MLP 6x(Linear 512+ReLU) b=256 fwd (<= 1.08)
+             and fwd+bwd (<= 1.15); small CNN b=64 fwd+bwd (<= 1.2); each with the arithmetic floor
+             (the same extra matmuls written by hand, no runtime) for reference
+  tiny       zoo MLP(hidden=64) b=32 SGD step, closed (<= 1.5) / open gates, 3 iterations (<= 4)
+  anderson   Anderson / Picard forward when Anderson saves no iteration, d=64 (<= 1.15), d=256 (<= 1.15)
+  compile    fxwormhole.compile / eager training step, wormhole MLP 512x6 b=256 (speed-up >= 1.6)
+  coldcompile  first compiled training step of a 3-layer width-16 transformed MLP, fresh Inductor
+             cache, 1 thread, in a subprocess (<= 30 s)
+  syncs      host syncs per residual check (eager <= 1) and per iteration (compiled: 0)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+import fxwormhole
+from fxwormhole import WormholeConfig, zoo
+from fxwormhole.config import GradConfig, SolverConfig
+from fxwormhole.runtime.fixed_point import FixedPoint
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+@dataclass
+class Row:
+    figure: str
+    goal: str
+    ok: Callable[[float], bool]
+    ratio: float = float("nan")
+    ms: Dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+
+def alternate(variants: Dict[str, Callable[[], object]], base: str, rounds: int, inner: int = 3):
+    """Median per-round ratio of every variant to ``base`` and median ms per call."""
+    names = list(variants)
+    for fn in variants.values():  # warm-up
+        fn()
+        fn()
+    per = {n: [] for n in names}
+    ratios = {n: [] for n in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        now = {}
+        for n in order:
+            ts = []
+            for _ in range(inner):
+                t0 = time.thread_time()
+                variants[n]()
+                ts.append(time.thread_time() - t0)
+            now[n] = statistics.median(ts)
+        for n in names:
+            per[n].append(now[n] * 1e3)
+            ratios[n].append(now[n] / now[base])
+    return ({n: statistics.median(v) for n, v in ratios.items()}, {n: statistics.median(v) for n, v in per.items()})
+
+
+def uptime() -> str:
+    try:
+        return os.popen("uptime").read().strip().split("load average:")[-1].strip()
+    except OSError:
+        return "?"
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+class TanhLayer(nn.Module):
+    """``tanh(W z + U x)`` with ``||W||_2 = norm``."""
+
+    def __init__(self, d: int, norm: float) -> None:
+        super().__init__()
+        self.W, self.U = nn.Linear(d, d, bias=False), nn.Linear(d, d)
+        with torch.no_grad():
+            self.W.weight.mul_(norm / torch.linalg.matrix_norm(self.W.weight, 2))
+
+    def forward(self, z, x):
+        return torch.tanh(self.W(z) + self.U(x))
+
+
+class ScaledLayer(nn.Module):
+    """``s * tanh(z W^T) + U x`` with W orthogonal: the per-sample ``s`` sets the contraction
+    (as in shared/research/experiments/compiled_halting.py)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(d, d))
+        self.W = nn.Parameter(q.contiguous())
+        self.U = nn.Linear(d, d)
+
+    def forward(self, z, x, s):
+        return s * torch.tanh(z @ self.W.T) + self.U(x)
+
+
+def bare_loop(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, tol: float, max_iter: int):
+    """The floor: a no_grad Picard loop to a per-sample relative tolerance, one taped evaluation at
+    z*, the adjoint ``w = J^T w + g`` by autograd.grad, then the parameter and input gradients."""
+    params = list(layer.parameters())
+    with torch.no_grad():
+        z = torch.zeros_like(x)
+        for _ in range(max_iter):
+            zn = layer(z, x)
+            r = ((zn - z).norm(dim=1) / (zn.norm(dim=1) + 1e-12)).max()
+            z = zn
+            if r.item() <= tol:
+                break
+    z = z.requires_grad_()
+    fz = layer(z, x)
+    w = g
+    for _ in range(max_iter):
+        wn = torch.autograd.grad(fz, z, w, retain_graph=True)[0] + g
+        r = ((wn - w).norm(dim=1) / (wn.norm(dim=1) + 1e-12)).max()
+        w = wn
+        if r.item() <= tol:
+            break
+    return torch.autograd.grad(fz, [x, *params], w)
+
+
+# ------------------------------------------------------------------------------------------------
+# rows
+def rows_overhead(rounds: int) -> List[Row]:
+    out = []
+    tol, max_iter = 1e-5, 100
+    for d, b, goal in ((64, 16, 1.5), (256, 64, 1.15), (1024, 256, 1.05)):
+        torch.manual_seed(0)
+        layer = TanhLayer(d, 0.6)
+        x = torch.randn(b, d, requires_grad=True)
+        g = torch.randn(b, d)
+        params = [x, *layer.parameters()]
+        node = FixedPoint(layer, solver=SolverConfig(name="picard", tol=tol, max_iter=max_iter),
+                          grad=GradConfig(tol=tol, max_iter=max_iter))
+
+        def ours():
+            return torch.autograd.grad(node(x), params, g)
+
+        variants = {"bare": lambda: bare_loop(layer, x, g, tol, max_iter), "fxwormhole": ours}
+        if d == 1024:
+            try:
+                from torchdeq import get_deq
+                deq = get_deq(f_solver="fixed_point_iter", b_solver="fixed_point_iter", f_max_iter=max_iter,
+                              b_max_iter=max_iter, f_tol=tol, b_tol=tol, f_stop_mode="rel", b_stop_mode="rel", ift=True)
+
+                def tdeq():
+                    z_out, _ = deq(lambda z: layer(z, x), torch.zeros_like(x))
+                    return torch.autograd.grad(z_out[-1], params, g)
+                variants["torchdeq"] = tdeq
+            except Exception:  # noqa: BLE001 - the reference is optional
+                pass
+        ref = bare_loop(layer, x, g, tol, max_iter)
+        err = max(float((a - c).abs().max() / c.abs().max()) for a, c in zip(ours(), ref))
+        ratios, ms = alternate(variants, "bare", rounds, inner=5 if d < 1024 else 1)
+        note = f"grad rel diff {err:.1e}; iters fwd {node.stats.mean_iterations:.1f} bwd {node.stats.backward.mean_iterations:.1f}"
+        if "torchdeq" in ratios:
+            note += f"; x TorchDEQ {ms['fxwormhole'] / ms['torchdeq']:.2f}"
+        out.append(Row(f"fixed_point fwd+implicit bwd / bare loop, d={d} b={b}", f"<= {goal}",
+                       lambda r, goal=goal: r <= goal, ratios["fxwormhole"], ms, note))
+    return out
+
+
+def _halting_problem(d=256, b=256, seed=0):
+    torch.manual_seed(seed)
+    layer = ScaledLayer(d)
+    x = torch.randn(b, d)
+    s = torch.full((b, 1), 1e-5)
+    s[torch.randperm(b)[: b // 10]] = 0.9
+    return layer, x, s
+
+
+def rows_halting(rounds: int, compiled: bool = True) -> List[Row]:
+    layer, x, s = _halting_problem()
+    tol, max_iter = 1e-4, 200
+    nodes = {h: FixedPoint(layer, solver=SolverConfig(name="picard", tol=tol, max_iter=max_iter, halting=h),
+                           grad=GradConfig(tol=tol, max_iter=max_iter)) for h in ("sample", "batch")}
+    g = torch.randn_like(x)
+    params = list(layer.parameters())
+
+    def train(node):
+        return lambda: torch.autograd.grad(node(x, s), params, g)
+
+    ratios, ms = alternate({h: train(n) for h, n in nodes.items()}, "batch", rounds, inner=1)
+    st = nodes["sample"].stats
+    note = (f"fwd iters mean {st.mean_iterations:.2f} max {int(st.iterations.max())}; "
+            f"adjoint mean {st.backward.mean_iterations:.2f}")
+    out = [Row("90/10 easy/hard: per-sample / whole-batch halting, eager training step", "<= 0.25",
+               lambda r: r <= 0.25, ratios["sample"], ms, note)]
+    if compiled:
+        comp = {h: fxwormhole.compile(n, example_inputs=(x, s)) for h, n in nodes.items()}
+
+        def infer(c):
+            def run():
+                with torch.no_grad():
+                    return c(x, s)
+            return run
+
+        ratios, ms = alternate({h: infer(c) for h, c in comp.items()}, "batch", rounds, inner=1)
+        st = nodes["sample"].stats
+        note = f"compiled fwd iters mean {st.iterations.float().mean():.2f} max {int(st.iterations.max())}"
+        out.append(Row("90/10 easy/hard: per-sample / whole-batch halting, compiled forward", "<= 0.35",
+                       lambda r: r <= 0.35, ratios["sample"], ms, note))
+    return out
+
+
+def rows_closed(rounds: int) -> List[Row]:
+    out = []
+    torch.manual_seed(0)
+    mlp = zoo.MLP(in_features=512, hidden=512, depth=6, out_features=10, activation="relu")
+    x = torch.randn(256, 512)
+    net = fxwormhole.transform(mlp, (x,))
+
+    def fwd(m):
+        def run():
+            with torch.no_grad():
+                return m(x)
+        return run
+
+    def fwd_bwd(m):
+        def run():
+            m(x).sum().backward()
+        return run
+
+    floor_fwd, floor_fwd_bwd = _mlp_floor(mlp, net)
+    ratios, ms = alternate({"original": fwd(mlp), "transformed": fwd(net), "floor": lambda: floor_fwd(x)},
+                           "original", rounds)
+    out.append(Row("closed gates / original, MLP 6x512 b=256, forward", "<= 1.08", lambda r: r <= 1.08,
+                   ratios["transformed"], ms, f"arithmetic floor {ratios['floor']:.3f}"))
+    ratios, ms = alternate({"original": fwd_bwd(mlp), "transformed": fwd_bwd(net), "floor": lambda: floor_fwd_bwd(x)},
+                           "original", rounds)
+    out.append(Row("closed gates / original, MLP 6x512 b=256, fwd+bwd", "<= 1.15", lambda r: r <= 1.15,
+                   ratios["transformed"], ms, f"arithmetic floor {ratios['floor']:.3f}"))
+
+    torch.manual_seed(0)
+    cnn = zoo.CNN(in_channels=3, channels=16, size=32, hidden=128, classes=10)
+    xc = torch.randn(64, 3, 32, 32)
+    netc = fxwormhole.transform(cnn, (xc,))
+
+    def fb(m, inp):
+        def run():
+            m(inp).sum().backward()
+        return run
+
+    ratios, ms = alternate({"original": fb(cnn, xc), "transformed": fb(netc, xc)}, "original", rounds)
+    out.append(Row("closed gates / original, small CNN b=64, fwd+bwd", "<= 1.2", lambda r: r <= 1.2,
+                   ratios["transformed"], ms, f"iters {netc.fixed_point_stats()['fixed_point_0'].mean_iterations:.1f}"))
+    return out
+
+
+def _mlp_floor(mlp, net):
+    """The closed wormhole's arithmetic written by hand, no runtime: one body pass, the projection
+    ``z1 = gate * P(h)`` (its residual says "closed"), and in the backward the gradients a learned
+    projection and gate need: ``zbar = dL/dz0`` (the first layer's input gradient), then one VJP
+    of the feedback with ``zbar`` (weight and input gradient of P)."""
+    worm = net.fixed_point_0.feedback.wormhole_0
+    params = [*mlp.parameters()]
+    wparams = [*worm.parameters()]
+
+    def forward(x, z0):
+        h = x + z0
+        for layer in mlp.layers:
+            h = torch.relu(layer(h))
+        return h, worm(h), mlp.head(h)
+
+    def fwd(x):
+        with torch.no_grad():
+            return forward(x, torch.zeros_like(x))[2]
+
+    def fwd_bwd(x):
+        z0 = torch.zeros_like(x, requires_grad=True)
+        h, z1, out = forward(x, z0)
+        grads = torch.autograd.grad(out, [*params, z0, h], torch.ones_like(out))
+        zbar = grads[-2]
+        hbar = torch.autograd.grad(z1, [*wparams, h], zbar)  # P, gate, F_y^T zbar
+        return grads, hbar
+
+    return fwd, fwd_bwd
+
+
+def rows_tiny(rounds: int) -> List[Row]:
+    out = []
+    for label, cfg, goal in (("closed", WormholeConfig(), 1.5),
+                             ("open, 3 iterations", WormholeConfig(gate_init=0.0, proj_init="normal", proj_std=0.02,
+                                                                    solver="picard", tol=1e-4), 4.0)):
+        torch.manual_seed(0)
+        model = zoo.MLP(hidden=64)
+        x = torch.randn(32, model.in_features)
+        yt = torch.randn(32, 4)
+        net = fxwormhole.transform(model, (x,), cfg)
+        opts = {m: torch.optim.SGD(m.parameters(), lr=1e-9) for m in (model, net)}
+
+        def step(m):
+            opt = opts[m]
+
+            def run():
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.mse_loss(m(x), yt).backward()
+                opt.step()
+            return run
+
+        ratios, ms = alternate({"original": step(model), "transformed": step(net)}, "original", rounds, inner=15)
+        its = net.fixed_point_stats()["fixed_point_0"]
+        out.append(Row(f"tiny MLP(hidden=64) b=32 SGD step, {label}", f"<= {goal}", lambda r, goal=goal: r <= goal,
+                       ratios["transformed"], ms, f"iters fwd {its.mean_iterations:.1f} bwd {its.backward.mean_iterations:.1f}"))
+    return out
+
+
+def rows_anderson(rounds: int) -> List[Row]:
+    out = []
+    for d, b in ((64, 16), (256, 64)):
+        torch.manual_seed(0)
+        layer = TanhLayer(d, 0.3)
+        x = torch.randn(b, d)
+        nodes = {n: FixedPoint(layer, solver=SolverConfig(name=n, tol=1e-5, max_iter=100)) for n in ("picard", "anderson")}
+
+        def fwd(node):
+            def run():
+                with torch.no_grad():
+                    return node(x)
+            return run
+
+        ratios, ms = alternate({n: fwd(m) for n, m in nodes.items()}, "picard", rounds, inner=10)
+        its = {n: m.stats.mean_iterations for n, m in nodes.items()}
+        out.append(Row(f"Anderson / Picard forward, contractive (||W||=0.3), d={d} b={b}", "<= 1.15",
+                       lambda r: r <= 1.15, ratios["anderson"], ms,
+                       f"iters picard {its['picard']:.1f} anderson {its['anderson']:.1f}"))
+    return out
+
+
+def rows_compile(rounds: int) -> List[Row]:
+    torch.manual_seed(0)
+    width, depth, batch = 512, 6, 256
+    model = zoo.MLP(in_features=width, hidden=width, out_features=10, depth=depth)
+    x = torch.randn(batch, width)
+    config = WormholeConfig(wormholes=[(f"layers.{depth - 1}", "layers.1")], gate_init=0.0, proj_init="normal",
+                            proj_std=1.0 / width**0.5, tol=1e-5, max_iter=50)
+    net = fxwormhole.transform(model, (x,), config)
+    g = torch.randn(batch, 10)
+    compiled = fxwormhole.compile(net)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-6)
+
+    def step(fn):
+        def run():
+            opt.zero_grad(set_to_none=True)
+            fn(x).backward(g)
+            opt.step()
+        return run
+
+    t0 = time.perf_counter()
+    step(compiled)()
+    first = time.perf_counter() - t0
+    ratios, ms = alternate({"eager": step(net), "compiled": step(compiled)}, "eager", rounds, inner=1)
+    its = net.fixed_point_stats()["fixed_point_0"].mean_iterations
+    return [Row("fxwormhole.compile / eager training step, wormhole MLP 512x6 b=256 (speed-up)", ">= 1.6x",
+                lambda r: r >= 1.6, 1.0 / ratios["compiled"], ms, f"first call {first:.1f} s; fwd iters {its:.1f}")]
+
+
+COLD_SCRIPT = r"""
+import time, torch, warnings
+torch.set_num_threads(1)
+import fxwormhole
+from fxwormhole import zoo
+warnings.simplefilter("ignore")
+torch.manual_seed(0)
+model = zoo.MLP(hidden=16, depth=3)
+x = torch.randn(8, model.in_features)
+net = fxwormhole.transform(model, (x,))
+c = fxwormhole.compile(net)
+t0 = time.perf_counter()
+c(x).sum().backward()
+first = time.perf_counter() - t0
+from torch._dynamo.utils import counters
+g1 = counters["stats"]["unique_graphs"]
+for b in (8, 5, 13):
+    c(torch.randn(b, model.in_features)).sum().backward()
+print(f"RESULT {first:.2f} {g1} {counters['stats']['unique_graphs'] - g1}")
+"""
+
+
+def rows_coldcompile() -> List[Row]:
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
+        proc = subprocess.run([sys.executable, "-c", COLD_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")), None)
+    if line is None:
+        return [Row("cold compile, 3-layer width-16 transformed MLP (s)", "<= 30", lambda r: False, float("nan"),
+                    note=f"failed: {proc.stderr[-300:]}")]
+    _, first, graphs, later = line.split()
+    return [Row("cold compile, 3-layer width-16 transformed MLP, first training step (s)", "<= 30",
+                lambda r: r <= 30, float(first), note=f"graphs {graphs}; new graphs at batch 8, 5, 13: {later}")]
+
+
+ROWS = {
+    "overhead": rows_overhead,
+    "halting": rows_halting,
+    "closed": rows_closed,
+    "tiny": rows_tiny,
+    "anderson": rows_anderson,
+    "compile": rows_compile,
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--only", default="", help="comma-separated row groups: " + ",".join([*ROWS, "coldcompile"]))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8)
+    warnings.simplefilter("ignore")
+    groups = args.only.split(",") if args.only else [*ROWS, "coldcompile"]
+    print(f"torch {torch.__version__}, 1 thread, rounds {args.rounds}; load before: {uptime()}", flush=True)
+    rows: List[Row] = []
+    for gname in groups:
+        t0 = time.perf_counter()
+        got = rows_coldcompile() if gname == "coldcompile" else ROWS[gname](args.rounds)
+        rows.extend(got)
+        for r in got:
+            print(f"  [{gname} {time.perf_counter() - t0:.0f}s] {r.figure}: {r.ratio:.3f} ({r.note})", flush=True)
+    print(f"load after: {uptime()}\n")
+    print("| figure | measured | goal | met | variants (median ms) | notes |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ms = ", ".join(f"{k} {v:.2f}" for k, v in r.ms.items())
+        print(f"| {r.figure} | {r.ratio:.3f} | {r.goal} | {'yes' if r.ok(r.ratio) else 'NO'} | {ms} | {r.note} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
