@@ -40,7 +40,7 @@ from torch.func import functional_call
 from ..errors import ConfigError, FxWormholeError
 from . import _tree as T
 from ._hoist import Hoisted, functionalize
-from ._loop import solve_eager, solve_while
+from ._loop import pad_rows, solve_eager, solve_while
 from ._problem import Problem
 
 
@@ -89,9 +89,16 @@ def _entry(entry_id: int):
 @torch.library.custom_op("fxwormhole::fixed_point", mutates_args=())
 def fixed_point_op(entry_id: int, tensors: List[Tensor]) -> List[Tensor]:
     """``[z0, *inputs, *params] -> [y*, z*, iterations, residual, status]`` (flat y and z)."""
+    return _forward_impl(entry_id, tensors)
+
+
+# The ops' Python runs while a compiled graph executes: dynamo must not trace into it.
+@torch.compiler.disable
+def _forward_impl(entry_id: int, tensors: List[Tensor]) -> List[Tensor]:
     node, base, n_in, _ = _entry(entry_id)
     z0, inputs = tensors[0], tensors[1:1 + n_in]
     p = base.bind(inputs)
+    p.yspec = base.shared.yspec
     loops = node._compiled_solver(base)
     if loops is not None:
         x, aux, st, work = loops.forward(p, z0)
@@ -115,6 +122,11 @@ def _(entry_id, tensors):
 @torch.library.custom_op("fxwormhole::fixed_point_backward", mutates_args=())
 def fixed_point_backward_op(entry_id: int, tensors: List[Tensor]) -> List[Tensor]:
     """``[g, z*, y*, *inputs, *params] -> [grad per input and param]`` (zeros where none)."""
+    return _backward_impl(entry_id, tensors)
+
+
+@torch.compiler.disable
+def _backward_impl(entry_id: int, tensors: List[Tensor]) -> List[Tensor]:
     node, base, n_in, _ = _entry(entry_id)
     g, z_star, y_star, rest = tensors[0], tensors[1], tensors[2], tensors[3:]
     grads = node.grad_strategy.op_backward(node, base, g, z_star, y_star, rest[:n_in], rest[n_in:])
@@ -242,16 +254,19 @@ def implicit_op_backward(strategy, node, base: Problem, g: Tensor, z_star: Tenso
         take = [x.index_select(0, rows) if i < n_in and batched[i] else x for i, x in enumerate(rest)]
         return _Linearised(graphs, z_star.index_select(0, rows), y_star.index_select(0, rows), take)
 
+    def linearise_padded(rows, size):
+        take = [pad_rows(x, rows, size) if i < n_in and batched[i] else x for i, x in enumerate(rest)]
+        return _Linearised(graphs, pad_rows(z_star, rows, size), pad_rows(y_star, rows, size), take)
+
     full = _Linearised(graphs, z_star, y_star, rest)
     acfg, solver = strategy.adjoint(base)
-    zbar0, yb0 = full.adjoint(g)
-    adj = AdjointMap(linearise, full, g)
     loops = node._compiled_solver(base)
-    first = ((zbar0,), g + yb0.to(g.dtype), None)
     if loops is not None:
-        ybar, aux, st, work = loops.adjoint(adj, full, g, first, acfg, solver, linearise)
+        ybar, _, st, work = loops.adjoint(full, g, acfg, solver, linearise_padded)
     else:
-        ybar, aux, st, work = solve_eager(adj, g, solver, acfg, first=first)
+        zbar0, yb0 = full.adjoint(g)
+        first = ((zbar0,), g + yb0.to(g.dtype), None)
+        ybar, _, st, work = solve_eager(AdjointMap(linearise, full, g), g, solver, acfg, first=first, keep_aux=False)
     node._cstats.update(backward_iterations=st.iterations, backward_residual=st.residual,
                         backward_status=st.status, backward_work=work)
     base.adjoint_closed = work.settled_first

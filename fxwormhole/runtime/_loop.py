@@ -100,6 +100,19 @@ def codes_of(r: Tensor, pending: Tensor, tol: Any) -> Tensor:
     return torch.where(pending, MAX_ITER, code).to(torch.int8)
 
 
+_CODES: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
+
+
+def _status_at_first(conv: Tensor) -> Tensor:
+    """Status codes at evaluation 1 for finished samples: converged, else non-finite (nothing can
+    have diverged from its own best residual yet)."""
+    codes = _CODES.get(conv.device)
+    if codes is None:
+        codes = _CODES[conv.device] = (torch.tensor(CONVERGED, dtype=torch.int8, device=conv.device),
+                                       torch.tensor(NON_FINITE, dtype=torch.int8, device=conv.device))
+    return torch.where(conv, *codes)
+
+
 def slow_of(r: Tensor, r_prev: Tensor, rate: float) -> Tensor:
     """Samples whose residual fell by less than ``rate`` since the previous check."""
     return r > r_prev * rate
@@ -114,6 +127,7 @@ class Work:
     host_reads: int = 0
     settled_first: bool = False  # every sample finished at evaluation 1
     last: int = 0  # evaluations of the longest-running sample
+    ok: Optional[bool] = None  # every sample converged, when known without another host read
 
 
 class _Steps:
@@ -220,22 +234,36 @@ def solve_eager(fmap: FMap, x0: Tensor, solver: FixedPointSolver, cfg: SolverCon
         work.evaluations += n
         if is_check(k, every, max_iter):
             c += 1
-            r, best, pending = check(x, fx, scale, best, tol, factor)
-            if steps.wants_test(c):
-                n_accel = steps.update(slow_of(r, r_prev, steps.rate), pending)
-                n_pend, n_accel = (int(v) for v in host_read(torch.stack([pending.sum(), n_accel])))
+            if c == 1 and factor >= 1.0:
+                # best == r: nothing can have diverged; read the converged count along (the verdict)
+                r = best = residual(x, fx, scale)
+                conv = r <= tol
+                pending = (r > tol) & (r < float("inf"))
+                vals = host_read(torch.stack([pending.sum(), conv.sum()]))
+                n_pend, n_conv, n_accel = int(vals[0]), int(vals[1]), None
             else:
-                n_accel = None
-                n_pend = int(host_read(pending.sum())[0])
+                r, best, pending = check(x, fx, scale, best, tol, factor)
+                conv = None
+                if steps.wants_test(c):
+                    n_accel = steps.update(slow_of(r, r_prev, steps.rate), pending)
+                    n_pend, n_accel = (int(v) for v in host_read(torch.stack([pending.sum(), n_accel])))
+                else:
+                    n_accel = None
+                    n_pend = int(host_read(pending.sum())[0])
             if n_pend < n or k >= max_iter:
                 done = k >= max_iter
                 n_fin = n if done else n - n_pend
-                codes = codes_of(r, pending, tol)
                 if n_fin == B:  # everyone at once (closed nodes): no bookkeeping at all
                     work.checks, work.last, work.settled_first = c, k, k == 1
                     work.host_reads = HostReads.count - reads0
+                    if conv is not None and not done:
+                        codes = _status_at_first(conv)
+                        work.ok = n_conv == B
+                    else:
+                        codes = codes_of(r, pending, tol)
                     it = torch.full((B,), k, dtype=torch.int64, device=x.device)
                     return x, (aux if keep_aux else None), SolveStats(it, r, codes), work
+                codes = codes_of(r, pending, tol)
                 if out is None:
                     out = _Outputs(B, x0, r.dtype, keep_aux)
                 if done or n_fin == n:
@@ -330,8 +358,15 @@ class Carry:
     def of(tensors: Sequence[Tensor]) -> "Carry":
         return Carry(*tensors[:7], tuple(tensors[7:]))
 
-    def take(self, idx: Tensor) -> "Carry":
-        return Carry.of([t.index_select(0, idx) for t in self.tensors()])
+    @staticmethod
+    def start(x: Tensor, state: Sequence[Tensor], n_live: Optional[int] = None) -> "Carry":
+        """A fresh carry at ``x``: the first ``n_live`` rows live (all when None), nothing measured."""
+        size, dev = x.shape[0], x.device
+        inf = torch.full((size,), float("inf"), dtype=torch.promote_types(x.dtype, torch.float32), device=dev)
+        live = torch.ones(size, dtype=torch.bool, device=dev) if n_live is None else torch.arange(size, device=dev) < n_live
+        return Carry(x, live, inf, inf.clone(), torch.zeros(size, dtype=torch.int64, device=dev),
+                     torch.full((size,), MAX_ITER, dtype=torch.int8, device=dev),
+                     torch.zeros(size, dtype=torch.bool, device=dev), tuple(state))
 
 
 def step_body(fmap: Callable, carry: Carry, k: Tensor, solver: FixedPointSolver, cfg: SolverConfig, tol: Tensor,
@@ -387,81 +422,76 @@ def pow2_bucket(n: int, low: int = 2) -> int:
     return b
 
 
-def _pad(t: Tensor, n: int) -> Tensor:
-    if t.shape[0] == n:
+def pad_rows(t: Tensor, rows: Optional[Tensor], size: int) -> Tensor:
+    """``t[rows]`` (all rows when None) padded with zero rows to ``size``."""
+    if rows is not None:
+        t = t.index_select(0, rows)
+    if t.shape[0] == size:
         return t
-    return torch.cat([t, t.new_zeros((n - t.shape[0],) + t.shape[1:])])
+    return torch.cat([t, t.new_zeros((size - t.shape[0],) + t.shape[1:])])
 
 
-def solve_blocks(step: Callable, x0: Tensor, init_state: Tuple[Tensor, ...], rdtype: torch.dtype, *,
+def solve_blocks(step: Callable, x0: Tensor, init_state: Tuple[Tensor, ...], *,
                  max_iter: int, schedule: Sequence[int], take_inputs: Callable[[Optional[Tensor], int], Any],
-                 keep_aux: bool = True):
-    """Drive ``step(carry, k, inputs, n_aux) -> (carry, aux)`` (compiled, fixed size) in blocks:
-    ``schedule`` gives the block lengths (the last one repeats). After each block, one host read
-    (the number of live rows); finished rows are moved to the outputs, the rest compacted and
-    padded to a power-of-two bucket; ``take_inputs(rows, size)`` slices and pads the batched inputs.
-    Padding rows start dead. Returns ``(x*, aux*, stats, work)``."""
+                 keep_aux: bool = True, compact: bool = True):
+    """Drive ``step(carry, k, inputs) -> (carry, aux)`` (compiled, fixed size; ``k`` the evaluation
+    number, an int) in blocks whose
+    lengths ``schedule`` gives (the last one repeats). After each block, one host read (the number
+    of live rows); with ``compact`` the finished rows are moved to the outputs and the rest
+    compacted and padded to a power-of-two bucket (padding rows start dead; ``take_inputs(rows,
+    size)`` gives the step's other inputs for those rows). Without it (``halting="batch"``: the
+    samples are coupled) the batch stays whole. Returns ``(x*, aux*, stats, work)``."""
     B, dev = x0.shape[0], x0.device
+    rdtype = torch.promote_types(x0.dtype, torch.float32)
     work = Work()
     reads0 = HostReads.count
-    rows: Optional[Tensor] = None
-    size = pow2_bucket(B)
-    live0 = torch.arange(size, device=dev) < B
-    carry = Carry(_pad(x0, size), live0, torch.full((size,), float("inf"), dtype=rdtype, device=dev),
-                  torch.full((size,), float("inf"), dtype=rdtype, device=dev),
-                  torch.zeros(size, dtype=torch.int64, device=dev), torch.full((size,), MAX_ITER, dtype=torch.int8, device=dev),
-                  torch.zeros(size, dtype=torch.bool, device=dev), tuple(_pad(s, size) for s in init_state))
-    out_x = out_aux = out_it = out_r = out_st = None
+    rows: Optional[Tensor] = None  # the carry's real rows (None: 0..B-1, in order)
+    size = pow2_bucket(B) if compact else B
+    n = B
+    carry = Carry.start(pad_rows(x0, None, size), [pad_rows(s, None, size) for s in init_state], B)
+    outs: Optional[List[Tensor]] = None  # x, iterations, residual, status, *aux
     inputs = take_inputs(None, size)
-    k, b, n = 0, 0, B
+    k = b = 0
     while True:
         length = min(schedule[min(b, len(schedule) - 1)], max_iter - k)
         b += 1
-        aux = None
+        aux: Sequence[Tensor] = ()
         for _ in range(length):
             k += 1
-            carry, aux = step(carry, torch.full((), k, dtype=torch.int64, device=dev), inputs)
+            carry, aux = step(carry, k, inputs)
             work.evaluations += size
         n_live = int(host_read(carry.live.sum())[0])
         work.checks += 1
-        if n_live == 0 or k >= max_iter:
-            if out_x is None and rows is None:  # all finished in the first block: no scatter
-                work.last, work.settled_first = k, k == 1
-                work.host_reads = HostReads.count - reads0
-                return (carry.x[:B], (tuple(a[:B] for a in aux) if keep_aux else None),
-                        SolveStats(carry.iterations[:B], carry.r[:B], carry.status[:B]), work)
-        if out_x is None:
-            out_x = x0.new_empty(x0.shape)
-            out_aux = [a.new_empty((B,) + a.shape[1:]) for a in aux] if keep_aux else []
-            out_it = torch.empty(B, dtype=torch.int64, device=dev)
-            out_r = torch.empty(B, dtype=rdtype, device=dev)
-            out_st = torch.empty(B, dtype=torch.int8, device=dev)
         done = n_live == 0 or k >= max_iter
-        real = carry.live[:n] if rows is not None else carry.live[:B]
+        if done and outs is None:  # all finished without a compaction: the carry is the result
+            work.last, work.settled_first = k, k == 1
+            work.host_reads = HostReads.count - reads0
+            return (carry.x[:B], (tuple(a[:B] for a in aux) if keep_aux else None),
+                    SolveStats(carry.iterations[:B], carry.r[:B], carry.status[:B]), work)
+        if not done and (not compact or n_live == n):
+            continue
+        if outs is None:
+            outs = [x0.new_empty(x0.shape), torch.empty(B, dtype=torch.int64, device=dev),
+                    torch.empty(B, dtype=rdtype, device=dev), torch.empty(B, dtype=torch.int8, device=dev),
+                    *([a.new_empty((B,) + a.shape[1:]) for a in aux] if keep_aux else [])]
         if done:
             fin, keep = torch.arange(n, device=dev), None
         else:
-            order = torch.argsort(real.to(torch.uint8), stable=True)
+            order = torch.argsort(carry.live[:n].to(torch.uint8), stable=True)  # finished first, order kept
             fin, keep = order[: n - n_live], order[n - n_live:]
         g = fin if rows is None else rows.index_select(0, fin)
-        out_x.index_copy_(0, g, carry.x.index_select(0, fin))
-        for buf, a in zip(out_aux, aux):
-            buf.index_copy_(0, g, a.index_select(0, fin))
-        out_it.index_copy_(0, g, carry.iterations.index_select(0, fin))
-        out_r.index_copy_(0, g, carry.r.index_select(0, fin))
-        out_st.index_copy_(0, g, carry.status.index_select(0, fin))
+        for buf, t in zip(outs, (carry.x, carry.iterations, carry.r, carry.status, *(aux if keep_aux else ()))):
+            buf.index_copy_(0, g, t.index_select(0, fin))
         if done:
             break
         rows = keep if rows is None else rows.index_select(0, keep)
-        n = n_live
-        size = pow2_bucket(n)
-        carry = carry.take(keep)
-        carry = Carry.of([_pad(t, size) for t in carry.tensors()])
-        carry.live[n:] = False
+        n, size = n_live, pow2_bucket(n_live)
+        carry = Carry.of([pad_rows(t, keep, size) for t in carry.tensors()])  # padding rows are dead
         inputs = take_inputs(rows, size)
     work.last = k
     work.host_reads = HostReads.count - reads0
-    return out_x, (tuple(out_aux) if keep_aux else None), SolveStats(out_it, out_r, out_st), work
+    x, it, r, st, *aux_out = outs
+    return x, (tuple(aux_out) if keep_aux else None), SolveStats(it, r, st), work
 
 
 # ------------------------------------------------------------------------------------------------
@@ -479,10 +509,7 @@ def solve_while(fmap: Callable, x0: Tensor, solver: FixedPointSolver, cfg: Solve
     # tol as a 0-d tensor: a python float becomes a SymFloat under dynamic shapes that dynamo
     # cannot lift into a while_loop (research note 3.2.4).
     tol_t = torch.full((), tol, dtype=rdt, device=dev)
-    inf = torch.full((B,), float("inf"), dtype=rdt, device=dev)
-    carry0 = Carry(x0.clone(), torch.ones(B, dtype=torch.bool, device=dev), inf, inf.clone(),
-                   torch.zeros(B, dtype=torch.int64, device=dev), torch.full((B,), MAX_ITER, dtype=torch.int8, device=dev),
-                   torch.zeros(B, dtype=torch.bool, device=dev), tuple(s.clone() for s in solver.init(x0)))
+    carry0 = Carry.start(x0.clone(), [s.clone() for s in solver.init(x0)])
     # while_loop rejects carries that alias each other or the closed-over inputs: clone them all
     aux_init = tuple(torch.zeros_like(a) for a in aux0)
 

@@ -124,7 +124,9 @@ class Problem:
             out.extra["forward_work"] = work
         return out
 
-    def report(self, st: SolveStats, phase: str) -> None:
+    def report(self, st: SolveStats, phase: str, work: Optional[Work] = None) -> None:
+        if work is not None and work.ok:
+            return  # every sample converged: known without reading the status
         report(st, name=self.name, on_fail=self.on_fail, phase=phase)
 
     # ------------------------------------------------------------------ gradient targets

@@ -83,7 +83,7 @@ class GradStrategy:
         if not targets and not (p.strict_targets and torch.is_grad_enabled()):
             with torch.no_grad():
                 _, aux, st, work = p.solve(z0, keep_aux=True)
-            p.report(st, "forward")
+            p.report(st, "forward", work)
             return p.y_from_aux(aux), p.make_stats(st, work)
         return self.train_forward(p, z0, targets)
 
@@ -92,7 +92,7 @@ class GradStrategy:
     def train_forward(self, p: Problem, z0: Tensor, targets: List[Tensor]) -> Tuple[Any, FixedPointStats]:
         with torch.no_grad():
             _, aux, st, work = p.solve(z0, keep_aux=True)
-        p.report(st, "forward")
+        p.report(st, "forward", work)
         y = self.attach(p, T.flatten(p.y_from_aux(aux), p.yspec))
         return T.unflatten(y, p.yspec), p.make_stats(st, work)
 
@@ -148,7 +148,7 @@ class ImplicitGrad(GradStrategy):
         elif tape is None:
             tape = _Tape(p, z0)  # it settled at once after all: that evaluation is the tape
         stats = p.make_stats(st, work)
-        p.report(st, "forward")
+        p.report(st, "forward", work)
         tape.bind(targets)
         ys = _ImplicitFn.apply(self, tape, stats, *targets)
         return (ys if tape.yspec.is_tuple else ys[0]), stats
@@ -204,7 +204,7 @@ class UnrolledGrad(GradStrategy):
 
     def train_forward(self, p: Problem, z0: Tensor, targets: List[Tensor]):
         _, aux, st, work = p.solve(z0.detach(), keep_aux=True)
-        p.report(st, "forward")
+        p.report(st, "forward", work)
         return p.y_from_aux(aux), p.make_stats(st, work)
 
 
@@ -356,7 +356,7 @@ class _ImplicitFn(torch.autograd.Function):
         p.adjoint_closed = work.settled_first
         stats.set_backward(st)
         stats.extra["backward_work"] = work
-        p.report(st, "backward (adjoint)")
+        p.report(st, "backward (adjoint)", work)
         grads = [_add(a, b) for a, b in zip(tb, tf)]
         return (None, None, None, *grads)
 

@@ -28,6 +28,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ..config import SolverConfig
 from ..errors import ConfigError
@@ -152,8 +153,8 @@ class Anderson(FixedPointSolver):
         sd = G.dtype
         g = (fz - z).to(sd)
         slot = (k % m).view(b, 1, 1)
-        # in place where nothing needs the old values (eager, no autograd); functional otherwise
-        inplace = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        # in place where nothing needs the old values (eager, no autograd, not traced); functional otherwise
+        inplace = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and get_proxy_mode() is None
         put = (lambda t, dim, idx, v: t.scatter_(dim, idx, v)) if inplace else (lambda t, dim, idx, v: t.scatter(dim, idx, v))
         F = put(F, 1, slot.expand(b, 1, d), fz.unsqueeze(1))
         G = put(G, 1, slot.expand(b, 1, d), g.unsqueeze(1))
