@@ -204,8 +204,14 @@ class CompiledLoops:
             new, aux = step_body(lambda y: adj_map(y, gg, sb, sf), carry, k, solver, acfg, acfg.tol, acfg.max_iter)
             return (*new.tensors(),)
 
+        linearised = [0]
+
         def take_inputs(rows, size):
-            lin = full if rows is None and size == g.shape[0] else linearise_padded(rows, size)
+            if rows is None and size == g.shape[0]:
+                lin = full
+            else:
+                lin = linearise_padded(rows, size)
+                linearised[0] += size
             return [pad_rows(g, rows, size), *lin.vb.saved, *(lin.vf.saved if has_f else ())]
 
         def example():
@@ -215,8 +221,10 @@ class CompiledLoops:
             return [*_example_carry(g, init, idx), g.index_select(0, idx), *lin.vb.saved, *(lin.vf.saved if has_f else ())]
 
         step = self._stepper("_adj", step_fn, example, (), 7 + n_state)
-        return solve_blocks(step, g, init, max_iter=acfg.max_iter, schedule=self.schedule,
-                            take_inputs=take_inputs, keep_aux=False, compact=acfg.halting == "sample")
+        out = solve_blocks(step, g, init, max_iter=acfg.max_iter, schedule=self.schedule,
+                           take_inputs=take_inputs, keep_aux=False, compact=acfg.halting == "sample")
+        out[3].linearised = linearised[0]
+        return out
 
 
 def _example_carry(x: Tensor, state: Sequence[Tensor], idx: Tensor) -> List[Tensor]:

@@ -121,21 +121,21 @@ def _(entry_id, tensors):
 
 @torch.library.custom_op("fxwormhole::fixed_point_backward", mutates_args=())
 def fixed_point_backward_op(entry_id: int, tensors: List[Tensor]) -> List[Tensor]:
-    """``[g, z*, y*, *inputs, *params] -> [grad per input and param]`` (zeros where none)."""
+    """``[g, z*, y*, z0, *inputs, *params] -> [grad per input and param]`` (zeros where none)."""
     return _backward_impl(entry_id, tensors)
 
 
 @torch.compiler.disable
 def _backward_impl(entry_id: int, tensors: List[Tensor]) -> List[Tensor]:
     node, base, n_in, _ = _entry(entry_id)
-    g, z_star, y_star, rest = tensors[0], tensors[1], tensors[2], tensors[3:]
-    grads = node.grad_strategy.op_backward(node, base, g, z_star, y_star, rest[:n_in], rest[n_in:])
+    g, z_star, y_star, z0, rest = tensors[0], tensors[1], tensors[2], tensors[3], tensors[4:]
+    grads = node.grad_strategy.op_backward(node, base, g, (z0, z_star, y_star), rest[:n_in], rest[n_in:])
     return _no_alias([torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, rest)], tensors)
 
 
 @fixed_point_backward_op.register_fake
 def _(entry_id, tensors):
-    return [torch.empty_like(t) for t in tensors[3:]]
+    return [torch.empty_like(t) for t in tensors[4:]]
 
 
 def _no_alias(outs: List[Tensor], ins: Sequence[Tensor]) -> List[Tensor]:
@@ -147,7 +147,7 @@ def _no_alias(outs: List[Tensor], ins: Sequence[Tensor]) -> List[Tensor]:
 def _setup_context(ctx, inputs, output):
     entry_id, tensors = inputs
     ctx.entry_id = entry_id
-    ctx.save_for_backward(output[1], output[0], *tensors[1:])
+    ctx.save_for_backward(output[1], output[0], *tensors)
     ctx.float_mask = [t.is_floating_point() for t in tensors[1:]]
 
 
@@ -155,7 +155,7 @@ def _backward(ctx, grads):
     z_star, y_star, *rest = ctx.saved_tensors
     g = grads[0] if grads[0] is not None else torch.zeros_like(y_star)
     out = torch.ops.fxwormhole.fixed_point_backward(ctx.entry_id, [g, z_star, y_star, *rest])
-    return None, [None] + [o if f else None for o, f in zip(out, ctx.float_mask)]
+    return None, [None] + [o if f else None for o, f in zip(out, ctx.float_mask)]  # no gradient to z0
 
 
 fixed_point_op.register_autograd(_backward, setup_context=_setup_context)
@@ -185,8 +185,6 @@ def compiled_forward(node, p: Problem, inputs: Sequence[Any], z0f: Tensor):
             raise FxWormholeError(
                 f"FixedPoint {node.name!r}: the compiled implicit backward needs VJP graphs built eagerly; "
                 "run one eager forward and call .prepare(), or call .prepare(*example_inputs) before torch.compile")
-        if need_grad and strategy.mode == "unrolled":
-            raise ConfigError(f"FixedPoint {node.name!r}: grad='unrolled' is eager-only; use 'implicit' under torch.compile")
         p.yspec = p.shared.yspec
         y, stats = strategy.compiled(node, p, z0f, need_grad)
     iters, res, status = stats
@@ -266,7 +264,9 @@ def implicit_op_backward(strategy, node, base: Problem, g: Tensor, z_star: Tenso
     else:
         zbar0, yb0 = full.adjoint(g)
         first = ((zbar0,), g + yb0.to(g.dtype), None)
-        ybar, _, st, work = solve_eager(AdjointMap(linearise, full, g), g, solver, acfg, first=first, keep_aux=False)
+        adj = AdjointMap(linearise, full, g)
+        ybar, _, st, work = solve_eager(adj, g, solver, acfg, first=first, keep_aux=False)
+        adj.account(work)
     node._cstats.update(backward_iterations=st.iterations, backward_residual=st.residual,
                         backward_status=st.status, backward_work=work)
     base.adjoint_closed = work.settled_first
@@ -286,6 +286,33 @@ def implicit_op_backward(strategy, node, base: Problem, g: Tensor, z_star: Tenso
     # the op's parameter list is body parameters then feedback parameters (buffers get none)
     n_pb = len(list(node.body.parameters())) if isinstance(node.body, nn.Module) else 0
     g_params = g_tb[:n_pb] + g_tf[:len(params) - n_pb]
+    return [*g_in, *g_params]
+
+
+def unrolled_op_backward(node, base: Problem, g: Tensor, z0: Tensor, inputs: Sequence[Tensor],
+                         params: Sequence[Tensor]) -> List[Optional[Tensor]]:
+    """The compiled unrolled gradient: the forward solve replayed under ``torch.func.vjp`` (inside
+    the op there is no autograd tape to keep), then pulled back through its iterations."""
+    nb, tb = _tensors(node.body)
+    nf, tf = _tensors(node.feedback)
+    n_pb = len(list(node.body.parameters())) if isinstance(node.body, nn.Module) else 0
+    diff = [i for i, x in enumerate(inputs) if x.is_floating_point()]
+
+    def solve(z_init, d_inputs, d_params):
+        ins = list(inputs)
+        for i, x in zip(diff, d_inputs):
+            ins[i] = x
+        wb = list(d_params[:n_pb]) + tb[n_pb:]  # parameters, then the body's floating buffers
+        wf = list(d_params[n_pb:]) + tf[len(params) - n_pb:]
+        p = _functional(node, base, wb, wf).bind(ins)
+        _, aux, _, _ = solve_eager(p.fmap, z_init, p.solver, p.solver_cfg)
+        return T.flatten(p.y_from_aux(aux), p.yspec)
+
+    _, pull = torch.func.vjp(solve, z0, tuple(inputs[i] for i in diff), tuple(params))
+    _, g_diff, g_params = pull(g.to(z0.dtype) if g.dtype != z0.dtype else g)
+    g_in: List[Optional[Tensor]] = [None] * len(inputs)
+    for i, gi in zip(diff, g_diff):
+        g_in[i] = gi
     return [*g_in, *g_params]
 
 

@@ -123,6 +123,7 @@ class Work:
     """Host-side account of one solve: what it cost."""
 
     evaluations: int = 0  # rows x evaluations actually computed (padding and frozen rows included)
+    linearised: int = 0  # rows of forward evaluations made to linearise again (adjoint compaction)
     checks: int = 0
     host_reads: int = 0
     settled_first: bool = False  # every sample finished at evaluation 1

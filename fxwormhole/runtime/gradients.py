@@ -158,10 +158,11 @@ class ImplicitGrad(GradStrategy):
         y, _, stats = solve_op(node, p, z0, differentiable=need_grad)
         return y, stats
 
-    def op_backward(self, node, p: Problem, g: Tensor, z_star: Tensor, y_star: Tensor, inputs, params):
-        """The compiled op's backward: the same adjoint over the prepared VJP graphs."""
+    def op_backward(self, node, p: Problem, g: Tensor, points: Tuple[Tensor, Tensor, Tensor], inputs, params):
+        """The compiled op's backward: the same adjoint over the prepared VJP graphs
+        (``points = (z0, z*, y*)``)."""
         from ._compiled import implicit_op_backward
-        return implicit_op_backward(self, node, p, g, z_star, y_star, inputs, params)
+        return implicit_op_backward(self, node, p, g, points[1], points[2], inputs, params)
 
 
 class PhantomGrad(GradStrategy):
@@ -206,6 +207,16 @@ class UnrolledGrad(GradStrategy):
         _, aux, st, work = p.solve(z0.detach(), keep_aux=True)
         p.report(st, "forward", work)
         return p.y_from_aux(aux), p.make_stats(st, work)
+
+    def compiled(self, node, p: Problem, z0: Tensor, need_grad: bool):
+        from ._compiled import solve_op
+        y, _, stats = solve_op(node, p, z0, differentiable=need_grad)
+        return y, stats
+
+    def op_backward(self, node, p: Problem, g: Tensor, points: Tuple[Tensor, Tensor, Tensor], inputs, params):
+        """The compiled op's backward: the forward iterations replayed and pulled back."""
+        from ._compiled import unrolled_op_backward
+        return unrolled_op_backward(node, p, g, points[0], inputs, params)
 
 
 
@@ -290,22 +301,35 @@ class AdjointMap:
     def __init__(self, linearise: Callable[[Optional[Tensor]], Any], first: Any, g: Tensor) -> None:
         self.linearise, self.g = linearise, g
         self.lin, self.lin_rows, self.lin_n = first, None, g.shape[0]
-        self.relinearised = 0
+        self.computed = 0  # rows the map really evaluated (a cotangent scattered into a larger linearisation costs all its rows)
+        self.linearised = 0  # rows evaluated to linearise again
         self._key: Optional[Tensor] = None
         self._pos: Optional[Tensor] = None
         self._g: Tensor = g
 
+    @staticmethod
+    def linearise_when(n_live: int, n_lin: int) -> bool:
+        """Linearise again once the active samples are at most half the linearised rows."""
+        return n_live * 2 <= n_lin
+
+    def account(self, work: Work) -> Work:
+        """Put the rows really computed into a solve's ``work`` (the first evaluation is its own)."""
+        work.evaluations = self.g.shape[0] + self.computed
+        work.linearised = self.linearised
+        return work
+
     def __call__(self, ybar: Tensor, rows: Optional[Tensor]):
         if rows is not self._key:
             self._key = rows
-            if rows is not None and rows.shape[0] * 2 <= self.lin_n:
+            if rows is not None and self.linearise_when(rows.shape[0], self.lin_n):
                 self.lin, self.lin_rows, self.lin_n = self.linearise(rows), rows, rows.shape[0]
-                self.relinearised += 1
+                self.linearised += self.lin_n
             self._g = self.g if rows is None else self.g.index_select(0, rows)
             if rows is None or (self.lin_rows is not None and rows.shape[0] == self.lin_n):
                 self._pos = None
             else:
                 self._pos = rows if self.lin_rows is None else torch.searchsorted(self.lin_rows, rows)
+        self.computed += self.lin_n
         if self._pos is None:
             zbar, yb = self.lin.adjoint(ybar)[:2]
         else:
@@ -348,6 +372,7 @@ class _ImplicitFn(torch.autograd.Function):
             zbar0, yb0, tb, tf = tape.adjoint(g, targets if one else ())
             adj = AdjointMap(lambda rows: _Tape(p, tape.z_leaf.detach().index_select(0, rows), rows), tape, g)
             ybar, aux, st, work = solve_eager(adj, g, solver, acfg, first=((zbar0,), g + yb0.to(g.dtype), None))
+            adj.account(work)
             if not (one and work.settled_first):
                 adj.lin = None  # drop a re-linearisation before the full-batch products
                 zbar = aux[0]

@@ -105,6 +105,17 @@ class FixedPointStats:
             solve.iterations, solve.residual, solve.status)
 
     @property
+    def forward_work(self):
+        """What the forward solve cost (:class:`~fxwormhole.runtime._loop.Work`: rows x evaluations
+        really computed, checks, host reads), or None."""
+        return self.extra.get("forward_work")
+
+    @property
+    def backward_work(self):
+        """What the adjoint solve cost (rows really computed, re-linearised rows, ...), or None."""
+        return self.extra.get("backward_work")
+
+    @property
     def worst_residual(self) -> float:
         """Worst forward residual over the batch (NaN counts as +inf)."""
         return self.forward.worst_residual
@@ -123,4 +134,8 @@ class FixedPointStats:
         bwd = self.backward
         if bwd is not None:
             out["backward"] = bwd.summary()
+        for phase in ("forward", "backward"):
+            work = self.extra.get(f"{phase}_work")
+            if work is not None and phase in out:
+                out[phase]["rows_evaluated"] = work.evaluations
         return out
