@@ -43,32 +43,13 @@ from ..config import SolverConfig
 from ..errors import ConvergenceError
 from ._tree import residual
 from .solvers import FixedPointSolver
-from .stats import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, SolveStats
+from .stats import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, HostReads, SolveStats, host_read
 
 FMap = Callable[[Tensor, Optional[Tensor]], Tuple[Tuple[Tensor, ...], Tensor, Optional[Tensor]]]
 
 _HINT = ("raise max_iter, use damping (solver='damped' or SolverConfig(damping=0.5)) or Anderson, "
          "lower the wormhole gate_init / projection scale so that the map is contractive, "
          "or spectral-normalise the feedback")
-
-
-# ------------------------------------------------------------------------------------------------
-# host reads: every loop reads device values through here, so they can be counted
-class HostReads:
-    """Counts the loops' device-to-host reads (each is a stream sync on a GPU)."""
-
-    count = 0
-
-    @classmethod
-    def reset(cls) -> int:
-        n, cls.count = cls.count, 0
-        return n
-
-
-def host_read(t: Tensor) -> List[float]:
-    """The values of a small tensor on the host: the loops' only synchronisation point."""
-    HostReads.count += 1
-    return t.reshape(-1).tolist()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,12 +127,10 @@ class _Steps:
     def wants_test(self, c: int) -> bool:
         return not self.all_accel and tests_contraction(c)
 
-    def update(self, slow: Tensor, pending: Tensor, count: Optional[Tensor] = None) -> Tensor:
-        """Switch on the slow pending samples; returns the device count of accelerated rows among
-        ``count`` (default: the pending ones; all rows when None is not wanted)."""
+    def update(self, slow: Tensor, pending: Tensor) -> None:
+        """Switch on the slow pending samples."""
         now = slow & pending
         self.accel = now if self.accel is None else self.accel | now
-        return (self.accel & (pending if count is None else count)).sum()
 
     def set_count(self, n_accel: int, n_rows: int, x: Tensor) -> None:
         if n_accel == 0:
@@ -229,39 +208,34 @@ def solve_eager(fmap: FMap, x0: Tensor, solver: FixedPointSolver, cfg: SolverCon
     out: Optional[_Outputs] = None
     r_prev: Optional[Tensor] = None
     best: Optional[Tensor] = None
-    k = c = 0
+    k = c = failed = 0
     while True:
         k += 1
         work.evaluations += n
         if is_check(k, every, max_iter):
             c += 1
-            if c == 1 and factor >= 1.0:
-                # best == r: nothing can have diverged; read the converged count along (the verdict)
+            if c == 1 and factor >= 1.0:  # best == r: nothing can have diverged yet
                 r = best = residual(x, fx, scale)
-                conv = r <= tol
                 pending = (r > tol) & (r < float("inf"))
-                vals = host_read(torch.stack([pending.sum(), conv.sum()]))
-                n_pend, n_conv, n_accel = int(vals[0]), int(vals[1]), None
             else:
                 r, best, pending = check(x, fx, scale, best, tol, factor)
-                conv = None
-                if steps.wants_test(c):
-                    n_accel = steps.update(slow_of(r, r_prev, steps.rate), pending)
-                    n_pend, n_accel = (int(v) for v in host_read(torch.stack([pending.sum(), n_accel])))
-                else:
-                    n_accel = None
-                    n_pend = int(host_read(pending.sum())[0])
+            conv = r <= tol
+            # one read: pending, converged (the on_fail verdict) and accelerated counts together
+            counted = [pending, conv]
+            if steps.wants_test(c):
+                steps.update(slow_of(r, r_prev, steps.rate), pending)
+                counted.append(steps.accel & pending)
+            vals = [int(v) for v in host_read(torch.stack(counted).sum(1))]
+            n_pend, n_conv = vals[0], vals[1]
+            n_accel = vals[2] if len(vals) > 2 else None
+            failed += (n if k >= max_iter else n - n_pend) - n_conv
             if n_pend < n or k >= max_iter:
                 done = k >= max_iter
                 n_fin = n if done else n - n_pend
                 if n_fin == B:  # everyone at once (closed nodes): no bookkeeping at all
                     work.checks, work.last, work.settled_first = c, k, k == 1
-                    work.host_reads = HostReads.count - reads0
-                    if conv is not None and not done:
-                        codes = _status_at_first(conv)
-                        work.ok = n_conv == B
-                    else:
-                        codes = codes_of(r, pending, tol)
+                    work.host_reads, work.ok = HostReads.count - reads0, failed == 0
+                    codes = _status_at_first(conv) if c == 1 and not done and factor >= 1.0 else codes_of(r, pending, tol)
                     it = torch.full((B,), k, dtype=torch.int64, device=x.device)
                     return x, (aux if keep_aux else None), SolveStats(it, r, codes), work
                 codes = codes_of(r, pending, tol)
@@ -284,7 +258,7 @@ def solve_eager(fmap: FMap, x0: Tensor, solver: FixedPointSolver, cfg: SolverCon
         x = steps(x, fx)
         aux, fx, scale = fmap(x, rows)
     work.checks, work.last = c, k
-    work.host_reads = HostReads.count - reads0
+    work.host_reads, work.ok = HostReads.count - reads0, failed == 0
     stats = SolveStats(out.iterations, out.residual, out.status)
     return out.x, (tuple(out.aux) if out.aux is not None else None), stats, work
 
@@ -303,7 +277,7 @@ def _solve_batch(fmap, x0, solver, cfg, tol, max_iter, first, keep_aux):
     live: Optional[Tensor] = None  # None: all live
     n_live = B
     best = r_prev = None
-    k = c = 0
+    k = c = n_failed = 0
     while True:
         k += 1
         work.evaluations += B
@@ -315,8 +289,10 @@ def _solve_batch(fmap, x0, solver, cfg, tol, max_iter, first, keep_aux):
             failed = live_now & ~pending & (codes != CONVERGED)
             reads = [(live_now & pending).sum(), failed.sum()]
             if steps.wants_test(c):
-                reads.append(steps.update(slow_of(r, r_prev, steps.rate), pending & live_now, torch.ones_like(pending)))
+                steps.update(slow_of(r, r_prev, steps.rate), pending & live_now)
+                reads.append(steps.accel.sum())
             vals = [int(v) for v in host_read(torch.stack(reads))]
+            n_failed += vals[1] + (vals[0] if k >= max_iter else 0)
             if vals[0] == 0 or k >= max_iter:
                 g = live_now.nonzero_static(size=n_live).view(-1)
                 out.put(g, g, k, x, aux, r, codes)
@@ -333,7 +309,7 @@ def _solve_batch(fmap, x0, solver, cfg, tol, max_iter, first, keep_aux):
         x = x_new if live is None else torch.where(live.unsqueeze(1), x_new, x)
         aux, fx, scale = fmap(x, None)
     work.checks, work.last = c, k
-    work.host_reads = HostReads.count - reads0
+    work.host_reads, work.ok = HostReads.count - reads0, n_failed == 0
     return out.x, (tuple(out.aux) if out.aux is not None else None), SolveStats(out.iterations, out.residual, out.status), work
 
 

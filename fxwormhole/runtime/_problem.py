@@ -126,7 +126,7 @@ class Problem:
 
     def report(self, st: SolveStats, phase: str, work: Optional[Work] = None) -> None:
         if work is not None and work.ok:
-            return  # every sample converged: known without reading the status
+            return  # every sample converged: the loop read that along with its last check
         report(st, name=self.name, on_fail=self.on_fail, phase=phase)
 
     # ------------------------------------------------------------------ gradient targets

@@ -93,6 +93,14 @@ def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _solve(A: Tensor, b: Tensor) -> Tensor:
+    """``A x = b``. On a GPU without the singularity check, which would read the device (a stream
+    sync) at every solver step; ``A`` is regularised, so it is never singular."""
+    if A.device.type == "cpu":
+        return torch.linalg.solve(A, b)
+    return torch.linalg.solve_ex(A, b)[0]
+
+
 def spd_solve_unrolled(A: Tensor, b: Tensor) -> Tensor:
     """Solve ``A x = b`` for a batch of small symmetric positive definite ``A`` ([n, m, m], b
     [n, m]) by a Cholesky factorisation unrolled over ``m`` into elementwise ops on [n] vectors.
@@ -171,7 +179,7 @@ class Anderson(FixedPointSolver):
         if torch.compiler.is_compiling():
             beta = spd_solve_unrolled(A, valid)  # no LAPACK inside a compiled while_loop body
         else:
-            beta = torch.linalg.solve(A, valid.unsqueeze(2)).squeeze(2)
+            beta = _solve(A, valid.unsqueeze(2)).squeeze(2)
         alpha = (beta / beta.sum(1, keepdim=True)).unsqueeze(1)  # [b, 1, m]
         mix = torch.bmm(alpha, F.to(sd)).squeeze(1)
         dmp = float(self.config.damping)

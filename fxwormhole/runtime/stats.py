@@ -20,7 +20,26 @@ __all__ = [
     "STATUS_NAMES",
     "SolveStats",
     "FixedPointStats",
+    "HostReads",
+    "host_read",
 ]
+
+class HostReads:
+    """Counts the runtime's device-to-host reads (each is a stream sync on a GPU)."""
+
+    count = 0
+
+    @classmethod
+    def reset(cls) -> int:
+        n, cls.count = cls.count, 0
+        return n
+
+
+def host_read(t: Tensor) -> list:
+    """The values of a small tensor on the host: the runtime's only synchronisation point."""
+    HostReads.count += 1
+    return t.reshape(-1).tolist()
+
 
 # Status codes (int8 tensors); ordered so that a larger code is a worse outcome.
 CONVERGED, MAX_ITER, DIVERGED, NON_FINITE = 0, 1, 2, 3
@@ -48,7 +67,7 @@ class SolveStats:
 
     @property
     def ok(self) -> bool:
-        return bool((self.status == CONVERGED).all())
+        return bool(host_read((self.status == CONVERGED).all())[0])
 
     @property
     def worst_residual(self) -> float:
