@@ -212,7 +212,7 @@ def solve_eager(fmap: FMap, x0: Tensor, solver: FixedPointSolver, cfg: SolverCon
     while True:
         k += 1
         work.evaluations += n
-        if is_check(k, every, max_iter):
+        if every == 1 or is_check(k, every, max_iter):
             c += 1
             if c == 1 and factor >= 1.0:  # best == r: nothing can have diverged yet
                 r = best = residual(x, fx, scale)

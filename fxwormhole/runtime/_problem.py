@@ -38,6 +38,8 @@ class Problem:
         mods = [m for m in (body, feedback) if isinstance(m, nn.Module)]
         self._params: List[Tensor] = [p for m in mods for p in m.parameters()] + list(extra_targets)
         self.strict_targets = False  # check the tape for tensors requiring grad that are not targets
+        # the common case, evaluated without flattening: one [B, D] state and no feedback
+        self.plain = feedback is None and not zspec.is_tuple and len(zspec.shapes) == 1 and len(zspec.shapes[0]) == 1
         self.shared = _Shared()
         self.inputs: Tuple[Any, ...] = ()
         self._rows_key: Optional[Tensor] = None
@@ -99,7 +101,13 @@ class Problem:
         return T.flatten(z_next, self.zspec), scale
 
     def fmap(self, z_flat: Tensor, rows: Optional[Tensor] = None):
-        ins = self.inputs_for(rows)
+        ins = self.inputs if rows is None else self.inputs_for(rows)
+        if self.plain:  # a [B, D] state without feedback: the body's output is the next state
+            y = self.body(z_flat, *ins)
+            if isinstance(y, Tensor) and y.dim() == 2 and y.dtype == z_flat.dtype:
+                return (y,), y, None
+            fz, scale = self.run_feedback(y, ins)
+            return T.leaves(y), fz, scale
         y = self.run_body(z_flat, ins)
         fz, scale = self.run_feedback(y, ins)
         return T.leaves(y), fz, scale

@@ -278,6 +278,10 @@ class _Tape:
 
     def adjoint(self, ybar: Tensor, targets: Sequence[Tensor] = ()):
         """``(zbar, F_y^T zbar, body target grads, feedback target grads)`` for cotangent ``ybar``."""
+        if not targets and self.p.plain and self.y[0].requires_grad and ybar.dtype == self.y[0].dtype:
+            zbar = torch.autograd.grad(self.y[0], self.z_leaf, ybar, retain_graph=True, allow_unused=True)[0]
+            zbar = torch.zeros_like(self.z_leaf) if zbar is None else zbar
+            return zbar, zbar, [], []
         n = len(targets)
         zb, *tb = self.body_vjp(ybar, (self.z_leaf, *targets))
         zbar = torch.zeros_like(self.z_leaf) if zb is None else zb
