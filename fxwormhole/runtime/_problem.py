@@ -1,7 +1,6 @@
 """A fixed-point node's solve set-up (built once per node) bound to one call's inputs."""
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
@@ -36,7 +35,11 @@ class Problem:
         self.solver: FixedPointSolver = make_solver(solver)
         self.name, self.on_fail = name, on_fail
         mods = [m for m in (body, feedback) if isinstance(m, nn.Module)]
-        self._params: List[Tensor] = [p for m in mods for p in m.parameters()] + list(extra_targets)
+        params = {id(p): p for m in mods for p in m.parameters()}  # shared parameters once
+        for t in extra_targets:
+            params.setdefault(id(t), t)
+        self._params: List[Tensor] = list(params.values())
+        self._param_ids = frozenset(params)
         self.strict_targets = False  # check the tape for tensors requiring grad that are not targets
         # the common case, evaluated without flattening: one [B, D] state and no feedback
         self.plain = feedback is None and not zspec.is_tuple and len(zspec.shapes) == 1 and len(zspec.shapes[0]) == 1
@@ -46,7 +49,8 @@ class Problem:
         self._rows_inputs: Tuple[Any, ...] = ()
 
     def bind(self, inputs: Sequence[Any]) -> "Problem":
-        call = copy.copy(self)
+        call = object.__new__(Problem)
+        call.__dict__.update(self.__dict__)
         call.inputs = tuple(inputs)
         call._rows_key, call._rows_inputs = None, call.inputs
         if call.feedback is not None:
@@ -140,14 +144,9 @@ class Problem:
     # ------------------------------------------------------------------ gradient targets
     def targets(self) -> List[Tensor]:
         """Tensors the gradient must reach: parameters of body/feedback and inputs requiring grad."""
-        seen, out = set(), []
-        for t in self._params:
-            if t.requires_grad and id(t) not in seen:
-                seen.add(id(t))
-                out.append(t)
+        out = [t for t in self._params if t.requires_grad]
         for t in self.inputs:
-            if isinstance(t, Tensor) and t.requires_grad and id(t) not in seen:
-                seen.add(id(t))
+            if isinstance(t, Tensor) and t.requires_grad and id(t) not in self._param_ids and all(t is not o for o in out):
                 out.append(t)
         return out
 
