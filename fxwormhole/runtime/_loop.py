@@ -207,18 +207,22 @@ def solve_eager(fmap: FMap, x0: Tensor, solver: FixedPointSolver, cfg: SolverCon
     steps = _Steps(solver, x0, every)
     out: Optional[_Outputs] = None
     r_prev: Optional[Tensor] = None
-    best: Optional[Tensor] = None
+    bound: Optional[Tensor] = None  # divergence_factor x the best residual so far, per sample
     k = c = failed = 0
     while True:
         k += 1
         work.evaluations += n
         if every == 1 or is_check(k, every, max_iter):
             c += 1
-            if c == 1 and factor >= 1.0:  # best == r: nothing can have diverged yet
-                r = best = residual(x, fx, scale)
-                pending = (r > tol) & (r < float("inf"))
+            r = residual(x, fx, scale)
+            if bound is None:  # check 1: nothing can have diverged from its own best yet
+                bound = (r * factor).clamp_(max=torch.finfo(r.dtype).max)
+                pending = (r > tol) & (r <= bound)
             else:
-                r, best, pending = check(x, fx, scale, best, tol, factor)
+                # bound = factor * (best residual so far), finite: r > bound is pending_of's
+                # "diverged", and an infinite r exceeds it (fmin keeps a NaN out of the bound)
+                bound = torch.fmin(bound, r * factor)
+                pending = (r > tol) & (r <= bound)
             conv = r <= tol
             # one read: pending, converged (the on_fail verdict) and accelerated counts together
             counted = [pending, conv]
@@ -249,7 +253,7 @@ def solve_eager(fmap: FMap, x0: Tensor, solver: FixedPointSolver, cfg: SolverCon
                 g = fin if rows is None else rows.index_select(0, fin)
                 out.put(g, fin, k, x, aux, r, codes)
                 rows = keep if rows is None else rows.index_select(0, keep)
-                x, fx, best, r = (t.index_select(0, keep) for t in (x, fx, best, r))
+                x, fx, bound, r = (t.index_select(0, keep) for t in (x, fx, bound, r))
                 steps.select(keep)
                 n = n_pend
             if n_accel is not None:
