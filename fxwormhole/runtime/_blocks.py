@@ -21,6 +21,7 @@ equals no other dimension (duck sizing would otherwise tie them together); count
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -37,14 +38,29 @@ DEFAULT_SCHEDULE = (1, 1, 2, 4, 8)
 
 
 def trace(fn: Callable, example: Sequence[Any], symbolic: bool = True):
-    """``make_fx`` with symbolic sizes (without duck sizing: equal sizes stay distinct symbols), or
-    with the example's sizes. (Not functionalised here: the solvers write nothing in place while
-    traced, and Inductor's compile functionalises what a body does.)"""
-    from torch.fx.experimental import _config as fx_config
+    """``make_fx`` of ``fn`` at ``example``. With ``symbolic``, dim 0 of every tensor whose dim 0 is
+    the example's batch (a size no other dimension has, see ``CompiledLoops._trace_batch``) is a
+    symbol and every other size stays fixed, so the compiled code serves every batch size and keeps
+    the loops over features static. (Not functionalised here: the solvers write nothing in place
+    while traced, and Inductor's compile functionalises what a body does.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-    with fx_config.patch(use_duck_shape=False), torch.no_grad():
-        gm = make_fx(fn, tracing_mode="symbolic" if symbolic else "fake")(*example)
+    if not symbolic:
+        with torch.no_grad():
+            gm = make_fx(fn, tracing_mode="fake")(*example)
+    else:
+        batch = example[0].shape[0]
+        mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=False)
+
+        def fake(t: Tensor) -> Tensor:
+            dims = [DimDynamic.DYNAMIC if i == 0 and t.shape[0] == batch else DimDynamic.STATIC for i in range(t.dim())]
+            return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+
+        args = [fake(t) for t in example]
+        with mode, torch.no_grad():
+            gm = make_fx(fn, tracing_mode="real")(*args)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -83,6 +99,7 @@ class CompiledLoops:
         self.schedule = tuple(int(s) for s in schedule)
         self._fwd: Optional[Callable] = None
         self._adj: Optional[Callable] = None
+        self.steps: List[_Step] = []  # every compiled step
         self.compiles = 0  # graphs compiled (one per solve, or one per bucket size where the batch cannot stay symbolic)
         self.compile_seconds = 0.0
 
@@ -123,18 +140,23 @@ class CompiledLoops:
             b += 1
         return b
 
-    def _stepper(self, attr: str, step_fn: Callable, example: Callable, tail: Sequence[Tensor], n_carry: int):
-        """``step(carry, k, inputs) -> (carry, aux)``: evaluation 1 runs ``step_fn`` as is (a solve
-        that stops there, as closed wormholes do, never compiles), later ones the compiled step."""
-        def step(carry, k, inputs):
+    def _stepper(self, step_fn: Callable, example: Callable, tail: Sequence[Tensor]):
+        """``step(carry, k, inputs, variant) -> (carry, aux)``: evaluation 1 runs ``step_fn`` as is
+        (a solve that stops there, as closed wormholes do, never compiles), later ones the compiled
+        step of that variant (one graph each, built at first use)."""
+        steps = {}
+
+        def step(carry, k, inputs, variant):
             kt = torch.full((), k, dtype=torch.int64, device=carry.x.device)
-            compiled = getattr(self, attr)
+            n_carry = 7 + len(carry.state)
+            fn = functools.partial(step_fn, n_state=len(carry.state), variant=variant)
+            compiled = steps.get(variant)
             if k == 1 and compiled is None:
-                out = step_fn(*carry.tensors(), kt, *inputs, *tail)
+                out = fn(*carry.tensors(), kt, *inputs, *tail)
             else:
                 if compiled is None:
-                    compiled = _Step(self, step_fn, example)
-                    setattr(self, attr, compiled)
+                    compiled = steps[variant] = _Step(self, fn, functools.partial(example, len(carry.state) > 0))
+                    self.steps.append(compiled)
                 out = compiled(*carry.tensors(), kt, *inputs, *tail)
             return Carry.of(out[:n_carry]), out[n_carry:]
         return step
@@ -148,31 +170,30 @@ class CompiledLoops:
         ins = [x for x in p.inputs]
         n_in, n_b = len(ins), len(tb)
         batched = base.batched
-        init = solver.init(z0)
-        n_state = len(init)
-
-        def step_fn(*args):
+        def step_fn(*args, n_state=0, variant="full"):
             carry = Carry.of(args[:7 + n_state])
             k = args[7 + n_state]
             rest = args[8 + n_state:]
             xs, wb, wf = list(rest[:n_in]), rest[n_in:n_in + n_b], rest[n_in + n_b:]
             fp = _functional(node, base, wb, wf)
             fp.yspec = p.yspec
-            new, aux = step_body(lambda x: _fmap_with(fp, xs, x), carry, k, solver, cfg, cfg.tol, cfg.max_iter)
+            new, aux = step_body(lambda x: _fmap_with(fp, xs, x), carry, k, solver, cfg, cfg.tol, cfg.max_iter, variant)
             return (*new.tensors(), *aux)
 
         def take_inputs(rows, size):
             return [pad_rows(x, rows, size) if batched[i] else x for i, x in enumerate(ins)]
 
-        def example():
+        def example(with_state: bool):
             B = self._trace_batch([*[x for x in ins if isinstance(x, Tensor)], z0])
             idx = torch.arange(B, device=z0.device) % z0.shape[0]
             ex_ins = [x.index_select(0, idx) if batched[i] else x for i, x in enumerate(ins)]
-            return [*_example_carry(z0, init, idx), *ex_ins, *tb, *tf]
+            return [*_example_carry(z0, solver, idx, with_state), *ex_ins, *tb, *tf]
 
-        step = self._stepper("_fwd", step_fn, example, (*tb, *tf), 7 + n_state)
-        return solve_blocks(step, z0, init, max_iter=cfg.max_iter, schedule=self.schedule,
-                            take_inputs=take_inputs, compact=cfg.halting == "sample")
+        if self._fwd is None:
+            self._fwd = self._stepper(step_fn, example, (*tb, *tf))
+        step = self._fwd
+        return solve_blocks(step, z0, solver, max_iter=cfg.max_iter, schedule=self.schedule,
+                            take_inputs=take_inputs, compact=cfg.halting == "sample", every=int(cfg.check_every))
 
     # ------------------------------------------------------------------ adjoint
     def adjoint(self, full, g: Tensor, acfg, solver, linearise_padded: Callable):
@@ -180,8 +201,6 @@ class CompiledLoops:
         each compaction the linearisation is taken again on the (padded) remaining rows."""
         n_sb = len(full.vb.saved)
         has_f = full.vf is not None
-        init = solver.init(g)
-        n_state = len(init)
         vb_step = full.vb.hoisted.loop_step
         vf_step = full.vf.hoisted.loop_step if has_f else None
 
@@ -195,13 +214,13 @@ class CompiledLoops:
                 yb = yb[0] if isinstance(yb, (tuple, list)) else yb
             return (zbar,), gg + yb.to(gg.dtype), None
 
-        def step_fn(*args):
+        def step_fn(*args, n_state=0, variant="full"):
             carry = Carry.of(args[:7 + n_state])
             k = args[7 + n_state]
             gg = args[8 + n_state]
             sb = args[9 + n_state:9 + n_state + n_sb]
             sf = args[9 + n_state + n_sb:]
-            new, aux = step_body(lambda y: adj_map(y, gg, sb, sf), carry, k, solver, acfg, acfg.tol, acfg.max_iter)
+            new, aux = step_body(lambda y: adj_map(y, gg, sb, sf), carry, k, solver, acfg, acfg.tol, acfg.max_iter, variant)
             return (*new.tensors(),)
 
         linearised = [0]
@@ -214,22 +233,26 @@ class CompiledLoops:
                 linearised[0] += size
             return [pad_rows(g, rows, size), *lin.vb.saved, *(lin.vf.saved if has_f else ())]
 
-        def example():
+        def example(with_state: bool):
             B = self._trace_batch([g, *full.vb.saved, *(full.vf.saved if has_f else ())])
             idx = torch.arange(B, device=g.device) % g.shape[0]
             lin = linearise_padded(idx, B)
-            return [*_example_carry(g, init, idx), g.index_select(0, idx), *lin.vb.saved, *(lin.vf.saved if has_f else ())]
+            return [*_example_carry(g, solver, idx, with_state), g.index_select(0, idx), *lin.vb.saved,
+                    *(lin.vf.saved if has_f else ())]
 
-        step = self._stepper("_adj", step_fn, example, (), 7 + n_state)
-        out = solve_blocks(step, g, init, max_iter=acfg.max_iter, schedule=self.schedule,
-                           take_inputs=take_inputs, keep_aux=False, compact=acfg.halting == "sample")
+        if self._adj is None:
+            self._adj = self._stepper(step_fn, example, ())
+        step = self._adj
+        out = solve_blocks(step, g, solver, max_iter=acfg.max_iter, schedule=self.schedule,
+                           take_inputs=take_inputs, keep_aux=False, compact=acfg.halting == "sample", every=1)
         out[3].linearised = linearised[0]
         return out
 
 
-def _example_carry(x: Tensor, state: Sequence[Tensor], idx: Tensor) -> List[Tensor]:
-    """A carry and ``k`` for tracing, at the rows ``idx`` of ``x``."""
-    carry = Carry.start(x.index_select(0, idx), [s.index_select(0, idx) for s in state])
+def _example_carry(x: Tensor, solver, idx: Tensor, with_state: bool) -> List[Tensor]:
+    """A carry (with the solver's fresh state or none) and ``k`` for tracing, at the rows ``idx`` of ``x``."""
+    xs = x.index_select(0, idx)
+    carry = Carry.start(xs, solver.init(xs) if with_state else ())
     return [*carry.tensors(), torch.ones((), dtype=torch.int64, device=x.device)]
 
 

@@ -105,8 +105,10 @@ def _forward_impl(entry_id: int, tensors: List[Tensor]) -> List[Tensor]:
     else:
         x, aux, st, work = solve_eager(p.fmap, z0, p.solver, p.solver_cfg)
     y = T.flatten(p.y_from_aux(aux), p.yspec)
-    node._cstats["forward_work"] = work
-    return _no_alias([y, x, st.iterations, st.residual, st.status], tensors)
+    outs = _no_alias([y, x, st.iterations, st.residual, st.status], tensors)
+    node._cstats.clear()
+    node._cstats.update(iterations=outs[2], residual=outs[3], status=outs[4], forward_work=work)
+    return outs
 
 
 @fixed_point_op.register_fake
@@ -180,15 +182,17 @@ def compiled_forward(node, p: Problem, inputs: Sequence[Any], z0f: Tensor):
         y, stats = _while_forward(p, z0f)
         if need_grad:
             y = strategy.attach(p, y)
+        iters, res, status = stats
+        node._cstats.update(iterations=iters, residual=res, status=status)
     else:
         if need_grad and strategy.mode == "implicit" and node._graphs is None:
             raise FxWormholeError(
                 f"FixedPoint {node.name!r}: the compiled implicit backward needs VJP graphs built eagerly; "
                 "run one eager forward and call .prepare(), or call .prepare(*example_inputs) before torch.compile")
         p.yspec = p.shared.yspec
-        y, stats = strategy.compiled(node, p, z0f, need_grad)
-    iters, res, status = stats
-    node._cstats.update(iterations=iters, residual=res, status=status)
+        # the op writes its stats at run time: a dict mutated in traced code is guarded on its
+        # contents, and eager calls that clear it would make every compiled call recompile
+        y, _ = strategy.compiled(node, p, z0f, need_grad)
     out = T.leaves(T.unflatten(y, p.yspec))
     return tuple(out) if p.yspec.is_tuple else out[0]
 

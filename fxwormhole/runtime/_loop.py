@@ -351,7 +351,7 @@ class Carry:
 
 
 def step_body(fmap: Callable, carry: Carry, k: Tensor, solver: FixedPointSolver, cfg: SolverConfig, tol: Tensor,
-              max_iter: int):
+              max_iter: int, variant: str = "full"):
     """One evaluation + check + solver step of the compiled loops (traceable, no host reads).
 
     ``k`` (0-d int64) is the evaluation number of this call (1-based). Finished rows are frozen:
@@ -384,15 +384,24 @@ def step_body(fmap: Callable, carry: Carry, k: Tensor, solver: FixedPointSolver,
         testing = checking & (cnum >= 2) & ((cnum & (cnum - 1)) == 0)
         accel = accel | (testing & on & pending & slow_of(r_new, carry.r, float(rate) ** every))
     live_next = live & ~fin
+    if variant != "full" and rate is not None:
+        # no row was accelerated before this evaluation: the fall-back step for all, and a row the
+        # contraction test just switched on takes its first accelerated step (the same value)
+        x_next = torch.where(live_next.unsqueeze(1), solver.fallback_step(x, fx), x)
+        state = carry.state
+        if variant == "test":
+            newly = accel & ~carry.accel & live_next
+            _, first = solver.first_step(carry.state, x, fx)
+            state = tuple(torch.where(newly.view((-1,) + (1,) * (n.dim() - 1)), n, s) for n, s in zip(first, state))
+        return Carry(x_next, live_next, best, r, iterations, status, accel, state), aux
     x_acc, state = solver.step(carry.state, x, fx)
-    if rate is not None:
+    if rate is not None:  # rows not accelerated take the plain step and keep a fresh history
         x_next = torch.where(accel.unsqueeze(1), x_acc, solver.fallback_step(x, fx))
-        state = tuple(torch.where(accel.view((-1,) + (1,) * (n.dim() - 1)), n, s) for n, s in zip(state, carry.state))
+        moves = accel & live_next
     else:
-        x_next = x_acc
-    freeze = live_next.unsqueeze(1)
-    x_next = torch.where(freeze, x_next, x)
-    state = tuple(torch.where(live_next.view((-1,) + (1,) * (n.dim() - 1)), n, s) for n, s in zip(state, carry.state))
+        x_next, moves = x_acc, live_next
+    x_next = torch.where(live_next.unsqueeze(1), x_next, x)  # finished rows stay where they stopped
+    state = tuple(torch.where(moves.view((-1,) + (1,) * (n.dim() - 1)), n, s) for n, s in zip(state, carry.state))
     return Carry(x_next, live_next, best, r, iterations, status, accel, state), aux
 
 
@@ -412,11 +421,12 @@ def pad_rows(t: Tensor, rows: Optional[Tensor], size: int) -> Tensor:
     return torch.cat([t, t.new_zeros((size - t.shape[0],) + t.shape[1:])])
 
 
-def solve_blocks(step: Callable, x0: Tensor, init_state: Tuple[Tensor, ...], *,
+def solve_blocks(step: Callable, x0: Tensor, solver: FixedPointSolver, *,
                  max_iter: int, schedule: Sequence[int], take_inputs: Callable[[Optional[Tensor], int], Any],
-                 keep_aux: bool = True, compact: bool = True):
-    """Drive ``step(carry, k, inputs) -> (carry, aux)`` (compiled, fixed size; ``k`` the evaluation
-    number, an int) in blocks whose
+                 keep_aux: bool = True, compact: bool = True, every: int = 1):
+    """Drive ``step(carry, k, inputs, variant) -> (carry, aux)`` (compiled, fixed size; ``k`` the
+    evaluation number, an int; ``variant`` what :func:`step_body` may skip: a solver with a
+    fall-back keeps no state while no row is accelerated) in blocks whose
     lengths ``schedule`` gives (the last one repeats). After each block, one host read (the number
     of live rows); with ``compact`` the finished rows are moved to the outputs and the rest
     compacted and padded to a power-of-two bucket (padding rows start dead; ``take_inputs(rows,
@@ -429,19 +439,30 @@ def solve_blocks(step: Callable, x0: Tensor, init_state: Tuple[Tensor, ...], *,
     rows: Optional[Tensor] = None  # the carry's real rows (None: 0..B-1, in order)
     size = pow2_bucket(B) if compact else B
     n = B
-    carry = Carry.start(pad_rows(x0, None, size), [pad_rows(s, None, size) for s in init_state], B)
+    fallback = getattr(solver, "fallback_rate", None) is not None and every == 1
+    x_start = pad_rows(x0, None, size)
+    carry = Carry.start(x_start, () if fallback else solver.init(x_start), B)
     outs: Optional[List[Tensor]] = None  # x, iterations, residual, status, *aux
     inputs = take_inputs(None, size)
     k = b = 0
+    any_accel = False
     while True:
         length = min(schedule[min(b, len(schedule) - 1)], max_iter - k)
         b += 1
         aux: Sequence[Tensor] = ()
         for _ in range(length):
             k += 1
-            carry, aux = step(carry, k, inputs)
+            variant = "full" if not fallback or any_accel else ("test" if tests_contraction(k) else "plain")
+            if variant == "plain" and carry.state:
+                carry.state = ()  # no row is accelerated: their histories are fresh, keep none
+            elif variant != "plain" and not carry.state:
+                carry.state = tuple(solver.init(carry.x))
+            carry, aux = step(carry, k, inputs, variant)
             work.evaluations += size
-        n_live = int(host_read(carry.live.sum())[0])
+            # a test may have switched rows on: the rest of the block steps them
+            any_accel = any_accel or variant == "test"
+        n_live, n_accel = (int(v) for v in host_read(torch.stack([carry.live.sum(), (carry.live & carry.accel).sum()])))
+        any_accel = n_accel > 0
         work.checks += 1
         done = n_live == 0 or k >= max_iter
         if done and outs is None:  # all finished without a compaction: the carry is the result

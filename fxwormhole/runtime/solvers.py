@@ -76,6 +76,11 @@ class FixedPointSolver:
         d = float(self.config.damping)
         return fz if d == 1.0 else torch.lerp(z, fz, d)
 
+    def first_step(self, state: State, z: Tensor, fz: Tensor) -> Tuple[Tensor, State]:
+        """:meth:`step` from a fresh ``init`` state (a sample just switched to acceleration); a
+        solver may compute it more cheaply, with the same result."""
+        return self.step(state, z, fz)
+
 
 class Picard(FixedPointSolver):
     """Plain iteration ``z <- f(z)``."""
@@ -155,20 +160,43 @@ class Anderson(FixedPointSolver):
         with torch.autocast(z.device.type, enabled=False):
             return self._step(state, z, fz)
 
+    def first_step(self, state: State, z: Tensor, fz: Tensor) -> Tuple[Tensor, State]:
+        """From a fresh history: one valid slot, so ``alpha = [1, 0, ...]`` exactly and the step is
+        ``f(z)`` (damped: ``f(z) - (1 - d) G_0``, what :meth:`step` computes): only slot 0 is written."""
+        F, G, H, k = state
+        b, m, d = F.shape
+        g = (fz - z).to(G.dtype)
+        first = (torch.arange(m, device=z.device) == 0).view(1, m, 1)
+        F = torch.where(first, fz.unsqueeze(1), F)
+        G = torch.where(first, g.unsqueeze(1), G)
+        H = torch.where(first & first.transpose(1, 2), (g * g).sum(1).view(b, 1, 1), H)
+        dmp = float(self.config.damping)
+        x = fz if dmp == 1.0 else (fz.to(G.dtype) - (1.0 - dmp) * g).to(z.dtype)
+        return x, (F, G, H, k + 1)
+
     def _step(self, state: State, z: Tensor, fz: Tensor) -> Tuple[Tensor, State]:
         F, G, H, k = state
         b, m, d = F.shape
         sd = G.dtype
         g = (fz - z).to(sd)
         slot = (k % m).view(b, 1, 1)
-        # in place where nothing needs the old values (eager, no autograd, not traced); functional otherwise
-        inplace = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and get_proxy_mode() is None
-        put = (lambda t, dim, idx, v: t.scatter_(dim, idx, v)) if inplace else (lambda t, dim, idx, v: t.scatter(dim, idx, v))
-        F = put(F, 1, slot.expand(b, 1, d), fz.unsqueeze(1))
-        G = put(G, 1, slot.expand(b, 1, d), g.unsqueeze(1))
-        h = torch.bmm(G, g.unsqueeze(2))  # [b, m, 1]: the new row and column of H
-        H = put(H, 2, slot.expand(b, m, 1), h)
-        H = put(H, 1, slot.expand(b, 1, m), h.transpose(1, 2))
+        # Eager without autograd: write the slot in place. Otherwise (autograd, traced) functional,
+        # as a pointwise select on a one-hot slot mask, which a compiler fuses with the loop's own
+        # per-sample selects into one pass over the history (a scatter would copy it separately).
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and get_proxy_mode() is None:
+            slot = (k % m).view(b, 1, 1)
+            F.scatter_(1, slot.expand(b, 1, d), fz.unsqueeze(1))
+            G.scatter_(1, slot.expand(b, 1, d), g.unsqueeze(1))
+            h = torch.bmm(G, g.unsqueeze(2))  # [b, m, 1]: the new row and column of H
+            H.scatter_(2, slot.expand(b, m, 1), h)
+            H.scatter_(1, slot.expand(b, 1, m), h.transpose(1, 2))
+        else:
+            onehot = torch.arange(m, device=z.device) == (k % m).unsqueeze(1)  # [b, m]
+            F = torch.where(onehot.unsqueeze(2), fz.unsqueeze(1), F)
+            G = torch.where(onehot.unsqueeze(2), g.unsqueeze(1), G)
+            h = torch.bmm(G, g.unsqueeze(2))
+            row, col = onehot.unsqueeze(2), onehot.unsqueeze(1)
+            H = torch.where(row, h.transpose(1, 2), torch.where(col, h, H))
         n_valid = (k + 1).clamp(max=m)
         valid = (torch.arange(m, device=z.device) < n_valid.unsqueeze(1)).to(sd)  # [b, m]
         diag = torch.diagonal(H, dim1=1, dim2=2)
