@@ -173,6 +173,16 @@ class _Outputs:
         self.residual = torch.empty(B, dtype=rdtype, device=dev)
         self.status = torch.empty(B, dtype=torch.int8, device=dev)
 
+    @classmethod
+    def adopt(cls, k: int, x: Tensor, aux, r: Tensor, codes: Tensor, keep_aux: bool) -> "_Outputs":
+        """The full-batch tensors of this check become the buffers: the samples finishing now are
+        already in place (usually most of them), the others are written when they finish."""
+        out = cls.__new__(cls)
+        out.x, out.residual, out.status, out.keep_aux = x, r, codes, keep_aux
+        out.aux = list(aux) if keep_aux else None
+        out.iterations = torch.full((x.shape[0],), k, dtype=torch.int64, device=x.device)
+        return out
+
     def put(self, g: Tensor, pos: Optional[Tensor], k: int, x: Tensor, aux, r: Tensor, codes: Tensor) -> None:
         take = (lambda t: t) if pos is None else (lambda t: t.index_select(0, pos))
         self.x.index_copy_(0, g, take(x))
@@ -243,15 +253,19 @@ def solve_eager(fmap: FMap, x0: Tensor, solver: FixedPointSolver, cfg: SolverCon
                     it = torch.full((B,), k, dtype=torch.int64, device=x.device)
                     return x, (aux if keep_aux else None), SolveStats(it, r, codes), work
                 codes = codes_of(r, pending, tol)
-                if out is None:
+                if out is None and rows is None and not x.requires_grad:
+                    out = _Outputs.adopt(k, x, aux, r, codes, keep_aux)  # nothing to copy now
+                    fin = None
+                elif out is None:
                     out = _Outputs(B, x0, r.dtype, keep_aux)
                 if done or n_fin == n:
                     out.put(rows, None, k, x, aux, r, codes)
                     break
                 order = torch.argsort(pending.to(torch.uint8), stable=True)  # finished first, order kept
-                fin, keep = order[:n_fin], order[n_fin:]
-                g = fin if rows is None else rows.index_select(0, fin)
-                out.put(g, fin, k, x, aux, r, codes)
+                keep = order[n_fin:]
+                if out.x is not x:  # (adopted buffers hold the finishing rows already)
+                    fin = order[:n_fin]
+                    out.put(fin if rows is None else rows.index_select(0, fin), fin, k, x, aux, r, codes)
                 rows = keep if rows is None else rows.index_select(0, keep)
                 x, fx, bound, r = (t.index_select(0, keep) for t in (x, fx, bound, r))
                 steps.select(keep)
