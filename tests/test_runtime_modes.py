@@ -21,7 +21,7 @@ from fxwormhole.runtime.stats import HostReads
 from fxwormhole.runtime.fixed_point import FixedPoint
 from fxwormhole.runtime.gradients import GradStrategy, JFBGrad, PhantomGrad, UnrolledGrad, register_grad
 
-from test_runtime_models import Feedback, MLPBody
+from helpers import Feedback, MLPBody
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
