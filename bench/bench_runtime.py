@@ -1,6 +1,6 @@
 """Every row of issue 19's goal table, each a ratio measured side by side in one process.
 
-    python bench/bench_runtime.py [--rounds 15] [--only overhead,halting,...] [--quick]
+    python bench/bench_runtime.py [--rounds 15] [--only overhead,halting,...] [--profile] [--device cuda]
 
 Method (the same for every row): the variants of a row run in alternating order (reversed every
 round), each call timed with the calling thread's CPU clock (torch runs on 1 thread, so this is the
@@ -20,7 +20,7 @@ Rows (goal in brackets):
   anderson   Anderson / Picard forward when Anderson saves no iteration, d=64 (<= 1.15), d=256 (<= 1.15)
   compile    fxwormhole.compile / eager training step, wormhole MLP 512x6 b=256 (speed-up >= 1.6)
   coldcompile  first compiled training step of a 3-layer width-16 transformed MLP, fresh Inductor
-             cache, 1 thread, in a subprocess (<= 30 s)
+             cache, 1 thread, in a subprocess, CPU seconds incl. the C++ compiler (<= 30 s)
   syncs      host syncs per residual check (eager <= 1) and per iteration (compiled: 0)
 """
 from __future__ import annotations
@@ -59,6 +59,7 @@ class Row:
 
 
 DEVICE = torch.device("cpu")
+PROFILE = False
 
 
 def clock() -> float:
@@ -91,7 +92,44 @@ def alternate(variants: Dict[str, Callable[[], object]], base: str, rounds: int,
         for n in names:
             per[n].append(now[n] * 1e3)
             ratios[n].append(now[n] / now[base])
+    if PROFILE:
+        for n in names:
+            PROFILES.append(f"{n}: {breakdown(variants[n])}")
     return ({n: statistics.median(v) for n, v in ratios.items()}, {n: statistics.median(v) for n, v in per.items()})
+
+
+GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "aten::mkldnn_convolution",
+            "aten::convolution_backward", "aten::_convolution", "aten::mkldnn_rnn_layer", "aten::_mkldnn_linear")
+PROFILES: List[str] = []  # filled by alternate() under --profile, printed after each group
+
+
+def breakdown(fn: Callable[[], object], calls: int = 5) -> str:
+    """Where one call's time goes (torch.profiler, CPU; wall time, so run it on a quiet machine):
+    the time in GEMM/convolution kernels,
+    in every other ATen op (self time), and the rest (Python, dispatch, autograd engine), as
+    shares of the profiled total; the GEMM share bounds what any runtime or compiler can save."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    fn()
+    calls = max(calls, int(1.0 / max(time.perf_counter() - t0, 1e-4)))  # >= 1 s profiled: scheduler slices average out
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()  # the profiler's times are wall times: so is this total
+        for _ in range(calls):
+            fn()
+        total = (time.perf_counter() - t0) / calls * 1e6
+    gemm = other = 0.0
+    for ev in prof.key_averages():
+        if not ev.key.startswith("aten::"):
+            continue
+        us = ev.self_cpu_time_total / calls
+        if ev.key in GEMM_OPS:
+            gemm += us
+        else:
+            other += us
+    rest = max(0.0, total - gemm - other)
+    return (f"{total / 1e3:.2f} ms/call profiled: GEMM/conv {gemm / total:.0%}, other ATen {other / total:.0%}, "
+            f"Python/dispatch/engine {rest / total:.0%}")
 
 
 def uptime() -> str:
@@ -168,10 +206,15 @@ def rows_overhead(rounds: int) -> List[Row]:
         node = FixedPoint(layer, solver=SolverConfig(name="picard", tol=tol, max_iter=max_iter),
                           grad=GradConfig(tol=tol, max_iter=max_iter))
 
+        # the bare loop halts the whole batch at once: the same rule in fxwormhole, for reference
+        node_b = FixedPoint(layer, solver=SolverConfig(name="picard", tol=tol, max_iter=max_iter, halting="batch"),
+                            grad=GradConfig(tol=tol, max_iter=max_iter))
+
         def ours():
             return torch.autograd.grad(node(x), params, g)
 
-        variants = {"bare": lambda: bare_loop(layer, x, g, tol, max_iter), "fxwormhole": ours}
+        variants = {"bare": lambda: bare_loop(layer, x, g, tol, max_iter), "fxwormhole": ours,
+                    "fxw halting=batch": lambda: torch.autograd.grad(node_b(x), params, g)}
         if d == 1024:
             try:
                 from torchdeq import get_deq
@@ -188,6 +231,7 @@ def rows_overhead(rounds: int) -> List[Row]:
         err = max(float((a - c).abs().max() / c.abs().max()) for a, c in zip(ours(), ref))
         ratios, ms = alternate(variants, "bare", rounds, inner=5 if d < 1024 else 1)
         note = f"grad rel diff {err:.1e}; iters fwd {node.stats.mean_iterations:.1f} bwd {node.stats.backward.mean_iterations:.1f}"
+        note += f"; with whole-batch halting as the bare loop {ratios['fxw halting=batch']:.2f}"
         if "torchdeq" in ratios:
             note += f"; x TorchDEQ {ms['fxwormhole'] / ms['torchdeq']:.2f}"
         out.append(Row(f"fixed_point fwd+implicit bwd / bare loop, d={d} b={b}", f"<= {goal}",
@@ -335,9 +379,38 @@ def rows_tiny(rounds: int) -> List[Row]:
 
         ratios, ms = alternate({"original": step(model), "transformed": step(net)}, "original", rounds, inner=15)
         its = net.fixed_point_stats()["fixed_point_0"]
+        work = {n: _work(step(m)) for n, m in (("original", model), ("transformed", net))}
         out.append(Row(f"tiny MLP(hidden=64) b=32 SGD step, {label}", f"<= {goal}", lambda r, goal=goal: r <= goal,
-                       ratios["transformed"], ms, f"iters fwd {its.mean_iterations:.1f} bwd {its.backward.mean_iterations:.1f}"))
+                       ratios["transformed"], ms, f"iters fwd {its.mean_iterations:.1f} bwd {its.backward.mean_iterations:.1f}; "
+                       + "; ".join(f"{n} {a} ATen ops, {c} Python calls" for n, (a, c) in work.items())))
     return out
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the ATen ops a call dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _work(fn: Callable[[], object]):
+    """``(ATen ops, Python function calls)`` of one call: a profile that no load can distort."""
+    import cProfile
+    import pstats
+
+    fn()
+    with CountOps() as ops:
+        fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    return ops.count, pstats.Stats(prof).total_calls
 
 
 def rows_anderson(rounds: int) -> List[Row]:
@@ -454,7 +527,7 @@ def rows_syncs(rounds: int) -> List[Row]:
 
 
 COLD_SCRIPT = r"""
-import time, torch, warnings
+import os, time, torch, warnings
 torch.set_num_threads(1)
 import fxwormhole
 from fxwormhole import zoo
@@ -464,14 +537,16 @@ model = zoo.MLP(hidden=16, depth=3)
 x = torch.randn(8, model.in_features)
 net = fxwormhole.transform(model, (x,))
 c = fxwormhole.compile(net)
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), os.times()
 c(x).sum().backward()
 first = time.perf_counter() - t0
+c1 = os.times()  # CPU time of this process and of its children (the C++ compiler runs as one)
+cpu = sum(c1[:4]) - sum(c0[:4])
 from torch._dynamo.utils import counters
 g1 = counters["stats"]["unique_graphs"]
 for b in (8, 5, 13):
     c(torch.randn(b, model.in_features)).sum().backward()
-print(f"RESULT {first:.2f} {g1} {counters['stats']['unique_graphs'] - g1}")
+print(f"RESULT {cpu:.2f} {first:.2f} {g1} {counters['stats']['unique_graphs'] - g1}")
 """
 
 
@@ -493,7 +568,9 @@ def rows_coldcompile() -> List[Row]:
     """Two cold starts of a fresh process with an empty Inductor cache: the first also pays the
     machine's one-time toolchain probes (Inductor compiles test programs for each vector ISA into
     the cache), the second starts from a cache holding only those (an unrelated function compiled
-    in another process first), so it measures this model's compile alone."""
+    in another process first), so it measures this model's compile alone. The figure is CPU
+    seconds (the process and its children: the C++ compiler), what a quiet machine's wall time
+    would be with one compile thread; the wall time under the load is in the note."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
     out = []
     with tempfile.TemporaryDirectory() as cache:
@@ -509,9 +586,10 @@ def rows_coldcompile() -> List[Row]:
         if got is None:
             rows.append(Row(figure, "<= 30", lambda r: False, float("nan"), note=f"failed: {err}"))
         else:
-            first, graphs, later = got
-            rows.append(Row(figure, "<= 30", lambda r: r <= 30, float(first),
-                            note=f"dynamo graphs {graphs}; new graphs at batch 8, 5, 13: {later}"))
+            cpu, first, graphs, later = got
+            rows.append(Row(figure, "<= 30", lambda r: r <= 30, float(cpu),
+                            note=f"CPU s incl. the C++ compiler's (wall {first} s under the load); dynamo graphs {graphs}; "
+                                 f"new graphs at batch 8, 5, 13: {later}"))
     return rows
 
 
@@ -531,9 +609,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--only", default="", help="comma-separated row groups: " + ",".join([*ROWS, "coldcompile"]))
     ap.add_argument("--device", default="cpu", help="cpu (the goals' machine) or cuda")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print each variant's CPU-time breakdown (GEMM, other ATen ops, Python and dispatch)")
     args = ap.parse_args(argv)
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    global DEVICE, PROFILE
+    DEVICE, PROFILE = torch.device(args.device), args.profile
     torch.set_num_threads(1)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8)
     warnings.simplefilter("ignore")
@@ -547,6 +627,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.extend(got)
         for r in got:
             print(f"  [{gname} {time.perf_counter() - t0:.0f}s] {r.figure}: {r.ratio:.3f} ({r.note})", flush=True)
+        for line in PROFILES:
+            print(f"      profile {line}", flush=True)
+        PROFILES.clear()
     print(f"load after: {uptime()}\n")
     print("| figure | measured | goal | met | variants (median ms) | notes |")
     print("|---|---|---|---|---|---|")
