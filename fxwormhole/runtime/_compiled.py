@@ -40,7 +40,7 @@ from torch.func import functional_call
 from ..errors import ConfigError, FxWormholeError
 from . import _tree as T
 from ._hoist import Hoisted, functionalize
-from ._loop import pad_rows, solve_eager, solve_while
+from ._loop import AdjointMap, pad_rows, solve_eager, solve_while
 from ._problem import Problem
 
 
@@ -243,7 +243,6 @@ class _Linearised:
 def implicit_op_backward(strategy, node, base: Problem, g: Tensor, z_star: Tensor, y_star: Tensor,
                          inputs: Sequence[Tensor], params: Sequence[Tensor]) -> List[Optional[Tensor]]:
     """The compiled implicit gradient: per-sample adjoint solve over the prepared VJP graphs."""
-    from .gradients import AdjointMap
     graphs = node._graphs
     _, tb = _tensors(node.body)
     _, tf = _tensors(node.feedback)

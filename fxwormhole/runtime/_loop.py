@@ -196,6 +196,55 @@ class _Outputs:
         self.status.index_copy_(0, g, take(codes))
 
 
+class AdjointMap:
+    """The adjoint map ``ybar -> (zbar, g + F_y^T B_z^T ybar)`` on an active set of samples.
+
+    ``linearise(rows)`` gives the linearisation at the solution on ``rows`` (None: all) with
+    ``.adjoint(cot) -> (zbar, F_y^T zbar, ...)``. The current one serves any subset of its rows
+    (the cotangent is scattered into its rows, the result gathered back); once the active set is
+    at most half of its rows, the map linearises again on the active rows only, so the adjoint's
+    cost follows the samples still iterating."""
+
+    def __init__(self, linearise: Callable[[Optional[Tensor]], Any], first: Any, g: Tensor) -> None:
+        self.linearise, self.g = linearise, g
+        self.lin, self.lin_rows, self.lin_n = first, None, g.shape[0]
+        self.computed = 0  # rows the map really evaluated (a cotangent scattered into a larger linearisation costs all its rows)
+        self.linearised = 0  # rows evaluated to linearise again
+        self._key: Optional[Tensor] = None
+        self._pos: Optional[Tensor] = None
+        self._g: Tensor = g
+
+    @staticmethod
+    def linearise_when(n_live: int, n_lin: int) -> bool:
+        """Linearise again once the active samples are at most half the linearised rows."""
+        return n_live * 2 <= n_lin
+
+    def account(self, work: Work) -> Work:
+        """Put the rows really computed into a solve's ``work`` (the first evaluation is its own)."""
+        work.evaluations = self.g.shape[0] + self.computed
+        work.linearised = self.linearised
+        return work
+
+    def __call__(self, ybar: Tensor, rows: Optional[Tensor]):
+        if rows is not self._key:
+            self._key = rows
+            if rows is not None and self.linearise_when(rows.shape[0], self.lin_n):
+                self.lin, self.lin_rows, self.lin_n = self.linearise(rows), rows, rows.shape[0]
+                self.linearised += self.lin_n
+            self._g = self.g if rows is None else self.g.index_select(0, rows)
+            if rows is None or (self.lin_rows is not None and rows.shape[0] == self.lin_n):
+                self._pos = None
+            else:
+                self._pos = rows if self.lin_rows is None else torch.searchsorted(self.lin_rows, rows)
+        self.computed += self.lin_n
+        if self._pos is None:
+            zbar, yb = self.lin.adjoint(ybar)[:2]
+        else:
+            cot = ybar.new_zeros((self.lin_n, ybar.shape[1])).index_copy_(0, self._pos, ybar)
+            zbar, yb = (t.index_select(0, self._pos) for t in self.lin.adjoint(cot)[:2])
+        return (zbar,), self._g + yb.to(self._g.dtype), None
+
+
 def solve_eager(fmap: FMap, x0: Tensor, solver: FixedPointSolver, cfg: SolverConfig, *,
                 tol: Optional[float] = None, max_iter: Optional[int] = None,
                 first: Optional[Tuple[Tuple[Tensor, ...], Tensor, Optional[Tensor]]] = None,
