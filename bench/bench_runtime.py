@@ -22,6 +22,9 @@ Rows (goal in brackets):
   coldcompile  first compiled training step of a 3-layer width-16 transformed MLP, fresh Inductor
              cache, 1 thread, in a subprocess, CPU seconds incl. the C++ compiler (<= 30 s)
   syncs      host syncs per residual check (eager <= 1) and per iteration (compiled: 0)
+
+--profile adds each variant's breakdown (GEMM / other ATen / Python, dispatch and engine) under its
+rows; --device cuda times wall clock after a stream sync (make gpu-check).
 """
 from __future__ import annotations
 
@@ -104,15 +107,16 @@ PROFILES: List[str] = []  # filled by alternate() under --profile, printed after
 
 
 def breakdown(fn: Callable[[], object], calls: int = 5) -> str:
-    """Where one call's time goes (torch.profiler, CPU; wall time, so run it on a quiet machine):
-    the time in GEMM/convolution kernels,
-    in every other ATen op (self time), and the rest (Python, dispatch, autograd engine), as
-    shares of the profiled total; the GEMM share bounds what any runtime or compiler can save."""
+    """Where one call's time goes (torch.profiler, CPU; wall time, so indicative under load): the
+    time in GEMM/convolution kernels, in every other ATen op (self time), and the rest (Python,
+    dispatch, autograd engine), as shares of the profiled total; the GEMM share bounds what any
+    runtime or compiler can save."""
     from torch.profiler import ProfilerActivity, profile
 
     t0 = time.perf_counter()
     fn()
-    calls = max(calls, int(1.0 / max(time.perf_counter() - t0, 1e-4)))  # >= 1 s profiled: scheduler slices average out
+    # about 1 s profiled (scheduler slices average out), at most 200 calls (the profiler keeps every event)
+    calls = min(200, max(calls, int(1.0 / max(time.perf_counter() - t0, 1e-4))))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()  # the profiler's times are wall times: so is this total
         for _ in range(calls):

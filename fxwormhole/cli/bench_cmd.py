@@ -5,7 +5,7 @@ reports fixed-point iterations and memory: on CUDA the peak allocated memory, on
 autograd saves for the backward (activation memory; the CPU allocator keeps no peak statistic).
 The variants alternate step by step and the table gives wall and CPU time: timed one after the
 other on a shared machine, a change of load between variants decided the ratio (a tiny MLP once
-read 772 ms compiled vs 88 ms eager per step at load 15 with 2 threads; 2.9 ms vs 2.1 ms CPU when
+read 772 ms compiled vs 88 ms eager per step at load 15 with 2 threads; 3.7 ms vs 3.3 ms CPU when
 measured like this).
 """
 from __future__ import annotations
