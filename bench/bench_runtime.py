@@ -433,7 +433,7 @@ def rows_anderson(rounds: int) -> List[Row]:
 
         ratios, ms = alternate({n: fwd(m) for n, m in nodes.items()}, "picard", rounds, inner=10)
         its = {n: m.stats.mean_iterations for n, m in nodes.items()}
-        out.append(Row(f"Anderson / Picard forward, contractive (||W||=0.3), d={d} b={b}", "<= 1.15",
+        out.append(Row(f"Anderson / Picard forward, contractive (‖W‖=0.3), d={d} b={b}", "<= 1.15",
                        lambda r: r <= 1.15, ratios["anderson"], ms,
                        f"iters picard {its['picard']:.1f} anderson {its['anderson']:.1f}"))
     return out
