@@ -253,3 +253,28 @@ def test_inductor_blocks_match_eager():
     got = torch.autograd.grad(compiled(x), wrt, g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_a_copy_or_a_loaded_node_solves_with_its_own_parameters(tmp_path):
+    """A node's solve set-ups are registered for the compiled op under ids of this process that
+    point back to that node: a deepcopy (or a model saved and loaded) must build its own, or its
+    compiled calls would run the original's body."""
+    import copy
+
+    torch.manual_seed(4)
+    node = FixedPoint(MLPBody().double(), Feedback().double(), solver=TIGHT, grad=GradConfig(tol=1e-12, max_iter=300))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    node(x)  # set-ups and compiled-op entries built for `node`
+    twin = copy.deepcopy(node)
+    with torch.no_grad():
+        for t in twin.parameters():
+            t.mul_(0.5)
+    torch.save(twin, tmp_path / "twin.pt")
+    loaded = torch.load(tmp_path / "twin.pt", weights_only=False)
+    for other in (twin, loaded):
+        want = other(x)
+        torch._dynamo.reset()
+        compiled = fxwormhole.compile(other, backend="aot_eager", example_inputs=(x,))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), want, rtol=1e-8, atol=1e-10)
+        assert not torch.allclose(want, node(x))

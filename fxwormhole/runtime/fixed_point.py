@@ -77,6 +77,16 @@ class FixedPoint(nn.Module):
         self._last: Optional[tuple] = None  # (state signature, set-up) of the last call
         self.compiled_loops: Optional[dict] = None  # torch.compile options of the loops (fxwormhole.compile)
 
+    #: per-process caches, rebuilt at the first call of a copy or of a loaded model: a solve set-up
+    #: is registered for the compiled op under an id of this process that points back to this very
+    #: node, and the traced graphs and compiled loops belong to the set-ups
+    CACHES = ("_problems", "_last", "_graphs")
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.update(_problems={}, _last=None, _graphs=None)
+        return state
+
     # ------------------------------------------------------------------ public
     @property
     def grad_config(self) -> Optional[GradConfig]:
