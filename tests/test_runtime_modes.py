@@ -278,3 +278,39 @@ def test_a_copy_or_a_loaded_node_solves_with_its_own_parameters(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), want, rtol=1e-8, atol=1e-10)
         assert not torch.allclose(want, node(x))
+
+
+class CountingScaledBody(ScaledBody):
+    """A body that keeps a statistic in training mode (as SAL probes and BatchNorm do)."""
+
+    def __init__(self, d=8):
+        super().__init__(d)
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, z, x, s):
+        if self.training:
+            self.count += 1
+        return super().forward(z, x, s)
+
+
+def test_adjoint_evaluates_no_stateful_body_again():
+    """Linearising again on the hard rows would run the body in the backward: a body that keeps
+    statistics in training mode must see only the forward's evaluations (the adjoint then works on
+    the full tape), and the gradient is the same as with a pure body."""
+    torch.manual_seed(1)
+    body = CountingScaledBody()
+    x, s = _easy_hard()
+    node = FixedPoint(body, solver=SolverConfig(name="picard", tol=1e-12, max_iter=400),
+                      grad=GradConfig(tol=1e-12, max_iter=400))
+    g = torch.randn_like(x)
+    xr = x.clone().requires_grad_()
+    y = node(xr, s)
+    after_forward = int(body.count)
+    got = torch.autograd.grad(y, [xr, *node.parameters()], g)
+    assert int(body.count) == after_forward
+    assert node.stats.backward_work.linearised == 0
+    body.eval()  # no statistic kept: the adjoint linearises again on the hard rows
+    want = _implicit_grads(node, x, s, g)
+    assert node.stats.backward_work.linearised > 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -199,13 +199,13 @@ class _Outputs:
 class AdjointMap:
     """The adjoint map ``ybar -> (zbar, g + F_y^T B_z^T ybar)`` on an active set of samples.
 
-    ``linearise(rows)`` gives the linearisation at the solution on ``rows`` (None: all) with
+    ``linearise(rows)`` (None: never linearise again) gives the linearisation at the solution on ``rows`` with
     ``.adjoint(cot) -> (zbar, F_y^T zbar, ...)``. The current one serves any subset of its rows
     (the cotangent is scattered into its rows, the result gathered back); once the active set is
     at most half of its rows, the map linearises again on the active rows only, so the adjoint's
     cost follows the samples still iterating."""
 
-    def __init__(self, linearise: Callable[[Optional[Tensor]], Any], first: Any, g: Tensor) -> None:
+    def __init__(self, linearise: Optional[Callable[[Tensor], Any]], first: Any, g: Tensor) -> None:
         self.linearise, self.g = linearise, g
         self.lin, self.lin_rows, self.lin_n = first, None, g.shape[0]
         self.computed = 0  # rows the map really evaluated (a cotangent scattered into a larger linearisation costs all its rows)
@@ -228,7 +228,7 @@ class AdjointMap:
     def __call__(self, ybar: Tensor, rows: Optional[Tensor]):
         if rows is not self._key:
             self._key = rows
-            if rows is not None and self.linearise_when(rows.shape[0], self.lin_n):
+            if rows is not None and self.linearise is not None and self.linearise_when(rows.shape[0], self.lin_n):
                 self.lin, self.lin_rows, self.lin_n = self.linearise(rows), rows, rows.shape[0]
                 self.linearised += self.lin_n
             self._g = self.g if rows is None else self.g.index_select(0, rows)

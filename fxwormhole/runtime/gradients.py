@@ -40,7 +40,7 @@ from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx, nn
 
 from ..config import GRAD_MODES, GradConfig, SolverConfig, coerce_grad
 from ..errors import ConfigError
@@ -293,6 +293,28 @@ class _Tape:
         return zbar, T.flatten(yb if self.yspec.is_tuple else yb[0], self.yspec), tb, list(tf)
 
 
+def _replayable(p: Problem) -> bool:
+    """Whether the body and feedback can be evaluated again on fewer rows in the backward (to
+    linearise on the samples still iterating) with the same linearisation and no side effect: not
+    when a module in training mode keeps statistics (BatchNorm, SAL probes would count the extra
+    evaluation) or draws random numbers (dropout would draw another mask)."""
+    for f in (p.body, p.feedback):
+        if not isinstance(f, nn.Module):
+            continue
+        for m in f.modules():
+            if not m.training:
+                continue
+            if isinstance(m, nn.modules.dropout._DropoutNd) or any(b is not None for b in m._buffers.values()):
+                return False
+            if isinstance(m, fx.GraphModule) and any(
+                    n.op == "call_function" and any(w in str(n.target) for w in _RANDOM) for n in m.graph.nodes):
+                return False
+    return True
+
+
+_RANDOM = ("dropout", "bernoulli", "rand", "normal", "multinomial")
+
+
 def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     if a is None:
         return b
@@ -325,7 +347,8 @@ class _ImplicitFn(torch.autograd.Function):
         one = p.adjoint_closed  # last time the adjoint settled at once: take the gradients with it
         with torch.enable_grad():
             zbar0, yb0, tb, tf = tape.adjoint(g, targets if one else ())
-            adj = AdjointMap(lambda rows: _Tape(p, tape.z_leaf.detach().index_select(0, rows), rows), tape, g)
+            relinearise = (lambda rows: _Tape(p, tape.z_leaf.detach().index_select(0, rows), rows)) if _replayable(p) else None
+            adj = AdjointMap(relinearise, tape, g)
             ybar, aux, st, work = solve_eager(adj, g, solver, acfg, first=((zbar0,), g + yb0.to(g.dtype), None))
             adj.account(work)
             if not (one and work.settled_first):
