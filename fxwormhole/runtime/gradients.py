@@ -231,7 +231,9 @@ class _Tape:
     def __init__(self, p: Problem, z: Tensor, rows: Optional[Tensor] = None) -> None:
         self.p, self.rows = p, rows
         self.wrt: List[Tensor] = []  # what VJPs differentiate against: targets, inputs as leaves
-        self.z_leaf = z.detach().requires_grad_(True)
+        # An integer state (a float model called with integer input) cannot require grad; left as it is,
+        # the body raises the dtype error the original model raises (issue 13 row 8).
+        self.z_leaf = z.detach().requires_grad_(z.is_floating_point() or z.is_complex())
         ins = p.inputs_for(rows)
         if rows is None:
             # Inputs become detached leaves: differentiating the live inputs would follow them
