@@ -373,7 +373,7 @@ def _solve_batch(fmap, x0, solver, cfg, tol, max_iter, first, keep_aux):
         x_new = steps(x, fx)
         x = x_new if live is None else torch.where(live.unsqueeze(1), x_new, x)
         aux, fx, scale = fmap(x, None)
-    work.checks, work.last = c, k
+    work.checks, work.last, work.settled_first = c, k, k == 1  # (the closed guess of the next call)
     work.host_reads, work.ok = HostReads.count - reads0, n_failed == 0
     return out.x, (tuple(out.aux) if out.aux is not None else None), SolveStats(out.iterations, out.residual, out.status), work
 
