@@ -83,7 +83,12 @@ def example_inputs_from_meta(model: nn.Module) -> tuple[Tensor, ...] | None:
 
 
 def _needs_graphs(fp: nn.Module) -> bool:
-    return getattr(fp, "_graphs", None) is None and fp.grad_config.mode == "implicit"
+    return getattr(fp, "_graphs", None) is None and fp.grad_strategy.mode == "implicit"
+
+
+def _needs_run(fp: nn.Module) -> bool:
+    """Never ran eagerly: its compiled solve op does not know the body's output yet."""
+    return getattr(fp, "_meta", None) is None
 
 
 def prepare(model: nn.Module, example_inputs: Sequence[Any] | Tensor | None = None) -> nn.Module:
@@ -96,7 +101,8 @@ def prepare(model: nn.Module, example_inputs: Sequence[Any] | Tensor | None = No
     Raises:
         FxWormholeError: nothing says which shapes the fixed points see.
     """
-    todo = [(name, fp) for name, fp in _fixed_points(model) if _needs_graphs(fp) or example_inputs is not None]
+    todo = [(name, fp) for name, fp in _fixed_points(model)
+            if _needs_graphs(fp) or _needs_run(fp) or example_inputs is not None]
     if not todo:
         return model
     if isinstance(example_inputs, Tensor):
@@ -119,6 +125,8 @@ def prepare(model: nn.Module, example_inputs: Sequence[Any] | Tensor | None = No
                     f"fxwormhole.compile: fixed point {name!r} did not run in the eager forward (is it on a "
                     "branch the example inputs do not take?); call model.get_submodule(name).prepare(*inputs) "
                     "with the inputs it sees")
+            if fp.grad_strategy.mode != "implicit":
+                continue  # the eager run registered its solve; only the implicit backward needs graphs
             try:
                 fp.prepare()
             except FxWormholeError:
@@ -200,7 +208,7 @@ def _inductor_options(kwargs: dict, allow_inplace_buffers: bool) -> None:
 def _warn_non_tensor_inputs(model: nn.Module) -> None:
     for name, fp in _fixed_points(model):
         meta = getattr(fp, "_meta", None) or {}
-        if fp.grad_config.mode == "implicit" and any(not isinstance(m, tuple) for m in meta.get("inputs", ())):
+        if fp.grad_strategy.mode == "implicit" and any(not isinstance(m, tuple) for m in meta.get("inputs", ())):
             warnings.warn(
                 f"fxwormhole.compile: fixed point {name!r} takes non-tensor inputs (sizes); the runtime's compiled "
                 "implicit backward does not support them yet: compiled inference works, train this model eagerly "
@@ -257,6 +265,11 @@ def compile(model: nn.Module, *, example_inputs: Sequence[Any] | Tensor | None =
 
     prepare(model, example_inputs)
     _warn_non_tensor_inputs(model)
+    loops = {"backend": backend if isinstance(backend, str) else "eager"}
+    if backend == "inductor":
+        loops["options"] = {k: v for k, v in kwargs.get("options", {}).items() if k != "triton.cudagraphs"}
+    for _, fp in _fixed_points(model):
+        fp.compiled_loops = dict(loops, **(fp.compiled_loops or {}))
     target = model
     rnns = _recurrent_modules(model)
     if rnns:

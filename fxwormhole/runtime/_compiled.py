@@ -1,35 +1,37 @@
-"""The compiled path of :class:`~fxwormhole.runtime.fixed_point.FixedPoint` (``torch.compile``).
+"""The compiled path of :class:`~fxwormhole.runtime.fixed_point.FixedPoint` (``torch.compile``,
+``torch.export``).
 
-What runs (facts from shared/research/torch-tooling.md section 3, torch 2.13):
+Under ``torch.compile`` a node's solve is ONE opaque custom op, ``fxwormhole::fixed_point``, in the
+model's graph (so ``fullgraph=True`` holds). Its implementation is a Python driver that can halt
+per sample: a data-dependent loop cannot be traced into a graph, and a ``torch.while_loop`` that
+freezes finished samples still computes them (research: compiled-halting-prototype.md). The
+driver runs
 
-* forward: ``torch.while_loop`` with early exit once no sample is active; converged samples are
-  frozen by ``torch.where`` (shapes are fixed); ``tol`` is a 0-d tensor; ``check_every=k``
-  unrolls k evaluations per loop trip (one residual check, i.e. one host sync on GPU, per trip).
-  The solver is the configured one; Anderson solves its small system by an unrolled Cholesky
-  (``solvers.spd_solve_unrolled``), because ``linalg.solve`` inside a while_loop body does not
-  lower in Inductor 2.13.
-* gradients (implicit mode): the solve runs under ``no_grad``, outside any ``autograd.Function``.
-  An identity Function on ``y*`` turns the incoming cotangent ``g`` into the adjoint solution
-  ``ybar = g + F_y^T B_z^T ybar`` with a second ``while_loop``, then returns the input and
-  parameter gradients. Both use VJP graphs of body and feedback built ONCE, eagerly, by
-  ``make_fx`` in ``prepare()`` (autodiff calls inside a while_loop body do not trace), with the
-  forward at ``z*`` hoisted out of the loop (``_hoist.py``). Dynamo sees no solver state and no
-  symbolic sizes crossing the Function (a solve inside it made dynamo return every body
-  intermediate from the Function and specialise the batch size). Adjoint stats are not recorded
-  (a compiled backward cannot write Python state).
-* phantom / jfb: the same no-grad solve, then k damped differentiable steps.
-* unrolled: not supported under compile (native while_loop autograd is BPTT and is silently
-  wrong when the initial carry does not require grad); use it eagerly.
+* eagerly (the eager loop with per-sample compaction) when the node was not given compiled loops,
+* or, after ``fxwormhole.compile`` (``FixedPoint.compiled_loops``), in blocks of a compiled step:
+  one evaluation + check + solver step traced by ``make_fx`` and compiled by Inductor, called
+  several times per block with no host read, then one read and compaction of the finished
+  samples, the rest padded to a power-of-two bucket (:func:`~fxwormhole.runtime._loop.solve_blocks`).
 
-Compile with ``torch.compile(model, fullgraph=True, options={"inplace_buffers": False})``: Inductor's
-in-place buffer reuse overwrites loop-invariant inputs of the backward while_loop (it mutated a
-Parameter in the research repro).
+Gradients belong to the node's strategy (:mod:`.gradients`):
+
+* implicit: the op's registered autograd formula is a second opaque op,
+  ``fxwormhole::fixed_point_backward``, whose implementation solves the adjoint
+  ``ybar = g + F_y^T B_z^T ybar`` per sample (compacting as the forward does) over VJP graphs of
+  body and feedback built ONCE, eagerly, by ``make_fx`` in ``prepare()``, with the forward at
+  ``z*`` hoisted out of the loop (``_hoist.py``);
+* phantom / jfb / registered modes: the op without gradient, then the strategy's ``attach``
+  steps, traced into the graph (the same code as eagerly, with the same ``k`` and ``tau``);
+* unrolled: eager only.
+
+Under ``torch.export`` the solve is one ``torch.while_loop`` (:func:`~._loop.solve_while`), which
+exported programs and ONNX ``Loop`` carry (inference only).
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
-from dataclasses import replace
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +40,12 @@ from torch.func import functional_call
 from ..errors import ConfigError, FxWormholeError
 from . import _tree as T
 from ._hoist import Hoisted, functionalize
-from ._loop import solve_compiled
+from ._loop import AdjointMap, pad_rows, solve_eager, solve_while
 from ._problem import Problem
-from .solvers import make_solver
 
 
+# ------------------------------------------------------------------------------------------------
+# module tensors
 def _tensors(module: Any) -> Tuple[List[str], List[Tensor]]:
     """Floating-point parameters and buffers, passed explicitly so gradients and updates flow."""
     if not isinstance(module, nn.Module):
@@ -65,101 +68,264 @@ def _bind(module: Any, names: Sequence[str], tensors: Sequence[Tensor]) -> Optio
     return lambda *a: functional_call(module, d, a)
 
 
-def _problem(node, inputs, batched, zspec, tb, tf) -> Problem:
+def _functional(node, base: Problem, tb: Sequence[Tensor], tf: Sequence[Tensor]) -> Problem:
+    """A copy of ``base`` whose body and feedback read the given tensors instead of their own."""
     nb, _ = _tensors(node.body)
     nf, _ = _tensors(node.feedback)
-    return Problem(_bind(node.body, nb, tb), _bind(node.feedback, nf, tf), inputs, batched, zspec,
-                   node.solver_config, node.grad_config, node.name, node.on_fail)
+    p = Problem(_bind(node.body, nb, tb), _bind(node.feedback, nf, tf), base.batched, base.zspec,
+                base.solver_cfg, base.grad_mode, base.name, base.on_fail)
+    p.solver = base.solver
+    return p
 
 
-def _solve(p: Problem, z0: Tensor):
-    cfg = p.solver_cfg
-    full = lambda x: p.fmap(x, None)
-    return solve_compiled(full, z0, make_solver(cfg), cfg, tol=cfg.tol, max_iter=cfg.max_iter, first=full(z0))
+# ------------------------------------------------------------------------------------------------
+# the custom ops
+_ENTRIES: Dict[int, Tuple[Any, Any, int, T.Spec]] = {}  # id -> (weakref to node, problem key, inputs, yspec)
 
 
-def compiled_forward(node, inputs: Sequence[Any], z0: Any, zspec: T.Spec, batched: Sequence[bool]):
-    _, tb = _tensors(node.body)
-    _, tf = _tensors(node.feedback)
-    z0f = T.flatten(z0, zspec)
-    mode = node.grad_config.mode
-    need_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in [*tb, *tf, *(x for x in inputs if isinstance(x, Tensor))])
-    if need_grad and mode == "implicit":
-        if node._graphs is None:
+def _entry(entry_id: int):
+    node_ref, key, n_in, yspec = _ENTRIES[entry_id]
+    node = node_ref()
+    if node is None:
+        raise FxWormholeError("fxwormhole::fixed_point: the FixedPoint this compiled graph was traced from is gone")
+    return node, node._problems[key], n_in, yspec
+
+
+@torch.library.custom_op("fxwormhole::fixed_point", mutates_args=())
+def fixed_point_op(entry_id: int, tensors: List[Tensor]) -> List[Tensor]:
+    """``[z0, *inputs, *params] -> [y*, z*, iterations, residual, status]`` (flat y and z)."""
+    return _forward_impl(entry_id, tensors)
+
+
+# The ops' Python runs while a compiled graph executes: dynamo must not trace into it.
+@torch.compiler.disable
+def _forward_impl(entry_id: int, tensors: List[Tensor]) -> List[Tensor]:
+    node, base, n_in, _ = _entry(entry_id)
+    z0, inputs = tensors[0], tensors[1:1 + n_in]
+    p = base.bind(inputs)
+    p.yspec = base.shared.yspec
+    loops = node._compiled_solver(base)
+    if loops is not None:
+        x, aux, st, work = loops.forward(p, z0)
+    else:
+        x, aux, st, work = solve_eager(p.fmap, z0, p.solver, p.solver_cfg)
+    y = T.flatten(p.y_from_aux(aux), p.yspec)
+    outs = _no_alias([y, x, st.iterations, st.residual, st.status], tensors)
+    node._cstats.clear()
+    node._cstats.update(iterations=outs[2], residual=outs[3], status=outs[4], forward_work=work)
+    return outs
+
+
+@fixed_point_op.register_fake
+def _(entry_id, tensors):
+    _, _, _, yspec = _ENTRIES[entry_id]
+    z0 = tensors[0]
+    B = z0.shape[0]
+    rdt = torch.promote_types(z0.dtype, torch.float32)
+    return [z0.new_empty((B, sum(yspec.sizes)), dtype=yspec.dtype), torch.empty_like(z0),
+            z0.new_empty((B,), dtype=torch.int64), z0.new_empty((B,), dtype=rdt), z0.new_empty((B,), dtype=torch.int8)]
+
+
+@torch.library.custom_op("fxwormhole::fixed_point_backward", mutates_args=())
+def fixed_point_backward_op(entry_id: int, tensors: List[Tensor]) -> List[Tensor]:
+    """``[g, z*, y*, z0, *inputs, *params] -> [grad per input and param]`` (zeros where none)."""
+    return _backward_impl(entry_id, tensors)
+
+
+@torch.compiler.disable
+def _backward_impl(entry_id: int, tensors: List[Tensor]) -> List[Tensor]:
+    node, base, n_in, _ = _entry(entry_id)
+    g, z_star, y_star, z0, rest = tensors[0], tensors[1], tensors[2], tensors[3], tensors[4:]
+    grads = node.grad_strategy.op_backward(node, base, g, (z0, z_star, y_star), rest[:n_in], rest[n_in:])
+    return _no_alias([torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, rest)], tensors)
+
+
+@fixed_point_backward_op.register_fake
+def _(entry_id, tensors):
+    return [torch.empty_like(t) for t in tensors[4:]]
+
+
+def _no_alias(outs: List[Tensor], ins: Sequence[Tensor]) -> List[Tensor]:
+    """Custom-op outputs may not share memory with its inputs (a closed solve returns ``z0``)."""
+    ptrs = {t.untyped_storage().data_ptr() for t in ins if t.numel()}
+    return [o.clone() if o.numel() and o.untyped_storage().data_ptr() in ptrs else o for o in outs]
+
+
+def _setup_context(ctx, inputs, output):
+    entry_id, tensors = inputs
+    ctx.entry_id = entry_id
+    ctx.save_for_backward(output[1], output[0], *tensors)
+    ctx.float_mask = [t.is_floating_point() for t in tensors[1:]]
+
+
+def _backward(ctx, grads):
+    z_star, y_star, *rest = ctx.saved_tensors
+    g = grads[0] if grads[0] is not None else torch.zeros_like(y_star)
+    out = torch.ops.fxwormhole.fixed_point_backward(ctx.entry_id, [g, z_star, y_star, *rest])
+    return None, [None] + [o if f else None for o, f in zip(out, ctx.float_mask)]  # no gradient to z0
+
+
+fixed_point_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# the traced forward
+def compiled_forward(node, p: Problem, inputs: Sequence[Any], z0f: Tensor):
+    """What ``FixedPoint.forward`` traces under ``torch.compile`` / ``torch.export``."""
+    strategy = node.grad_strategy
+    tensors_only = all(isinstance(x, Tensor) for x in inputs)
+    need_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in p._params) or any(isinstance(x, Tensor) and x.requires_grad for x in inputs))
+    entry = p.shared.entry
+    if torch.compiler.is_exporting() or not tensors_only or entry is None:
+        if need_grad and strategy.mode in ("implicit", "unrolled"):
+            if not tensors_only:
+                raise ConfigError(f"FixedPoint {node.name!r}: compiled training needs tensor inputs only")
+            raise FxWormholeError(
+                f"FixedPoint {node.name!r}: the compiled {strategy.mode} gradient needs the node prepared eagerly; "
+                "run one eager forward and call .prepare(), or call .prepare(*example_inputs) before torch.compile")
+        y, stats = _while_forward(p, z0f)
+        if need_grad:
+            y = strategy.attach(p, y)
+        iters, res, status = stats
+        node._cstats.update(iterations=iters, residual=res, status=status)
+    else:
+        if need_grad and strategy.mode == "implicit" and node._graphs is None:
             raise FxWormholeError(
                 f"FixedPoint {node.name!r}: the compiled implicit backward needs VJP graphs built eagerly; "
                 "run one eager forward and call .prepare(), or call .prepare(*example_inputs) before torch.compile")
-        if not all(isinstance(x, Tensor) for x in inputs):
-            raise ConfigError(f"FixedPoint {node.name!r}: compiled training needs tensor inputs only")
-    if need_grad and mode == "unrolled":
-        raise ConfigError(f"FixedPoint {node.name!r}: grad='unrolled' is eager-only; use 'implicit' under torch.compile")
-    p = _problem(node, inputs, batched, zspec, tb, tf)
+        p.yspec = p.shared.yspec
+        # the op writes its stats at run time: a dict mutated in traced code is guarded on its
+        # contents, and eager calls that clear it would make every compiled call recompile
+        y, _ = strategy.compiled(node, p, z0f, need_grad)
+    out = T.leaves(T.unflatten(y, p.yspec))
+    return tuple(out) if p.yspec.is_tuple else out[0]
+
+
+def solve_op(node, p: Problem, z0f: Tensor, differentiable: bool):
+    """Call the solve op: ``(flat y*, flat z*, (iterations, residual, status))``."""
+    tensors = [z0f, *p.inputs, *p._params]
+    if differentiable:
+        out = torch.ops.fxwormhole.fixed_point(p.shared.entry, tensors)
+    else:
+        with torch.no_grad():
+            out = torch.ops.fxwormhole.fixed_point(p.shared.entry, [t.detach() for t in tensors])
+    y, z, iters, res, status = out
+    return y, z, (iters, res, status)
+
+
+def _while_forward(p: Problem, z0f: Tensor):
+    """The export path: one while_loop over the full batch (no gradient)."""
+    cfg = p.solver_cfg
     with torch.no_grad():
-        z_star, aux, iters, res, status = _solve(p, z0f)
-    if need_grad:
-        y_star = T.flatten(tuple(aux), p.yspec)
-        if mode == "implicit":
-            # The solve stays outside the autograd.Function, whose forward is the identity: dynamo
-            # then sees no solver state and no symbolic sizes crossing it.
-            y = _ImplicitAdjoint.apply(node, y_star, z_star, len(inputs), len(tb), *inputs, *tb, *tf)
-        else:  # phantom / jfb: k damped differentiable steps from the detached solution
-            y = y_star
-            k, tau = (1, 1.0) if mode == "jfb" else (node.grad_config.k, node.grad_config.tau)
-            for _ in range(k):
-                y = torch.lerp(y, p.output_map(y), tau)
-        aux = T.leaves(T.unflatten(y, p.yspec))
-    is_tuple = p.yspec.is_tuple
-    node._cstats.update(iterations=iters, residual=res, status=status)
-    return tuple(aux) if is_tuple else aux[0]
+        z, aux, iters, res, status = solve_while(lambda x: p.fmap(x, None), z0f, p.solver, cfg, tol=cfg.tol,
+                                                 max_iter=cfg.max_iter)
+    return T.flatten(tuple(aux) if p.yspec.is_tuple else aux[0], p.yspec), (iters, res, status)
 
 
-class _ImplicitAdjoint(torch.autograd.Function):
-    """Identity on the flat solution ``y*``. Its backward solves the adjoint fixed point
-    ``ybar = g + F_y^T B_z^T ybar`` in a ``while_loop`` over the hoisted VJP graphs, then returns
-    ``B_(x,theta)^T ybar + F_(x,phi)^T zbar`` for the inputs and parameters."""
+def register_entry(node, p: Problem, n_inputs: int) -> None:
+    """Make ``p`` callable through the custom op (done eagerly, outside any trace)."""
+    if p.shared.entry is None and p.shared.yspec is not None:
+        entry_id = len(_ENTRIES)
+        _ENTRIES[entry_id] = (weakref.ref(node), p.shared.key, n_inputs, p.shared.yspec)
+        p.shared.entry = entry_id
 
-    @staticmethod
-    def forward(ctx, node, y_star, z_star, n_in, n_b, *rest):
-        ctx.node, ctx.n_in, ctx.n_b = node, n_in, n_b
-        ctx.save_for_backward(z_star, y_star, *rest)
-        return y_star.view_as(y_star)
 
-    @staticmethod
-    def backward(ctx, g):
-        node, n_in, n_b = ctx.node, ctx.n_in, ctx.n_b
-        z_star, y_star, *rest = ctx.saved_tensors
-        graphs = node._graphs
-        # The linearisations at z* and y* are computed once; the loop runs only the transposes.
-        vb = graphs["body"].bind(z_star, *rest)
-        vf = graphs["feedback"].bind(y_star, *rest) if "feedback" in graphs else None
-        g = g.clone()  # HOP inputs must not alias saved tensors
+# ------------------------------------------------------------------------------------------------
+# the implicit backward op
+class _Linearised:
+    """The hoisted VJP graphs bound at the solution on some rows: ``adjoint(cot) -> (zbar, F_y^T zbar)``."""
 
-        def adj(ybar):
-            zbar = vb.loop(ybar)
-            ynext = g + (vf.loop(zbar) if vf is not None else zbar)
-            return (), ynext, None
+    def __init__(self, graphs: dict, z: Tensor, y: Tensor, rest: Sequence[Tensor]) -> None:
+        self.vb = graphs["body"].bind(z, *rest)
+        self.vf = graphs["feedback"].bind(y, *rest) if "feedback" in graphs else None
 
-        gcfg = node.grad_config
-        acfg = replace(node.solver_config, name=gcfg.solver, tol=gcfg.tol, max_iter=gcfg.max_iter)
-        y0 = torch.zeros_like(g) + g  # a fresh carry, distinct from the closed-over g
-        ybar = solve_compiled(adj, y0, make_solver(acfg), acfg, tol=acfg.tol, max_iter=acfg.max_iter,
-                              first=adj(y0))[0].to(g.dtype)
+    def adjoint(self, cot: Tensor):
+        zbar = self.vb.loop(cot)
+        return zbar, (self.vf.loop(zbar) if self.vf is not None else zbar)
 
-        diff = graphs["diff_inputs"]
-        g_in: List[Optional[Tensor]] = [None] * n_in
-        zbar, *g_rest = vb(ybar)
+
+def implicit_op_backward(strategy, node, base: Problem, g: Tensor, z_star: Tensor, y_star: Tensor,
+                         inputs: Sequence[Tensor], params: Sequence[Tensor]) -> List[Optional[Tensor]]:
+    """The compiled implicit gradient: per-sample adjoint solve over the prepared VJP graphs."""
+    graphs = node._graphs
+    _, tb = _tensors(node.body)
+    _, tf = _tensors(node.feedback)
+    rest = (*inputs, *tb, *tf)
+    n_in = len(inputs)
+    batched = base.batched
+    g = g.to(torch.promote_types(g.dtype, torch.float32)) if g.dtype in (torch.float16, torch.bfloat16) else g
+
+    def linearise(rows):
+        take = [x.index_select(0, rows) if i < n_in and batched[i] else x for i, x in enumerate(rest)]
+        return _Linearised(graphs, z_star.index_select(0, rows), y_star.index_select(0, rows), take)
+
+    def linearise_padded(rows, size):
+        take = [pad_rows(x, rows, size) if i < n_in and batched[i] else x for i, x in enumerate(rest)]
+        return _Linearised(graphs, pad_rows(z_star, rows, size), pad_rows(y_star, rows, size), take)
+
+    full = _Linearised(graphs, z_star, y_star, rest)
+    acfg, solver = strategy.adjoint(base)
+    loops = node._compiled_solver(base)
+    if loops is not None:
+        ybar, _, st, work = loops.adjoint(full, g, acfg, solver, linearise_padded)
+    else:
+        zbar0, yb0 = full.adjoint(g)
+        first = ((zbar0,), g + yb0.to(g.dtype), None)
+        adj = AdjointMap(linearise, full, g)
+        ybar, _, st, work = solve_eager(adj, g, solver, acfg, first=first, keep_aux=False)
+        adj.account(work)
+    node._cstats.update(backward_iterations=st.iterations, backward_residual=st.residual,
+                        backward_status=st.status, backward_work=work)
+    base.adjoint_closed = work.settled_first
+    ybar = ybar.to(y_star.dtype)
+    diff = graphs["diff_inputs"]
+    zbar, *g_rest = full.vb(ybar)
+    g_in: List[Optional[Tensor]] = [None] * n_in
+    for i, gi in zip(diff, g_rest):
+        g_in[i] = gi
+    g_tb = list(g_rest[len(diff):])
+    g_tf: List[Optional[Tensor]] = [None] * len(tf)
+    if full.vf is not None:
+        _, *g_rest = full.vf(zbar)
         for i, gi in zip(diff, g_rest):
-            g_in[i] = gi
-        g_tb, g_tf = g_rest[len(diff):], [None] * (len(rest) - n_in - n_b)
-        if vf is not None:
-            _, *g_rest = vf(zbar)
-            for i, gi in zip(diff, g_rest):
-                g_in[i] = g_in[i] + gi
-            g_tf = g_rest[len(diff):]
-        return (None, None, None, None, None, *g_in, *g_tb, *g_tf)
+            g_in[i] = gi if g_in[i] is None else g_in[i] + gi
+        g_tf = list(g_rest[len(diff):])
+    # the op's parameter list is body parameters then feedback parameters (buffers get none)
+    n_pb = len(list(node.body.parameters())) if isinstance(node.body, nn.Module) else 0
+    g_params = g_tb[:n_pb] + g_tf[:len(params) - n_pb]
+    return [*g_in, *g_params]
 
 
+def unrolled_op_backward(node, base: Problem, g: Tensor, z0: Tensor, inputs: Sequence[Tensor],
+                         params: Sequence[Tensor]) -> List[Optional[Tensor]]:
+    """The compiled unrolled gradient: the forward solve replayed under ``torch.func.vjp`` (inside
+    the op there is no autograd tape to keep), then pulled back through its iterations."""
+    nb, tb = _tensors(node.body)
+    nf, tf = _tensors(node.feedback)
+    n_pb = len(list(node.body.parameters())) if isinstance(node.body, nn.Module) else 0
+    diff = [i for i, x in enumerate(inputs) if x.is_floating_point()]
+
+    def solve(z_init, d_inputs, d_params):
+        ins = list(inputs)
+        for i, x in zip(diff, d_inputs):
+            ins[i] = x
+        wb = list(d_params[:n_pb]) + tb[n_pb:]  # parameters, then the body's floating buffers
+        wf = list(d_params[n_pb:]) + tf[len(params) - n_pb:]
+        p = _functional(node, base, wb, wf).bind(ins)
+        _, aux, _, _ = solve_eager(p.fmap, z_init, p.solver, p.solver_cfg)
+        return T.flatten(p.y_from_aux(aux), p.yspec)
+
+    _, pull = torch.func.vjp(solve, z0, tuple(inputs[i] for i in diff), tuple(params))
+    _, g_diff, g_params = pull(g.to(z0.dtype) if g.dtype != z0.dtype else g)
+    g_in: List[Optional[Tensor]] = [None] * len(inputs)
+    for i, gi in zip(diff, g_diff):
+        g_in[i] = gi
+    return [*g_in, *g_params]
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare(): the VJP graphs
 def _vjp(f: Callable[..., Tensor], primals: Sequence[Tensor], cotangent: Tensor,
          constants: int = 0) -> Tuple[Tensor, ...]:
     """``J_f(primals)^T cotangent`` (one tensor per primal) through ``torch.autograd.grad``, for
@@ -182,8 +348,8 @@ def _vjp(f: Callable[..., Tensor], primals: Sequence[Tensor], cotangent: Tensor,
 @contextmanager
 def _refuse_buffer_updates(node) -> Iterator[None]:
     """Raise if the body or feedback updates a buffer in place (BatchNorm's running stats in
-    training mode): the traced VJP graphs would replay no update and the while_loop cannot make
-    one. The buffers are restored first, so preparing never changes the model."""
+    training mode): the traced VJP graphs would replay no update. The buffers are restored first,
+    so preparing never changes the model."""
     named = [(f"{part}.{n}", b) for part in ("body", "feedback") if isinstance(getattr(node, part), nn.Module)
              for n, b in getattr(node, part).named_buffers()]
     before = [(n, b, b._version, b.detach().clone()) for n, b in named]
@@ -207,9 +373,10 @@ def _refuse_buffer_updates(node) -> Iterator[None]:
 
 
 def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
-    """Trace the VJP graphs ``B_z^T ybar`` and ``F_y^T zbar`` with ``make_fx`` (symbolic batch)."""
-    zspec = T.spec_of(z0)
-    batched = T.batched_mask(example_inputs, T.batch_size(z0), node.batched)
+    """Trace the VJP graphs ``B_z^T ybar`` and ``F_y^T zbar`` with ``make_fx`` (symbolic batch),
+    and register the node's solve for the compiled op."""
+    p = node._problem(example_inputs, z0)
+    zspec, batched = p.zspec, p.batched
     _, tb = _tensors(node.body)
     _, tf = _tensors(node.feedback)
     n_in, n_b = len(example_inputs), len(tb)
@@ -219,6 +386,9 @@ def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
         if node.feedback is not None:
             node.feedback(y, *example_inputs)
     yspec = T.spec_of(y, "body output")
+    p.shared.yspec = yspec
+    base = node._problems[p.shared.key]
+    register_entry(node, base, n_in)
 
     # Gradients flow to the floating-point inputs (not to integer ones such as token ids).
     diff = tuple(i for i, x in enumerate(example_inputs) if isinstance(x, Tensor) and x.is_floating_point())
@@ -237,7 +407,7 @@ def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
 
         def body(zz, *d):
             x, w = with_inputs(ins, d[:len(diff)]), d[len(diff):]
-            return T.flatten(_problem(node, x, batched, zspec, w, tf_).body(T.unflatten(zz, zspec), *x), yspec)
+            return T.flatten(_functional(node, base, w, tf_).body(T.unflatten(zz, zspec), *x), yspec)
         return _vjp(body, (zf, *(ins[i] for i in diff), *tb_), ybar, buffers_b)
 
     def vjp_feedback(yf, zbar, *rest):
@@ -246,7 +416,7 @@ def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
 
         def feedback(yy, *d):
             x, w = with_inputs(ins, d[:len(diff)]), d[len(diff):]
-            return _problem(node, x, batched, zspec, tb_, w).run_feedback(T.unflatten(yy, yspec), x)[0]
+            return _functional(node, base, tb_, w).run_feedback(T.unflatten(yy, yspec), x)[0]
         return _vjp(feedback, (yf, *(ins[i] for i in diff), *tf_), zbar, buffers_f)
 
     # make_fx keys proxies by tensor identity: every example must be a distinct tensor object.
@@ -256,7 +426,7 @@ def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
     zf = torch.randn_like(T.flatten(z0, zspec))
     yf = torch.randn_like(T.flatten(y, yspec))
     rest = [fresh(t) for t in (*example_inputs, *tb, *tf)]
-    graphs = {"yspec": yspec, "zspec": zspec, "diff_inputs": diff,
+    graphs = {"yspec": yspec, "zspec": zspec, "diff_inputs": diff, "batched": batched,
               "body": _loop_graph(vjp_body, (zf, yf.clone(), *rest))}
     if node.feedback is not None:
         graphs["feedback"] = _loop_graph(vjp_feedback, (yf, zf.clone(), *rest))

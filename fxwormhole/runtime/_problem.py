@@ -1,34 +1,77 @@
-"""One call of a fixed-point node: body, feedback, inputs and the flat maps the solvers iterate."""
+"""A fixed-point node's solve set-up (built once per node) bound to one call's inputs."""
 from __future__ import annotations
 
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ..config import GradConfig, SolverConfig
+from ..config import SolverConfig
 from ..errors import ConfigError
 from . import _tree as T
-from ._loop import report, solve_eager
-from .solvers import make_solver
+from ._loop import Work, report, solve_eager
+from .solvers import FixedPointSolver, make_solver
 from .stats import FixedPointStats, SolveStats
 
 
 class Problem:
-    """Binds ``body(z, *inputs) -> y`` and ``feedback(y, *inputs) -> z_next | (z_next, scale)`` to
-    one set of inputs. ``fmap(z_flat, rows)`` evaluates both on the samples ``rows`` (None = all)."""
+    """Binds ``body(z, *inputs) -> y`` and ``feedback(y, *inputs) -> z_next | (z_next, scale)``.
 
-    def __init__(self, body: Callable, feedback: Optional[Callable], inputs: Sequence[Any],
-                 batched: Sequence[bool], zspec: T.Spec, solver: SolverConfig, grad: GradConfig,
-                 name: str, on_fail: str, extra_targets: Sequence[Tensor] = ()) -> None:
+    Built once per node and input structure (solver, parameter list, specs); :meth:`bind` returns
+    a light copy holding one call's inputs (a tape outlives the call, and the node may be called
+    again before the backward). ``fmap(z_flat, rows)`` evaluates both on the samples ``rows``
+    (None = all). All copies share the node's two predictions, each one decision read from the
+    last call: ``closed`` (every sample settled at evaluation 1: tape that evaluation) and
+    ``adjoint_closed`` (the adjoint did too: take the gradient products with its first VJP).
+    """
+
+    def __init__(self, body: Callable, feedback: Optional[Callable], batched: Sequence[bool], zspec: T.Spec,
+                 solver: SolverConfig, grad_mode: str, name: str, on_fail: str,
+                 extra_targets: Sequence[Tensor] = ()) -> None:
         self.body, self.feedback = body, feedback
-        self.inputs, self.batched = tuple(inputs), tuple(batched)
-        self.zspec, self.yspec = zspec, (zspec if feedback is None else None)
-        self.solver_cfg, self.grad_cfg = solver, grad
+        self.batched = tuple(batched)
+        self.zspec = zspec
+        self.yspec: Optional[T.Spec] = zspec if feedback is None else None
+        self.solver_cfg, self.grad_mode = solver, grad_mode
+        self.solver: FixedPointSolver = make_solver(solver)
         self.name, self.on_fail = name, on_fail
-        self._extra_targets = tuple(extra_targets)
+        mods = [m for m in (body, feedback) if isinstance(m, nn.Module)]
+        params = {id(p): p for m in mods for p in m.parameters()}  # shared parameters once
+        for t in extra_targets:
+            params.setdefault(id(t), t)
+        self._params: List[Tensor] = list(params.values())
+        self._param_ids = frozenset(params)
         self.strict_targets = False  # check the tape for tensors requiring grad that are not targets
+        # the common case, evaluated without flattening: one [B, D] state and no feedback
+        self.plain = feedback is None and not zspec.is_tuple and len(zspec.shapes) == 1 and len(zspec.shapes[0]) == 1
+        self.shared = _Shared()
+        self.inputs: Tuple[Any, ...] = ()
         self._rows_key: Optional[Tensor] = None
-        self._rows_inputs: Tuple[Any, ...] = self.inputs
+        self._rows_inputs: Tuple[Any, ...] = ()
+
+    def bind(self, inputs: Sequence[Any]) -> "Problem":
+        call = object.__new__(Problem)
+        call.__dict__.update(self.__dict__)
+        call.inputs = tuple(inputs)
+        call._rows_key, call._rows_inputs = None, call.inputs
+        if call.feedback is not None:
+            call.yspec = None  # learned at the first evaluation (shapes may follow the inputs)
+        return call
+
+    @property
+    def closed(self) -> bool:
+        return self.shared.closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self.shared.closed = value
+
+    @property
+    def adjoint_closed(self) -> bool:
+        return self.shared.adjoint_closed
+
+    @adjoint_closed.setter
+    def adjoint_closed(self, value: bool) -> None:
+        self.shared.adjoint_closed = value
 
     # ------------------------------------------------------------------ evaluation
     def inputs_for(self, rows: Optional[Tensor]) -> Tuple[Any, ...]:
@@ -61,8 +104,14 @@ class Problem:
             scale = scale.detach().reshape(-1)
         return T.flatten(z_next, self.zspec), scale
 
-    def fmap(self, z_flat: Tensor, rows: Optional[Tensor]):
-        ins = self.inputs_for(rows)
+    def fmap(self, z_flat: Tensor, rows: Optional[Tensor] = None):
+        ins = self.inputs if rows is None else self.inputs_for(rows)
+        if self.plain:  # a [B, D] state without feedback: the body's output is the next state
+            y = self.body(z_flat, *ins)
+            if isinstance(y, Tensor) and y.dim() == 2 and y.dtype == z_flat.dtype:
+                return (y,), y, None
+            fz, scale = self.run_feedback(y, ins)
+            return T.leaves(y), fz, scale
         y = self.run_body(z_flat, ins)
         fz, scale = self.run_feedback(y, ins)
         return T.leaves(y), fz, scale
@@ -74,33 +123,44 @@ class Problem:
         return T.flatten(self.body(z, *self.inputs), self.yspec)
 
     # ------------------------------------------------------------------ solving
-    def solve(self, z0: Tensor, *, first=None, keep_aux: bool = True, compact: Optional[bool] = None):
-        cfg = self.solver_cfg
-        compact = (cfg.halting == "sample") if compact is None else compact
-        return solve_eager(self.fmap, z0, make_solver(cfg), cfg, tol=cfg.tol, max_iter=cfg.max_iter,
-                           compact=compact, first=first, keep_aux=keep_aux)
+    def solve(self, z0: Tensor, *, first=None, keep_aux: bool = True) -> Tuple[Tensor, Any, SolveStats, Work]:
+        return solve_eager(self.fmap, z0, self.solver, self.solver_cfg, first=first, keep_aux=keep_aux)
 
     def y_from_aux(self, aux: Tuple[Tensor, ...]) -> Any:
         return aux if self.yspec.is_tuple else aux[0]
 
-    def make_stats(self, st: SolveStats) -> FixedPointStats:
-        return FixedPointStats(st.iterations, st.residual, st.status, name=self.name,
-                               tol=float(self.solver_cfg.tol), grad_mode=self.grad_cfg.mode)
+    def make_stats(self, st: SolveStats, work: Optional[Work] = None) -> FixedPointStats:
+        out = FixedPointStats(st.iterations, st.residual, st.status, name=self.name,
+                              tol=float(self.solver_cfg.tol), grad_mode=self.grad_mode)
+        if work is not None:
+            out.extra["forward_work"] = work
+        return out
 
-    def report(self, st: SolveStats, phase: str) -> None:
+    def report(self, st: SolveStats, phase: str, work: Optional[Work] = None) -> None:
+        if work is not None and work.ok:
+            return  # every sample converged: the loop read that along with its last check
         report(st, name=self.name, on_fail=self.on_fail, phase=phase)
 
     # ------------------------------------------------------------------ gradient targets
     def targets(self) -> List[Tensor]:
         """Tensors the gradient must reach: parameters of body/feedback and inputs requiring grad."""
-        seen, out = set(), []
-        mods = [m for m in (self.body, self.feedback) if isinstance(m, nn.Module)]
-        cands = [p for m in mods for p in m.parameters()] + [x for x in self.inputs if isinstance(x, Tensor)]
-        for t in cands + list(self._extra_targets):
-            if t.requires_grad and id(t) not in seen:
-                seen.add(id(t))
+        out = [t for t in self._params if t.requires_grad]
+        for t in self.inputs:
+            if isinstance(t, Tensor) and t.requires_grad and id(t) not in self._param_ids and all(t is not o for o in out):
                 out.append(t)
         return out
+
+
+class _Shared:
+    """What every call of a node shares: its predictions and lazily built helpers."""
+
+    def __init__(self) -> None:
+        self.closed = True  # transformed models start with closed wormholes
+        self.adjoint_closed = True
+        self.cache: dict = {}
+        self.key: Any = None  # the node's key for this set-up
+        self.yspec: Optional[T.Spec] = None  # the body output's structure, once seen
+        self.entry: Optional[int] = None  # its id for the compiled op
 
 
 def check_no_hidden_leaves(outputs: Sequence[Tensor], known: Sequence[Tensor]) -> None:

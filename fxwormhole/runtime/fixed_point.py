@@ -6,13 +6,14 @@ this is the usual ``z* = body(z*, *inputs)``. See ``docs/fixed_point.md`` for th
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..config import GRAD_MODES, ON_FAIL, GradConfig, SolverConfig, coerce_grad, coerce_solver
+from ..config import ON_FAIL, GradConfig, SolverConfig, coerce_solver
 from ..errors import ConfigError, FxWormholeError
 from . import _tree as T
 from ._problem import Problem
@@ -21,6 +22,8 @@ from .solve_dropout import has_masks, new_masks
 from .stats import FixedPointStats
 
 __all__ = ["FixedPoint", "fixed_point"]
+
+_UIDS = itertools.count()
 
 
 class FixedPoint(nn.Module):
@@ -31,8 +34,10 @@ class FixedPoint(nn.Module):
         feedback: ``feedback(y, *inputs) -> z_next`` or ``(z_next, scale)`` with ``scale`` a ``[B]``
             reference norm added to the residual's denominator; ``None`` means ``z_next = y``.
         solver: solver name or :class:`SolverConfig` (``halting``, ``check_every``, ...).
-        grad: ``implicit`` | ``phantom`` | ``jfb`` | ``unrolled``, a :class:`GradConfig`, or a
-            :class:`~fxwormhole.runtime.gradients.GradStrategy` instance.
+        grad: ``implicit`` | ``phantom`` | ``jfb`` | ``unrolled`` or a name given to
+            :func:`~fxwormhole.runtime.gradients.register_grad`, a :class:`GradConfig`, or a
+            :class:`~fxwormhole.runtime.gradients.GradStrategy` instance. The strategy owns the
+            forward solve and the gradient, eagerly and under ``torch.compile``.
         tol, max_iter: override the solver config's.
         on_fail: ``warn`` | ``raise`` | ``ignore`` when a sample does not converge.
         name: used in warnings and errors (the fx node name when a pass builds the node).
@@ -40,7 +45,7 @@ class FixedPoint(nn.Module):
         batched: per input, whether it carries the batch dim (default: ``shape[0] == B``).
 
     After each call ``self.stats`` holds a :class:`FixedPointStats` (its backward part is filled
-    in when the backward runs, eager mode).
+    in when the backward runs).
     """
 
     #: what a call leaves behind besides buffers (the last call's stats): restored by the passes'
@@ -63,30 +68,52 @@ class FixedPoint(nn.Module):
         self.feedback = feedback
         self.solver_config = coerce_solver(solver, tol=tol, max_iter=max_iter)
         self.grad_strategy = make_grad(grad)
-        if isinstance(grad, GradStrategy):
-            grad = grad.mode if grad.mode in GRAD_MODES else None
-        self.grad_config = coerce_grad(grad)
         self.on_fail, self.name, self.init = on_fail, name, init
         self.batched = tuple(batched) if batched is not None else None
+        self._uid = next(_UIDS)
         self._stats: Optional[FixedPointStats] = None
         self._cstats: dict = {}  # tensors written by the compiled path
         self._meta: Optional[dict] = None  # shapes/dtypes of the last eager call (for prepare())
-        self._graphs: Optional[dict] = None  # make_fx VJP graphs for the compiled backward
+        self._graphs: Optional[dict] = None  # make_fx graphs of the compiled path (prepare())
+        self._problems: dict = {}  # solve set-up per input structure, built once
+        self._last: Optional[tuple] = None  # (state signature, set-up) of the last call
+        self.compiled_loops: Optional[dict] = None  # torch.compile options of the loops (fxwormhole.compile)
+
+    #: per-process caches, rebuilt at the first call of a copy or of a loaded model: a solve set-up
+    #: is registered for the compiled op under an id of this process that points back to this very
+    #: node, and the traced graphs and compiled loops belong to the set-ups
+    CACHES = ("_problems", "_last", "_graphs")
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.update(_problems={}, _last=None, _graphs=None)
+        return state
 
     # ------------------------------------------------------------------ public
+    @property
+    def grad_config(self) -> Optional[GradConfig]:
+        """The gradient strategy's settings as a :class:`GradConfig` (None for a registered mode
+        that has no GradConfig equivalent)."""
+        return self.grad_strategy.config
+
     @property
     def stats(self) -> Optional[FixedPointStats]:
         """Stats of the last call (compiled calls: iterations, residual and status tensors)."""
         if self._cstats:
             c = self._cstats
-            return FixedPointStats(c["iterations"], c["residual"], c["status"], name=self.name,
-                                   tol=float(self.solver_config.tol), grad_mode=self.grad_config.mode)
+            out = FixedPointStats(c["iterations"], c["residual"], c["status"], name=self.name,
+                                  tol=float(self.solver_config.tol), grad_mode=self.grad_strategy.mode)
+            if "backward_iterations" in c:
+                out.backward_iterations, out.backward_residual, out.backward_status = (
+                    c["backward_iterations"], c["backward_residual"], c["backward_status"])
+            out.extra.update({k: v for k, v in c.items() if k.endswith("_work")})
+            return out
         return self._stats
 
     def extra_repr(self) -> str:
         c = self.solver_config
         return (f"name={self.name!r}, solver={c.name!r}, tol={c.tol:g}, max_iter={c.max_iter}, "
-                f"halting={c.halting!r}, grad={self.grad_config.mode!r}, on_fail={self.on_fail!r}")
+                f"halting={c.halting!r}, grad={self.grad_strategy.mode!r}, on_fail={self.on_fail!r}")
 
     def check(self) -> None:
         """Apply ``on_fail`` to the last call's stats (useful after compiled calls, which cannot warn)."""
@@ -97,24 +124,29 @@ class FixedPoint(nn.Module):
 
     def forward(self, *inputs: Any, z0: Any = None) -> Any:
         z0 = self._initial(inputs, z0)
-        zspec = T.spec_of(z0)
-        batched = T.batched_mask(inputs, T.batch_size(z0), self.batched)
+        p = self._problem(inputs, z0)
+        z0f = T.flatten(z0, p.zspec)
         if torch.compiler.is_compiling():
             from ._compiled import compiled_forward
-            return compiled_forward(self, inputs, z0, zspec, batched)
-        self._cstats.clear()
+            return compiled_forward(self, p, inputs, z0f)
+        if self._cstats:
+            self._cstats.clear()
         self._record(inputs, z0)
-        p = self._problem(inputs, batched, zspec)
         if self.training and has_masks(self):
             # one dropout mask per call, drawn for the whole batch (see runtime/solve_dropout.py)
             new_masks(self)
-            p.solver_cfg = replace(p.solver_cfg, halting="batch")
-        y, stats = self.grad_strategy(p, T.flatten(z0, zspec).detach())
-        self._stats = stats
+            p.solver_cfg = replace(p.solver_cfg, halting="batch")  # this call's bound copy only
+        y, stats = self.grad_strategy.eager(p, z0f)
+        self.__dict__["_stats"] = stats  # (plain attributes: nn.Module.__setattr__ costs at every call)
+        if p.shared.entry is None:  # let a later torch.compile call this set-up as one op
+            from ._compiled import register_entry
+            p.shared.yspec = p.yspec
+            register_entry(self, p, len(inputs))
         return y
 
     def prepare(self, *example_inputs: Any, z0: Any = None) -> "FixedPoint":
-        """Build, eagerly, the ``make_fx`` VJP graphs the compiled backward loops over.
+        """Build, eagerly, the ``make_fx`` graphs the compiled path runs (VJP graphs of body and
+        feedback for the implicit backward).
 
         Without arguments, uses the shapes/dtypes recorded at the last eager forward call.
         """
@@ -140,29 +172,70 @@ class FixedPoint(nn.Module):
                                   "pass z0= or init=")
         if isinstance(z0, (tuple, list)):
             return tuple(t.detach() for t in z0)
-        return z0.detach()
+        return z0.detach() if z0.requires_grad else z0
 
-    def _problem(self, inputs, batched, zspec) -> Problem:
-        return Problem(self.body, self.feedback, inputs, batched, zspec, self.solver_config, self.grad_config,
-                       self.name, self.on_fail)
+    def _problem(self, inputs: Sequence[Any], z0: Any) -> Problem:
+        """The node's solve set-up for this input structure (built once), bound to ``inputs``."""
+        last = self._last
+        if last is not None and type(z0) is Tensor and self.batched is not None and len(inputs) == len(self.batched):
+            # the usual call: same state structure as last time, batched flags given by the pass
+            sig, p = last
+            if sig == (z0.dtype, z0.shape[1:]):
+                return p.bind(inputs)
+        zspec = T.spec_of(z0)
+        batched = T.batched_mask(inputs, T.batch_size(z0), self.batched)
+        key = (zspec, batched)
+        p = self._problems.get(key)
+        if p is None:
+            p = self._problems[key] = Problem(self.body, self.feedback, batched, zspec, self.solver_config,
+                                             self.grad_strategy.mode, self.name, self.on_fail)
+            p.shared.key = key
+        self._last = ((z0.dtype, z0.shape[1:]), p) if type(z0) is Tensor else None
+        return p.bind(inputs)
+
+    def _compiled_solver(self, p: Problem):
+        """The compiled loops of this set-up (``fxwormhole.compile``), or None to run them eagerly."""
+        if self.compiled_loops is None:
+            return None
+        from ._blocks import CompiledLoops
+        loops = p.shared.cache.get("loops")
+        if loops is None:
+            loops = p.shared.cache["loops"] = CompiledLoops(self, p, **self.compiled_loops)
+        return loops
 
     def _record(self, inputs: Sequence[Any], z0: Any) -> None:
-        def meta(t):
-            return (tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else t
-        self._meta = {"inputs": tuple(meta(x) for x in inputs),
-                      "z0": tuple(meta(t) for t in T.leaves(z0)), "z_tuple": isinstance(z0, tuple)}
+        self.__dict__["_meta"] = _Meta(inputs, z0)
 
     def _examples_from_meta(self):
         def make(m):
             if isinstance(m, tuple) and len(m) == 3 and isinstance(m[1], torch.dtype):
                 shape, dtype, device = m
                 if dtype.is_floating_point:
-                    return torch.randn(shape, dtype=dtype, device=device)
-                return torch.zeros(shape, dtype=dtype, device=device)
+                    return torch.randn(tuple(shape), dtype=dtype, device=device)
+                return torch.zeros(tuple(shape), dtype=dtype, device=device)
             return m
-        ins = tuple(make(m) for m in self._meta["inputs"])
-        zs = tuple(make(m) for m in self._meta["z0"])
-        return ins, (zs if self._meta["z_tuple"] else zs[0])
+        meta = self._meta.describe()
+        ins = tuple(make(m) for m in meta["inputs"])
+        zs = tuple(make(m) for m in meta["z0"])
+        return ins, (zs if meta["z_tuple"] else zs[0])
+
+
+class _Meta:
+    """What the last eager call saw, for ``prepare()``: kept as references (shapes are immutable),
+    described only when asked (recording runs at every call)."""
+
+    __slots__ = ("shapes", "z0", "z_tuple")
+
+    def __init__(self, inputs: Sequence[Any], z0: Any) -> None:
+        self.shapes = [(x.shape, x.dtype, x.device) if isinstance(x, Tensor) else x for x in inputs]
+        self.z_tuple = isinstance(z0, tuple)
+        self.z0 = [(t.shape, t.dtype, t.device) for t in z0] if self.z_tuple else [(z0.shape, z0.dtype, z0.device)]
+
+    def describe(self) -> dict:
+        return {"inputs": tuple(self.shapes), "z0": tuple(self.z0), "z_tuple": self.z_tuple}
+
+    def get(self, key: str, default=None):  # dict-style access for older readers
+        return self.describe().get(key, default)
 
 
 class _FunctionBody(nn.Module):
@@ -194,9 +267,8 @@ def fixed_point(f: Callable, z0: Any, *args: Any, solver: Union[str, SolverConfi
             raise ConfigError(f"fixed_point: unknown solver options {bad}; expected SolverConfig fields {sorted(known)}")
         cfg = SolverConfig(name=solver, tol=tol, max_iter=max_iter, **solver_options)
     node = FixedPoint(_FunctionBody(f), None, solver=cfg, grad=grad, on_fail=on_fail, name=getattr(f, "__name__", "fixed_point"))
-    zspec = T.spec_of(z0)
     z0 = node._initial(args, z0)
-    p = node._problem(args, T.batched_mask(args, T.batch_size(z0), None), zspec)
+    p = node._problem(args, z0)
     p.strict_targets = True  # f may close over tensors: refuse rather than drop their gradient
-    y, stats = node.grad_strategy(p, T.flatten(z0, zspec))
+    y, stats = node.grad_strategy.eager(p, T.flatten(z0, p.zspec))
     return (y, stats) if return_stats else y

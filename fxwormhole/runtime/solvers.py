@@ -24,10 +24,11 @@ Register your own::
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ..config import SolverConfig
 from ..errors import ConfigError
@@ -52,7 +53,14 @@ class FixedPointSolver:
     Contract: ``init(z)`` returns a tuple of tensors with batch dim 0 (possibly empty);
     ``step(state, z, fz)`` returns ``(z_next, new_state)`` with the same shapes. Both must be
     traceable by ``torch.compile`` (no data-dependent Python control flow) to run compiled.
+
+    A solver may set ``fallback_rate``: while a sample's residual falls by at least that factor per
+    evaluation the loops take :meth:`fallback_step` for it and keep no history (acceleration
+    would buy nothing there); once it falls more slowly the sample is accelerated from a fresh
+    ``init`` state for the rest of the solve. ``None`` (the default) always uses :meth:`step`.
     """
+
+    fallback_rate: Optional[float] = None
 
     def __init__(self, config: SolverConfig | None = None) -> None:
         self.config = config if config is not None else SolverConfig()
@@ -63,6 +71,16 @@ class FixedPointSolver:
     def step(self, state: State, z: Tensor, fz: Tensor) -> Tuple[Tensor, State]:
         return fz, state
 
+    def fallback_step(self, z: Tensor, fz: Tensor) -> Tensor:
+        """The plain (damped) step taken while acceleration is not worth it."""
+        d = float(self.config.damping)
+        return fz if d == 1.0 else torch.lerp(z, fz, d)
+
+    def first_step(self, state: State, z: Tensor, fz: Tensor) -> Tuple[Tensor, State]:
+        """:meth:`step` from a fresh ``init`` state (a sample just switched to acceleration); a
+        solver may compute it more cheaply, with the same result."""
+        return self.step(state, z, fz)
+
 
 class Picard(FixedPointSolver):
     """Plain iteration ``z <- f(z)``."""
@@ -72,13 +90,20 @@ class Damped(FixedPointSolver):
     """Relaxed iteration ``z <- (1 - d) z + d f(z)`` with ``d = config.damping``."""
 
     def step(self, state: State, z: Tensor, fz: Tensor) -> Tuple[Tensor, State]:
-        d = float(self.config.damping)
-        return torch.lerp(z, fz, d) if d != 1.0 else fz, state
+        return self.fallback_step(z, fz), state
 
 
 def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
     # The least-squares system is tiny but badly conditioned: never solve it in half precision.
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _solve(A: Tensor, b: Tensor) -> Tensor:
+    """``A x = b``. On a GPU without the singularity check, which would read the device (a stream
+    sync) at every solver step; ``A`` is regularised, so it is never singular."""
+    if A.device.type == "cpu":
+        return torch.linalg.solve(A, b)
+    return torch.linalg.solve_ex(A, b)[0]
 
 
 def spd_solve_unrolled(A: Tensor, b: Tensor) -> Tensor:
@@ -112,55 +137,83 @@ class Anderson(FixedPointSolver):
     With ``G_i = f(x_i) - x_i`` over the valid history slots, solve per sample
     ``min_alpha ||sum_i alpha_i G_i||^2 + lam * s * ||alpha||^2  s.t.  sum_i alpha_i = 1``
     (``s`` = mean of ``||G_i||^2``, so ``lam = config.regularization`` is scale free), then
-    ``z_next = d * sum_i alpha_i f(x_i) + (1 - d) * sum_i alpha_i x_i``. Unused slots are masked
-    out of the system, so shapes never change (the same code runs inside ``torch.while_loop``).
+    ``z_next = d * sum_i alpha_i f(x_i) + (1 - d) * sum_i alpha_i x_i``.
+
+    Cost per step: the Gram matrix ``H = G G^T`` is updated by one row and column (``m`` dot
+    products, not ``m^2``), the history by one slot, and no iterate history is stored
+    (``x_i = f(x_i) - G_i``). Unused slots are zero, so they drop out of ``H`` and shapes never
+    change (the same code runs compiled). While a sample contracts by at least ``fallback_rate``
+    per evaluation the loops give it plain steps instead (see :class:`FixedPointSolver`).
     """
+
+    fallback_rate: Optional[float] = 0.3
 
     def init(self, z: Tensor) -> State:
         b, d = z.shape
         m = int(self.config.memory)
-        hist = z.new_zeros(b, m, d)
-        # slot indices live in the state (batch dim 0): factory tensors created inside a
-        # torch.while_loop body become graph constants that Inductor rejects
-        slots = torch.arange(m, device=z.device).expand(b, m).clone()
-        return hist, hist.clone(), torch.zeros(b, dtype=torch.int64, device=z.device), slots
+        sd = _solve_dtype(z.dtype)
+        return (z.new_zeros(b, m, d), z.new_zeros(b, m, d, dtype=sd), z.new_zeros(b, m, m, dtype=sd),
+                torch.zeros(b, dtype=torch.int64, device=z.device))
 
     def step(self, state: State, z: Tensor, fz: Tensor) -> Tuple[Tensor, State]:
-        X, F, k, slots = state
-        m = X.shape[1]
-        write = (slots == (k % m).unsqueeze(1)).unsqueeze(2)  # [b, m, 1]
-        X = torch.where(write, z.unsqueeze(1), X)
-        F = torch.where(write, fz.unsqueeze(1), F)
-        valid = slots < (k + 1).clamp(max=m).unsqueeze(1)  # [b, m]
+        # the small system and its products stay in the solve dtype under autocast too
+        with torch.autocast(z.device.type, enabled=False):
+            return self._step(state, z, fz)
 
-        sd = _solve_dtype(z.dtype)
-        G = (F - X).to(sd)
-        H = G @ G.transpose(1, 2)  # [b, m, m]
-        vf = valid.to(sd)
-        pair = vf.unsqueeze(2) * vf.unsqueeze(1)
-        diag = torch.diagonal(H, dim1=1, dim2=2)
-        scale = (diag * vf).sum(1) / vf.sum(1)  # mean ||G_i||^2 over valid slots
-        reg = float(self.config.regularization) * scale + torch.finfo(sd).tiny * 1e6
-        eye = (slots.unsqueeze(2) == slots.unsqueeze(1)).to(sd)
-        # valid block: H + reg I ; invalid slots: identity row/col so their alpha is exactly 0
-        Hm = H * pair + eye * (reg.view(-1, 1, 1) * pair + (1.0 - pair))
-        if torch.compiler.is_compiling():
-            # alpha = Hm^-1 1 / (1^T Hm^-1 1) by an unrolled Cholesky: linalg.solve inside a
-            # while_loop body does not lower in Inductor 2.13 ("Unexpected fake buffer").
-            beta = spd_solve_unrolled(Hm, vf)
-            alpha = (beta / beta.sum(1, keepdim=True)).unsqueeze(2)
+    def first_step(self, state: State, z: Tensor, fz: Tensor) -> Tuple[Tensor, State]:
+        """From a fresh history: one valid slot, so ``alpha = [1, 0, ...]`` exactly and the step is
+        ``f(z)`` (damped: ``f(z) - (1 - d) G_0``, what :meth:`step` computes): only slot 0 is written."""
+        F, G, H, k = state
+        b, m, d = F.shape
+        g = (fz - z).to(G.dtype)
+        first = (torch.arange(m, device=z.device) == 0).view(1, m, 1)
+        F = torch.where(first, fz.unsqueeze(1), F)
+        G = torch.where(first, g.unsqueeze(1), G)
+        H = torch.where(first & first.transpose(1, 2), (g * g).sum(1).view(b, 1, 1), H)
+        dmp = float(self.config.damping)
+        x = fz if dmp == 1.0 else (fz.to(G.dtype) - (1.0 - dmp) * g).to(z.dtype)
+        return x, (F, G, H, k + 1)
+
+    def _step(self, state: State, z: Tensor, fz: Tensor) -> Tuple[Tensor, State]:
+        F, G, H, k = state
+        b, m, d = F.shape
+        sd = G.dtype
+        g = (fz - z).to(sd)
+        slot = (k % m).view(b, 1, 1)
+        # Eager without autograd: write the slot in place. Otherwise (autograd, traced) functional,
+        # as a pointwise select on a one-hot slot mask, which a compiler fuses with the loop's own
+        # per-sample selects into one pass over the history (a scatter would copy it separately).
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and get_proxy_mode() is None:
+            slot = (k % m).view(b, 1, 1)
+            F.scatter_(1, slot.expand(b, 1, d), fz.unsqueeze(1))
+            G.scatter_(1, slot.expand(b, 1, d), g.unsqueeze(1))
+            h = torch.bmm(G, g.unsqueeze(2))  # [b, m, 1]: the new row and column of H
+            H.scatter_(2, slot.expand(b, m, 1), h)
+            H.scatter_(1, slot.expand(b, 1, m), h.transpose(1, 2))
         else:
-            # bordered system [[0, 1^T], [1, H]] [mu; alpha] = [1; 0] (LU with pivoting)
-            corner = torch.zeros_like(vf[:, :1]).unsqueeze(2)
-            A = torch.cat([torch.cat([corner, vf.unsqueeze(1)], 2), torch.cat([vf.unsqueeze(2), Hm], 2)], 1)
-            rhs = torch.cat([torch.ones_like(corner), torch.zeros_like(vf).unsqueeze(2)], 1)
-            alpha = torch.linalg.solve(A, rhs)[:, 1:]  # [b, m, 1]
-        d = float(self.config.damping)
-        mix_f = (alpha.transpose(1, 2) @ F.to(sd)).squeeze(1)
-        if d != 1.0:
-            mix_x = (alpha.transpose(1, 2) @ X.to(sd)).squeeze(1)
-            mix_f = d * mix_f + (1.0 - d) * mix_x
-        return mix_f.to(z.dtype), (X, F, k + 1, slots)
+            onehot = torch.arange(m, device=z.device) == (k % m).unsqueeze(1)  # [b, m]
+            F = torch.where(onehot.unsqueeze(2), fz.unsqueeze(1), F)
+            G = torch.where(onehot.unsqueeze(2), g.unsqueeze(1), G)
+            h = torch.bmm(G, g.unsqueeze(2))
+            row, col = onehot.unsqueeze(2), onehot.unsqueeze(1)
+            H = torch.where(row, h.transpose(1, 2), torch.where(col, h, H))
+        n_valid = (k + 1).clamp(max=m)
+        valid = (torch.arange(m, device=z.device) < n_valid.unsqueeze(1)).to(sd)  # [b, m]
+        diag = torch.diagonal(H, dim1=1, dim2=2)
+        reg = float(self.config.regularization) * diag.sum(1, keepdim=True) / n_valid.unsqueeze(1) + torch.finfo(sd).tiny * 1e6
+        # valid block: H + reg I; unused slots (zero rows) get 1 on the diagonal and a zero right-hand side
+        A = H + torch.diag_embed(valid * reg + (1.0 - valid))
+        # alpha = A^-1 1 / (1^T A^-1 1): the constrained least squares through its normal equations
+        if torch.compiler.is_compiling():
+            beta = spd_solve_unrolled(A, valid)  # no LAPACK inside a compiled while_loop body
+        else:
+            beta = _solve(A, valid.unsqueeze(2)).squeeze(2)
+        alpha = (beta / beta.sum(1, keepdim=True)).unsqueeze(1)  # [b, 1, m]
+        mix = torch.bmm(alpha, F.to(sd)).squeeze(1)
+        dmp = float(self.config.damping)
+        if dmp != 1.0:  # sum alpha_i x_i = sum alpha_i f(x_i) - sum alpha_i G_i
+            mix = mix - (1.0 - dmp) * torch.bmm(alpha, G).squeeze(1)
+        return mix.to(z.dtype), (F, G, H, k + 1)
 
 
 Factory = Callable[[SolverConfig], FixedPointSolver]

@@ -20,8 +20,27 @@ __all__ = [
     "STATUS_NAMES",
     "SolveStats",
     "FixedPointStats",
+    "HostReads",
+    "host_read",
     "failure_advice",
 ]
+
+class HostReads:
+    """Counts the runtime's device-to-host reads (each is a stream sync on a GPU)."""
+
+    count = 0
+
+    @classmethod
+    def reset(cls) -> int:
+        n, cls.count = cls.count, 0
+        return n
+
+
+def host_read(t: Tensor) -> list:
+    """The values of a small tensor on the host: the runtime's only synchronisation point."""
+    HostReads.count += 1
+    return (t if t.dim() == 1 else t.reshape(-1)).tolist()
+
 
 # Status codes (int8 tensors); ordered so that a larger code is a worse outcome.
 CONVERGED, MAX_ITER, DIVERGED, NON_FINITE = 0, 1, 2, 3
@@ -53,7 +72,7 @@ class SolveStats:
 
     @property
     def ok(self) -> bool:
-        return bool((self.status == CONVERGED).all())
+        return bool(host_read((self.status == CONVERGED).all())[0])
 
     @property
     def worst_residual(self) -> float:
@@ -114,6 +133,17 @@ class FixedPointStats:
             solve.iterations, solve.residual, solve.status)
 
     @property
+    def forward_work(self):
+        """What the forward solve cost (:class:`~fxwormhole.runtime._loop.Work`: rows x evaluations
+        really computed, checks, host reads), or None."""
+        return self.extra.get("forward_work")
+
+    @property
+    def backward_work(self):
+        """What the adjoint solve cost (rows really computed, re-linearised rows, ...), or None."""
+        return self.extra.get("backward_work")
+
+    @property
     def worst_residual(self) -> float:
         """Worst forward residual over the batch (NaN counts as +inf)."""
         return self.forward.worst_residual
@@ -132,6 +162,10 @@ class FixedPointStats:
         bwd = self.backward
         if bwd is not None:
             out["backward"] = bwd.summary()
+        for phase in ("forward", "backward"):
+            work = self.extra.get(f"{phase}_work")
+            if work is not None and phase in out:
+                out[phase]["rows_evaluated"] = work.evaluations
         return out
 
 

@@ -206,6 +206,8 @@ class ZerosInit:
         self.entries = [(i, tuple(s), d) for i, s, d in entries]
 
     def __call__(self, *inputs: torch.Tensor):
+        if len(self.entries) == 1 and self.entries[0][0] is not None:  # the usual case, called every step
+            return torch.zeros_like(inputs[self.entries[0][0]])
         batch = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
         ref = next((x for x in inputs if isinstance(x, torch.Tensor)), None)
         zs = []
