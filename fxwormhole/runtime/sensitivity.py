@@ -68,29 +68,62 @@ class _Rule:
 
 
 def _row_coefficients(rule: _Rule, gate: Tensor, norm: Tensor, mean_d1: Tensor, frac_active: Optional[Tensor],
-                      n: int) -> Tuple[Tensor, Tensor]:
+                      n: int, e_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
     """Per-neuron factors of the SAL gradient (already negated: they are added to ``.grad``).
 
-    Returns ``(c_u, c_w)``: the ``x``-term is ``sum_b c_u[j] * E[b, j] * x_b`` with ``E = f''`` (plain)
-    or ``f''/f'`` (log form); the norm term is ``c_w[j] * w_j``.
+    Returns ``(c_u, c_w)``: the ``x``-term is ``sum_b c_u[j] * E[b, j] * x_b`` with
+    ``e_scale * E = f''`` (plain) or ``f''/f'`` (log form); the norm term is ``c_w[j] * w_j``.
     """
-    scale = -rule.eta * gate / rule.n_calls
+    k = -rule.eta / rule.n_calls  # a Python constant: one tensor op fewer per factor
     if rule.log_form:
         assert frac_active is not None
-        return scale / n, scale * frac_active / norm.square()
-    return scale * norm / n, scale * mean_d1 / norm
+        return gate * (k * e_scale / n), gate * frac_active * k / norm.square()
+    return gate * norm * (k * e_scale / n), gate * mean_d1 * k / norm
 
 
-def _neuron_stats(d1: Tensor, norm: Tensor, dim: int, need_frac: bool = False
+def _tanh_d1(u: Tensor) -> Tuple[Tensor, Tensor]:
+    t = torch.tanh(u)
+    return torch.addcmul(u.new_ones(()), t, t, value=-1.0), t  # 1 - t^2 in one pass
+
+
+def _tanh_d1_e(u: Tensor) -> Tuple[Tensor, Tensor, float]:
+    d1, t = _tanh_d1(u)
+    return d1, t * d1, -2.0  # f'' = -2 t (1 - t^2)
+
+
+def _sigmoid_d1(u: Tensor) -> Tuple[Tensor, Tensor]:
+    s = torch.sigmoid(u)
+    return torch.addcmul(s, s, s, value=-1.0), s  # s (1 - s)
+
+
+def _sigmoid_d1_e(u: Tensor) -> Tuple[Tensor, Tensor, float]:
+    d1, s = _sigmoid_d1(u)
+    return d1, torch.addcmul(d1, d1, s, value=-2.0), 1.0  # f'' = s (1 - s)(1 - 2 s)
+
+
+# Hand-fused ``f'`` and ``(f', f''/scale, scale)`` for the common saturating activations: fewer
+# passes over U than the generic printed closed forms (shifted_sigmoid = sigmoid - 1/2 has the
+# same derivatives as sigmoid).
+_FUSED = {"tanh": (_tanh_d1, _tanh_d1_e), "sigmoid": (_sigmoid_d1, _sigmoid_d1_e),
+          "shifted_sigmoid": (_sigmoid_d1, _sigmoid_d1_e)}
+
+
+def _neuron_stats(d1: Optional[Tensor], norm: Tensor, dim: int, need_frac: bool = False
                   ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Mean ``s`` per neuron, mean ``s^2`` over the layer, mean ``f'`` and (if asked) share of
-    ``f' != 0`` per neuron. ``||w_j||`` is constant per neuron, so only ``f'`` is reduced."""
+    ``f' != 0`` per neuron. ``||w_j||`` is constant per neuron, so only ``f'`` is reduced.
+
+    ``d1 = None`` stands for ``f' = 1`` everywhere (a layer without activation).
+    """
+    if d1 is None:
+        ones = torch.ones_like(norm)
+        return norm, norm.square().mean(), ones, (ones if need_frac else None)
     dims = [i for i in range(d1.dim()) if i != dim]
     n = d1.numel() // d1.shape[dim]
     mean_d1 = d1.mean(dims)
-    mean_d1_sq = d1.square().mean(dims)
+    mean_d1_sq = (d1 * d1).mean(dims)
     frac = (d1 != 0).sum(dims).to(d1.dtype) / n if need_frac else None
-    return norm * mean_d1, (norm.square() * mean_d1_sq).mean(), mean_d1, frac
+    return norm * mean_d1, torch.dot(norm * norm, mean_d1_sq) / norm.numel(), mean_d1, frac
 
 
 # ------------------------------------------------------------------------------ dense layers
@@ -105,6 +138,21 @@ class _DenseSpec:
     padding: Any = ()
     dilation: Tuple[int, ...] = ()
     groups: int = 1
+    #: ``f' = 1`` everywhere (no activation after the layer): no elementwise pass is needed
+    unit_slope: bool = False
+    #: ``f'' = 0`` almost everywhere (identity, relu, hardtanh, ...): SAL has no ``x``-term
+    no_x_term: bool = False
+    #: a hand-fused kernel for ``(f', f'')`` exists (see ``_FUSED``)
+    fused: bool = False
+
+    @classmethod
+    def of(cls, kind: str, act: Derivatives, rule: _Rule, *conv: Any) -> "_DenseSpec":
+        # Decided once from the sympy closed forms (dynamo must not trace sympy comparisons).
+        exprs = act.exprs
+        unit = exprs is not None and bool(exprs[1] == 1)
+        flat = exprs is not None and bool(exprs[2] == 0)
+        fused = act.name in _FUSED and act.params == () and act.source == "sympy"
+        return cls(kind, act, rule, *conv, unit_slope=unit, no_x_term=flat, fused=fused)
 
     def op(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
         if self.kind == "linear":
@@ -116,62 +164,91 @@ class _DenseSpec:
     def channel_dim(self) -> int:
         return -1 if self.kind == "linear" else 1
 
-    def backward(self, x: Tensor, w: Tensor, g: Tensor, g_aug: Tensor, has_bias: bool):
-        """Input gradient from the task gradient ``g``; weight/bias gradients from ``g_aug``."""
+    def slope(self, u: Tensor) -> Optional[Tensor]:
+        """``f'(U)``; None for a constant 1."""
+        if self.unit_slope:
+            return None
+        return _FUSED[self.act.name][0](u)[0] if self.fused else self.act.d1(u)
+
+    def derivatives(self, u: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], float]:
+        """``(f'(U), E, scale)`` with ``scale * E = f''`` (plain) or ``f''/f'`` (log form); None
+        stands for a constant 1 (``f'``) or 0 (``E``)."""
+        if self.unit_slope:
+            return None, None, 1.0
+        if self.no_x_term:
+            return self.act.d1(u), None, 1.0
+        if self.rule.log_form:
+            return self.act.d1(u), self.act.ratio(u), 1.0
+        if self.fused:
+            return _FUSED[self.act.name][1](u)
+        d1, e = self.act.first_and_second(u)
+        return d1, e, 1.0
+
+    def backward(self, x: Tensor, w: Tensor, g: Tensor, g_aug: Tensor, needs: Tuple[bool, ...], has_bias: bool):
+        """Input gradient from the task gradient ``g``; weight/bias gradients from ``g_aug``.
+
+        ``needs`` is autograd's ``needs_input_grad``: a first layer's input gradient is not formed.
+        """
+        want_b = has_bias and needs[2]
         if self.kind == "linear":
             n_out = w.shape[0]
-            gx = g.matmul(w)
+            gx = g.matmul(w) if needs[0] else None
             g2 = g_aug.reshape(-1, n_out)
-            gw = g2.t().mm(x.reshape(-1, x.shape[-1]))
-            return gx, gw, (g2.sum(0) if has_bias else None)
+            gw = g2.t().mm(x.reshape(-1, x.shape[-1])) if needs[1] else None
+            return gx, gw, (g2.sum(0) if want_b else None)
         nd = int(self.kind[4])
         common = (self.stride, self.padding, self.dilation, False, [0] * nd, self.groups)
         bias_sizes = [w.shape[0]] if has_bias else None
-        gx = torch.ops.aten.convolution_backward(g, x, w, bias_sizes, *common, [True, False, False])[0]
-        _, gw, gb = torch.ops.aten.convolution_backward(g_aug, x, w, bias_sizes, *common, [False, True, has_bias])
+        gx = torch.ops.aten.convolution_backward(g, x, w, bias_sizes, *common, [True, False, False])[0] if needs[0] else None
+        _, gw, gb = torch.ops.aten.convolution_backward(g_aug, x, w, bias_sizes, *common, [False, needs[1], want_b])
         return gx, gw, gb
 
 
 class _SALDense(torch.autograd.Function):
     """Dense layer op whose weight gradient carries the SAL term (input gradient unchanged).
 
-    Returns ``(U, mean_s per neuron, mean s^2)``; the two statistics are not differentiable.
+    Returns ``(U, mean_s per neuron, mean s^2, E, c_u, c_w)``; all but ``U`` are not differentiable.
     """
 
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Optional[Tensor], gate: Tensor, spec: _DenseSpec):
         u = spec.op(x, w, b)
         with torch.no_grad():
-            norm = w.detach().flatten(1).norm(dim=1).clamp_min(_EPS)
-            if spec.rule.log_form:
-                d1, e = spec.act.d1(u), spec.act.ratio(u)
-            else:
-                d1, e = spec.act.first_and_second(u)
+            norm = torch.linalg.vector_norm(w.detach().flatten(1), dim=1).clamp_min(_EPS)
+            d1, e, e_scale = spec.derivatives(u)
             mean_s, mean_s2, mean_d1, frac = _neuron_stats(d1, norm, spec.channel_dim % u.dim(), spec.rule.log_form)
             n = u.numel() // u.shape[spec.channel_dim]
-            c_u, c_w = _row_coefficients(spec.rule, gate, norm, mean_d1, frac, n)
+            c_u, c_w = _row_coefficients(spec.rule, gate, norm, mean_d1, frac, n, e_scale)
         return u, mean_s, mean_s2, e, c_u, c_w
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, w, b, _, spec = inputs
         _, _, _, e, c_u, c_w = output
-        ctx.spec, ctx.has_bias = spec, b is not None
+        ctx.spec, ctx.has_bias, ctx.u_shape = spec, b is not None, output[0].shape
         ctx.save_for_backward(x, w, e, c_u, c_w)
-        ctx.mark_non_differentiable(*output[1:])
+        ctx.mark_non_differentiable(*[t for t in output[1:] if t is not None])
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics outputs
+
 
     @staticmethod
     def backward(ctx, g, *unused):
         x, w, e, c_u, c_w = ctx.saved_tensors
+        if g is None:  # (grads are not materialised) U's gradient is undefined: treat it as zero
+            g = torch.zeros(ctx.u_shape, dtype=w.dtype, device=w.device)
         # Under autocast the op ran in bf16/fp16 but this backward runs outside autocast: compute
         # it in the weight's dtype (autograd casts the input gradient back to the input's dtype).
-        g, e, x = g.to(w.dtype), e.to(w.dtype), x.to(w.dtype)
+        g, x = g.to(w.dtype), x.to(w.dtype)
         spec: _DenseSpec = ctx.spec
-        shape = [1] * e.dim()
-        shape[spec.channel_dim] = -1
-        g_aug = torch.addcmul(g, e, c_u.view(shape))
-        gx, gw, gb = spec.backward(x, w, g, g_aug, ctx.has_bias)
-        gw = gw.addcmul_(c_w.view([-1] + [1] * (w.dim() - 1)), w)
+        if e is None:
+            g_aug = g
+        else:
+            shape = [1] * e.dim()
+            shape[spec.channel_dim] = -1
+            g_aug = torch.addcmul(g, e.to(w.dtype), c_u.view(shape))
+        gx, gw, gb = spec.backward(x, w, g, g_aug, ctx.needs_input_grad, ctx.has_bias)
+        if gw is not None:
+            gw = gw.addcmul_(c_w.view([-1] + [1] * (w.dim() - 1)), w)
         return gx, gw, gb, None, None
 
 
@@ -203,23 +280,24 @@ class NeuronProbe(nn.Module):
         return self.training and self.rule.enabled and torch.is_grad_enabled()
 
     def gate(self) -> Tensor:
-        """SAL gate per neuron from the current ``s_bar`` (all open before the first update)."""
+        """SAL gate per neuron from the current ``s_bar``.
+
+        Every gate is open before the first update: ``s_bar`` is 0 then (constructor, zero_stats)
+        and the target is positive.
+        """
         with torch.no_grad():
             if self.rule.two_sided:
-                g = torch.sign(self.rule.target - self.s_bar)
-            else:
-                g = (self.s_bar < self.rule.target).to(self.s_bar.dtype)
-            return torch.where(self.count > 0, g, torch.ones_like(g))
+                return torch.sign(self.rule.target - self.s_bar)
+            return (self.s_bar < self.rule.target).to(self.s_bar.dtype)
 
     def update_stats(self, mean_s: Tensor, mean_s2: Tensor) -> None:
         """EMA update (the first update copies the batch value: no bias toward the zero init)."""
         with torch.no_grad():
-            first = self.count == 0
-            b = self.beta
-            mean_s = mean_s.to(self.s_bar.dtype)
-            lr = 0.5 * torch.log(mean_s2.to(self.s_bar.dtype).clamp_min(1e-30))
-            self.s_bar.copy_(torch.where(first, mean_s, b * self.s_bar + (1 - b) * mean_s))
-            self.log_rms.copy_(torch.where(first, lr, b * self.log_rms + (1 - b) * lr))
+            # Weight of the new value: 1 on the first update (count = 0), else 1 - beta.
+            w = self.count.clamp(max=1.0).mul(-self.beta).add_(1.0)
+            lr = mean_s2.to(self.s_bar.dtype).clamp_min(1e-30).log().mul_(0.5)
+            self.s_bar.lerp_(mean_s.to(self.s_bar.dtype), w)
+            self.log_rms.lerp_(lr, w)
             self.last_log_rms.copy_(lr)
             self.count.add_(1)
 
@@ -248,7 +326,7 @@ class DenseProbe(NeuronProbe):
                          module.weight.dtype)
         self.pre_pad: Optional[Tuple[Tuple[int, ...], str]] = None
         if kind == "linear":
-            self.spec = _DenseSpec(kind, act, self.rule)
+            self.spec = _DenseSpec.of(kind, act, self.rule)
             return
         padding = module.padding
         if module.padding_mode != "zeros" or isinstance(padding, str):
@@ -257,21 +335,21 @@ class DenseProbe(NeuronProbe):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             self.pre_pad = (pads, mode) if any(pads) else None
             padding = (0,) * len(module.kernel_size)
-        self.spec = _DenseSpec(kind, act, self.rule, tuple(module.stride), tuple(padding),
-                               tuple(module.dilation), module.groups)
+        self.spec = _DenseSpec.of(kind, act, self.rule, tuple(module.stride), tuple(padding),
+                                  tuple(module.dilation), module.groups)
 
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad[0], mode=self.pre_pad[1])
         if self.sal_active():
-            u, mean_s, mean_s2, *_ = _SALDense.apply(x, weight, bias, self.gate().to(weight.dtype), self.spec)
+            u, mean_s, mean_s2, *_ = _SALDense.apply(x, weight, bias, self.gate(), self.spec)
             self.update_stats(mean_s, mean_s2)
             return u
         u = self.spec.op(x, weight, bias)
         if self.training:
             with torch.no_grad():
-                norm = weight.flatten(1).norm(dim=1).clamp_min(_EPS)
-                mean_s, mean_s2, _, _ = _neuron_stats(self.spec.act.d1(u), norm, self.spec.channel_dim % u.dim())
+                norm = torch.linalg.vector_norm(weight.flatten(1), dim=1).clamp_min(_EPS)
+                mean_s, mean_s2, _, _ = _neuron_stats(self.spec.slope(u), norm, self.spec.channel_dim % u.dim())
             self.update_stats(mean_s, mean_s2)
         return u
 
