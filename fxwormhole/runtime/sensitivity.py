@@ -210,6 +210,16 @@ class _SALDense(torch.autograd.Function):
     Returns ``(U, mean_s per neuron, mean s^2, E, c_u, c_w)``; all but ``U`` are not differentiable.
     """
 
+    @classmethod
+    def apply(cls, *args):
+        # Function.apply binds default arguments with inspect.signature on every call: tens of
+        # microseconds per layer and step, a third of a narrow deep network's SAL step. Every
+        # argument is passed positionally here, so that binding is a no-op; it is skipped unless
+        # a functorch transform is active (which needs the full path).
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)
+
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Optional[Tensor], gate: Tensor, spec: _DenseSpec):
         u = spec.op(x, w, b)
