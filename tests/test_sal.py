@@ -285,3 +285,21 @@ def test_inductor_training_step_matches_eager():
             (f(x) ** 2).sum().backward()
         for n, p in eager.named_parameters():
             torch.testing.assert_close(compiled_model.get_parameter(n).grad, p.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("log_form", [False, True])
+def test_shifted_sigmoid_override_sal_gradient_equals_autograd(log_form):
+    """The override path (activations={...}) and the fused sigmoid derivatives it shares."""
+    act = lambda u: torch.sigmoid(u) - 0.5  # noqa: E731 - Shibata's +-0.5 sigmoid
+    net = Dense(act).double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    g = instrument(net, (x,), SALConfig(eta=0.3, log_form=log_form), activations={"fc": "shifted_sigmoid"}).train()
+    (g(x) ** 2).sum().backward()
+    ref = copy.deepcopy(net)
+    W, b, Wo, bo = ref.fc.weight, ref.fc.bias, ref.out.weight, ref.out.bias
+    h = act(x @ W.T + b)
+    obj = 0.3 * local_objective(x @ W.T + b, W.norm(dim=1), act, torch.ones(5, dtype=x.dtype), log_form)
+    obj = obj + 0.3 * local_objective(h.detach() @ Wo.T + bo, Wo.norm(dim=1), None, torch.ones(2, dtype=x.dtype), log_form)
+    ((ref(x) ** 2).sum() + obj).backward()
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(g.get_parameter(n).grad, p.grad, rtol=1e-10, atol=1e-12, msg=n)

@@ -91,6 +91,11 @@ def _tanh_d1_e(u: Tensor) -> Tuple[Tensor, Tensor, float]:
     return d1, t * d1, -2.0  # f'' = -2 t (1 - t^2)
 
 
+def _tanh_d1_ratio(u: Tensor) -> Tuple[Tensor, Tensor, float]:
+    d1, t = _tanh_d1(u)
+    return d1, t * (d1 != 0), -2.0  # f''/f' = -2 t, taken as 0 where f' = 0 (as the generic form)
+
+
 def _sigmoid_d1(u: Tensor) -> Tuple[Tensor, Tensor]:
     s = torch.sigmoid(u)
     return torch.addcmul(s, s, s, value=-1.0), s  # s (1 - s)
@@ -101,11 +106,16 @@ def _sigmoid_d1_e(u: Tensor) -> Tuple[Tensor, Tensor, float]:
     return d1, torch.addcmul(d1, d1, s, value=-2.0), 1.0  # f'' = s (1 - s)(1 - 2 s)
 
 
-# Hand-fused ``f'`` and ``(f', f''/scale, scale)`` for the common saturating activations: fewer
-# passes over U than the generic printed closed forms (shifted_sigmoid = sigmoid - 1/2 has the
-# same derivatives as sigmoid).
-_FUSED = {"tanh": (_tanh_d1, _tanh_d1_e), "sigmoid": (_sigmoid_d1, _sigmoid_d1_e),
-          "shifted_sigmoid": (_sigmoid_d1, _sigmoid_d1_e)}
+def _sigmoid_d1_ratio(u: Tensor) -> Tuple[Tensor, Tensor, float]:
+    d1, s = _sigmoid_d1(u)
+    return d1, (s - 0.5) * (d1 != 0), -2.0  # f''/f' = 1 - 2 s, 0 where f' = 0
+
+
+# Hand-fused ``f'``, ``(f', f''/scale, scale)`` and ``(f', (f''/f')/scale, scale)`` for the common
+# saturating activations: fewer passes over U than the generic printed closed forms
+# (shifted_sigmoid = sigmoid - 1/2 has the same derivatives as sigmoid).
+_FUSED = {"tanh": (_tanh_d1, _tanh_d1_e, _tanh_d1_ratio), "sigmoid": (_sigmoid_d1, _sigmoid_d1_e, _sigmoid_d1_ratio),
+          "shifted_sigmoid": (_sigmoid_d1, _sigmoid_d1_e, _sigmoid_d1_ratio)}
 
 
 def _neuron_stats(d1: Optional[Tensor], norm: Tensor, dim: int, need_frac: bool = False
@@ -177,10 +187,10 @@ class _DenseSpec:
             return None, None, 1.0
         if self.no_x_term:
             return self.act.d1(u), None, 1.0
+        if self.fused:
+            return _FUSED[self.act.name][2 if self.rule.log_form else 1](u)
         if self.rule.log_form:
             return self.act.d1(u), self.act.ratio(u), 1.0
-        if self.fused:
-            return _FUSED[self.act.name][1](u)
         d1, e = self.act.first_and_second(u)
         return d1, e, 1.0
 
