@@ -361,6 +361,26 @@ class PackedRNN:
         return lyapunov_exponents(steps(), q0, transient)
 
 
+class RNNFlosser:
+    """Gradient flossing of a packed RNN: Adam on each seed's mean squared Lyapunov exponent (the
+    ``HIDDEN // 2`` largest), along one task sequence per seed, through the QR steps."""
+
+    def __init__(self, packed: PackedRNN, model: nn.Module, lag: int, seeds: Sequence[int]):
+        self.packed, self.model, self.lag = packed, model, lag
+        self.opt = torch.optim.Adam(model.parameters(), lr=FLOSS_LR)
+        self.data = [torch.Generator().manual_seed(50_000 + s) for s in seeds]  # not the training stream
+        self.frames = torch.Generator().manual_seed(60_000 + seeds[0])
+
+    def floss(self, steps: int) -> None:
+        for _ in range(steps):
+            x = torch.cat([lag_data(self.lag, 1, g)[0] for g in self.data], 2)
+            lams = self.packed.exponents(self.model, x, HIDDEN // 2, min(10, self.lag // 5), self.frames)
+            self.opt.zero_grad(set_to_none=True)
+            lams.square().mean(dim=(0, 2)).sum().backward()  # the sum of every seed's own flossing loss
+            self.packed.mask_grads(self.model)
+            self.opt.step()
+
+
 def train_rnn(task: Task, method: str, seeds: Sequence[int], rho: float = 1.0, sal: Optional[SALConfig] = None,
               log: Callable[[str], None] = lambda s: None) -> List[Curve]:
     """Train every seed of ``method`` on the lag task (packed); test accuracy every eval_every steps."""
@@ -375,21 +395,9 @@ def train_rnn(task: Task, method: str, seeds: Sequence[int], rho: float = 1.0, s
         sal = SALConfig(eta=task.sal_eta_abs / task.lr)
     model = instrument(packed.net, (xte_p[:, :4],), sal).train() if use_sal else packed.net.train()
     opt = torch.optim.SGD(model.parameters(), lr=task.lr)
-    floss_opt = torch.optim.Adam(model.parameters(), lr=FLOSS_LR) if method == "flossing" else None
-    floss_gen = torch.Generator().manual_seed(50_000 + seeds[0])
-    k = HIDDEN // 2
-
-    def floss(steps: int) -> None:
-        for _ in range(steps):
-            x = torch.cat([lag_data(lag, 1, g)[0] for g in gens], 2)
-            lams = packed.exponents(model, x, k, transient=min(10, lag // 5), gen=floss_gen)
-            floss_opt.zero_grad(set_to_none=True)
-            lams.square().mean(dim=(0, 2)).sum().backward()  # each seed's own flossing loss
-            packed.mask_grads(model)
-            floss_opt.step()
-
-    if floss_opt is not None:
-        floss(task.floss_steps)
+    flosser = RNNFlosser(packed, model, lag, seeds) if method == "flossing" else None
+    if flosser is not None:
+        flosser.floss(task.floss_steps)
     H = HIDDEN
 
     def evaluate():
@@ -403,8 +411,8 @@ def train_rnn(task: Task, method: str, seeds: Sequence[int], rho: float = 1.0, s
         return torch.cat([b[0] for b in batch], 2), torch.stack([b[1] for b in batch], 1)
 
     def hook(it: int) -> None:  # flossing interleaved with training
-        if floss_opt is not None and task.floss_every and it and it % task.floss_every == 0:
-            floss(max(1, task.floss_steps // 10))
+        if flosser is not None and task.floss_every and it and it % task.floss_every == 0:
+            flosser.floss(max(1, task.floss_steps // 10))
 
     return train_loop(task, method, packed, model, opt, seeds, sample, evaluate, "rho", hook, log)
 
@@ -428,6 +436,8 @@ class Row:
     rho: Optional[float]
     curves: List[Curve]
     ms_per_step: float
+    setup_s: float = 0.0
+    tuning_runs: int = 0
 
     def held(self, c: Curve) -> bool:
         """At or above the target at every evaluation of the last quarter of the run."""
@@ -442,7 +452,7 @@ class Row:
                 "held": sum(self.held(c) for c in self.curves), "seeds": len(self.curves),
                 "reached": len(reached), "steps_to_target": statistics.median(reached) if reached else None,
                 "final_mean": statistics.mean(finals), "final_sd": statistics.pstdev(finals),
-                "ms_per_step": self.ms_per_step}
+                "ms_per_step": self.ms_per_step, "setup_s": self.setup_s, "tuning_runs": self.tuning_runs}
 
 
 def run_method(task: Task, method: str, seeds: Sequence[int], rho=1.0, log=print) -> List[Curve]:
@@ -487,13 +497,28 @@ def time_per_step(task: Task, method: str, rho: float, reps: int = 10) -> float:
     return 1000 * statistics.median(times)
 
 
+def setup_seconds(task: Task, method: str, rho: float) -> float:
+    """CPU seconds one seed's network needs before training (init, LSUV passes, flossing)."""
+    t = time.thread_time()
+    if task.kind == "mlp":
+        init_mlp(method, task.size, 0, rho, task.floss_steps)
+    else:
+        net = init_rnn(method, 0, rho)
+        if method == "flossing":
+            packed = PackedRNN([net])
+            RNNFlosser(packed, packed.net, task.size, [0]).floss(task.floss_steps)
+    return time.thread_time() - t
+
+
 def format_table(rows: List[Dict[str, object]]) -> str:
-    head = ("task", "method", f"held >= {TARGET}", f"reached {TARGET}", "steps to target", "final acc", "ms/step")
+    head = ("task", "method", f"held >= {TARGET}", f"reached {TARGET}", "steps to target", "final acc",
+            "CPU ms/step", "setup CPU s")
     body = []
     for r in rows:
         steps = "-" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f}"
+        setup = f"{r['setup_s']:.1f}" + (f" + tuning ({r['tuning_runs']} runs)" if r.get("tuning_runs") else "")
         body.append((r["task"], r["method"], f"{r['held']}/{r['seeds']}", f"{r['reached']}/{r['seeds']}", steps,
-                     f"{r['final_mean']:.3f} +- {r['final_sd']:.3f}", f"{r['ms_per_step']:.1f}"))
+                     f"{r['final_mean']:.3f} +- {r['final_sd']:.3f}", f"{r['ms_per_step']:.1f}", setup))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = [" | ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in (head, *body)]
     return "\n".join(["| " + lines[0] + " |", "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -574,7 +599,8 @@ def main(argv=None):
                 rho = tune_rho(task, args.tune_seed, log) if method == "spectral" else None
                 log(f"{task.name}: {method}" + (f" (rho {rho:g})" if rho is not None else ""))
                 curves = run_method(task, method, seeds, rho if rho is not None else 1.0, log=log)
-                row = Row(task.name, method, rho, curves, time_per_step(task, method, rho or 1.0))
+                row = Row(task.name, method, rho, curves, time_per_step(task, method, rho or 1.0),
+                          setup_seconds(task, method, rho or 1.0), len(task.rhos) if method == "spectral" else 0)
                 saved["rows"].append(row.summary())
                 saved["curves"].setdefault(task.name, {})[row.summary()["method"]] = {
                     "curves": [asdict(c) for c in curves]}

@@ -92,7 +92,7 @@ def rnn_lyapunov_exponents(rnn: nn.Module, inputs: Tensor, k: int, h0: Optional[
 
     Args:
         rnn: ``nn.RNN`` (one layer, one direction) or ``nn.RNNCell``, tanh or relu.
-        inputs: ``[T, B, input_size]`` (time-major; ``batch_first`` modules are read accordingly).
+        inputs: ``[T, B, input_size]``, or ``[B, T, input_size]`` for a ``batch_first`` module.
         k: how many exponents (at most ``hidden_size``).
         h0: initial state ``[B, H]`` (zeros if None).
         transient: leading steps not averaged.
