@@ -41,6 +41,7 @@ from fxwormhole.config import SALConfig
 from fxwormhole.init import lsuv_, orthogonal_init_, scale_spectral_radius_
 from fxwormhole.instrument import instrument
 from fxwormhole.lyapunov import chain_lyapunov_exponents, floss_, rnn_lyapunov_exponents
+from fxwormhole.runtime.sensitivity import probes_of, sal_step
 
 WIDTH = 16
 TARGET = 0.95
@@ -59,7 +60,7 @@ class Task:
     lr: float
     batch: int
     eval_every: int
-    sal_eta_abs: float  # SAL step per update (SGD: eta = eta_abs / lr)
+    sal_eta_abs: float  # SAL's absolute step per update (separate_step: SALConfig.eta)
     rhos: Tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.2, 1.5)
     floss_steps: int = 100  # flossing steps before training
     floss_every: int = 100  # RNN: floss_steps // 10 more flossing steps every n training steps (0: never)
@@ -68,17 +69,24 @@ class Task:
 
 def default_tasks(quick: bool) -> List[Task]:
     if quick:
-        return [Task("depth 20", "mlp", 20, 300, 0.05, 128, 50, 5e-3, floss_steps=30),
+        return [Task("depth 20", "mlp", 20, 300, 0.05, 128, 50, 5e-3, floss_steps=30, clip=1.0),
                 Task("lag 20", "rnn", 20, 150, 0.05, 32, 25, 5e-3, floss_steps=30, floss_every=50, clip=1.0)]
-    return [Task("depth 50", "mlp", 50, 1500, 0.05, 128, 100, 1e-3),
-            Task("depth 100", "mlp", 100, 3000, 0.01, 128, 100, 1e-3),
-            Task("depth 300", "mlp", 300, 3000, 0.003, 128, 100, 1e-3),
+    return [Task("depth 50", "mlp", 50, 1500, 0.05, 128, 50, 1e-3, clip=1.0),
+            Task("depth 100", "mlp", 100, 2000, 0.01, 128, 50, 1e-3, clip=1.0),
+            Task("depth 300", "mlp", 300, 2000, 0.003, 128, 50, 1e-3, clip=1.0),
             Task("lag 50", "rnn", 50, 1500, 0.05, 32, 50, 1e-3, clip=1.0),
             Task("lag 100", "rnn", 100, 1500, 0.05, 32, 50, 1e-3, clip=1.0),
             Task("lag 300", "rnn", 300, 1500, 0.05, 32, 50, 1e-3, clip=1.0)]
 
 
 # ==================================================================================== MLP
+def sal_config(task: "Task") -> SALConfig:
+    """SAL as compared here: one-sided, target 1, and ``separate_step`` (its update stays out of
+    ``.grad``, so the task-gradient clipping every method gets leaves SAL alone; ``eta`` is SAL's
+    absolute step per update). See docs/sensitivity.md, "Depth 300"."""
+    return SALConfig(eta=task.sal_eta_abs, separate_step=True)
+
+
 def mlp_data(n: int, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
     """A 2-D linearly separable task: y = [x1 + x2 > 0], x uniform on [-1, 1]^2."""
     x = torch.rand(n, 2, generator=gen) * 2 - 1
@@ -128,6 +136,14 @@ def init_mlp(method: str, depth: int, seed: int, rho: float = 1.0, floss_steps: 
     return net
 
 
+def mask_sal_updates(model: nn.Module, masks: Dict[int, torch.Tensor]) -> None:
+    """``separate_step`` SAL updates of a packed model: zero their off-block entries too."""
+    for probe in probes_of(model).values():
+        for p, update in probe.sal_updates():
+            if id(p) in masks:
+                update.mul_(masks[id(p)])
+
+
 class Packed:
     """Several width-16 MLPs trained as one block-diagonal MLP (one seed per diagonal block)."""
 
@@ -149,10 +165,13 @@ class Packed:
         self.net = nn.Sequential(*layers)
 
     def mask_grads(self, model: nn.Module) -> None:
-        """Zero the off-block gradients (task and SAL alike): the seeds stay independent."""
+        """Zero the off-block gradients and SAL updates: the seeds stay independent."""
+        masks = {}
         for lin, mask in zip(self._linears(model), self.masks):
+            masks[id(lin.weight)] = mask
             if lin.weight.grad is not None:
                 lin.weight.grad.mul_(mask)
+        mask_sal_updates(model, masks)
 
     def _linears(self, model: nn.Module) -> List[nn.Module]:
         return [model.get_submodule(str(i)) for i, m in enumerate(self.net) if isinstance(m, nn.Linear)]
@@ -210,9 +229,7 @@ def train_mlp(task: Task, method: str, seeds: Sequence[int], rho: float = 1.0, s
     xte, yte = mlp_data(2000, torch.Generator().manual_seed(123))
     xte_p = xte.repeat(1, n)
     use_sal = method.startswith("sal")
-    if use_sal and sal is None:
-        sal = SALConfig(eta=task.sal_eta_abs / task.lr)
-    model = instrument(packed.net, (xte_p[:4],), sal).train() if use_sal else packed.net.train()
+    model = instrument(packed.net, (xte_p[:4],), sal or sal_config(task)).train() if use_sal else packed.net.train()
     opt = (torch.optim.SGD(model.parameters(), lr=task.lr) if opt_name == "sgd"
            else torch.optim.Adam(model.parameters(), lr=task.lr))
     diag_gen = torch.Generator().manual_seed(7)
@@ -262,6 +279,7 @@ def train_loop(task: Task, method: str, packed, model: nn.Module, opt: torch.opt
         if task.clip:
             packed.clip_per_seed(model, task.clip)
         opt.step()
+        sal_step(model)  # SAL with separate_step: its own update, after the optimizer's (no-op otherwise)
     return curves
 
 
@@ -325,10 +343,13 @@ class PackedRNN:
                     p.copy_(torch.cat(blocks))
 
     def mask_grads(self, model: nn.Module) -> None:
+        masks = {}
         for name, mask in self.masks.items():
-            g = model.get_parameter(name).grad
-            if g is not None:
-                g.mul_(mask)
+            p = model.get_parameter(name)
+            masks[id(p)] = mask
+            if p.grad is not None:
+                p.grad.mul_(mask)
+        mask_sal_updates(model, masks)
 
     def clip_per_seed(self, model: nn.Module, max_norm: float) -> None:
         params = [model.get_parameter(n) for n, _ in self.net.named_parameters()]
@@ -391,9 +412,7 @@ def train_rnn(task: Task, method: str, seeds: Sequence[int], rho: float = 1.0, s
     xte, yte = lag_data(lag, 500, torch.Generator().manual_seed(123))
     xte_p = xte.repeat(1, 1, n)
     use_sal = method.startswith("sal")
-    if use_sal and sal is None:
-        sal = SALConfig(eta=task.sal_eta_abs / task.lr)
-    model = instrument(packed.net, (xte_p[:, :4],), sal).train() if use_sal else packed.net.train()
+    model = instrument(packed.net, (xte_p[:, :4],), sal or sal_config(task)).train() if use_sal else packed.net.train()
     opt = torch.optim.SGD(model.parameters(), lr=task.lr)
     flosser = RNNFlosser(packed, model, lag, seeds) if method == "flossing" else None
     if flosser is not None:
@@ -484,7 +503,7 @@ def time_per_step(task: Task, method: str, rho: float, reps: int = 10) -> float:
         net = init_rnn(method, 0, rho)
         x, y = lag_data(task.size, task.batch, torch.Generator().manual_seed(0))
         y = y[:, None]
-    model = instrument(net, (x,), SALConfig(eta=task.sal_eta_abs / task.lr)).train() if method.startswith("sal") else net
+    model = instrument(net, (x,), sal_config(task)).train() if method.startswith("sal") else net
     opt = torch.optim.SGD(model.parameters(), lr=task.lr)
     times = []
     for i in range(reps + 2):
@@ -492,6 +511,7 @@ def time_per_step(task: Task, method: str, rho: float, reps: int = 10) -> float:
         opt.zero_grad(set_to_none=True)
         F.binary_cross_entropy_with_logits(model(x), y).backward()
         opt.step()
+        sal_step(model)
         if i >= 2:
             times.append(time.thread_time() - t)
     return 1000 * statistics.median(times)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fxwormhole.config import SALConfig
 from fxwormhole.instrument import instrument
 from fxwormhole.lyapunov import lyapunov_exponents
+from fxwormhole.runtime.sensitivity import probes_of
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,13 +27,14 @@ def load(name):
 cmp = load("sal_compare")
 
 
-def test_packed_seeds_get_exactly_their_own_sal_and_task_gradients():
+@pytest.mark.parametrize("separate", [False, True])
+def test_packed_seeds_get_exactly_their_own_sal_and_task_gradients(separate):
     nets = [cmp.small_mlp(6, s).double() for s in (0, 1, 2)]
     for net in nets:  # a non-trivial state: SAL's x-term and gate matter
         for p in net.parameters():
             p.data.add_(0.3 * torch.randn_like(p))
     packed = cmp.Packed(nets)
-    cfg = SALConfig(eta=0.7)
+    cfg = SALConfig(eta=0.7, separate_step=separate)
     model = instrument(packed.net, (torch.zeros(2, 6, dtype=torch.float64),), cfg).train()
     singles = [instrument(net, (torch.zeros(2, 2, dtype=torch.float64),), cfg).train() for net in nets]
     gen = torch.Generator().manual_seed(0)
@@ -45,6 +47,11 @@ def test_packed_seeds_get_exactly_their_own_sal_and_task_gradients():
         for s, single in enumerate(singles):
             single.zero_grad()
             F.binary_cross_entropy_with_logits(single(xs[s]).squeeze(1), ys[s]).backward()
+        if separate:  # SAL's update is in the probes' buffers: fold it into .grad to compare
+            for m in [model, *singles]:
+                for p, update in (pu for probe in probes_of(m).values() for pu in probe.sal_updates()):
+                    p.grad.add_(update)
+                    update.zero_()
         for k, lin in enumerate(packed._linears(model)):
             o, i = lin.weight.shape[0] // 3, lin.weight.shape[1] // 3
             for s, single in enumerate(singles):

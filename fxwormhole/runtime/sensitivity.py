@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..config import SALConfig
 from .activations import Derivatives
 
-__all__ = ["NeuronProbe", "DenseProbe", "RecurrentProbe", "SAL", "probes_of", "GATES"]
+__all__ = ["NeuronProbe", "DenseProbe", "RecurrentProbe", "SAL", "probes_of", "sal_step", "attach_sal_step", "GATES"]
 
 # Gate layout of torch's recurrent modules (rows of weight_ih / weight_hh) and each gate's activation.
 GATES: Dict[str, Tuple[str, ...]] = {
@@ -60,11 +60,12 @@ class _Rule:
     recurrent_only: bool
     enabled: bool
     n_calls: int
+    separate_step: bool = False
 
     @classmethod
     def of(cls, cfg: SALConfig, n_calls: int) -> "_Rule":
         return cls(float(cfg.eta), float(cfg.target), cfg.two_sided, cfg.log_form, cfg.recurrent_only,
-                   cfg.enabled and cfg.eta > 0, max(1, int(n_calls)))
+                   cfg.enabled and cfg.eta > 0, max(1, int(n_calls)), bool(cfg.separate_step))
 
 
 def _row_coefficients(rule: _Rule, gate: Tensor, norm: Tensor, mean_d1: Tensor, frac_active: Optional[Tensor],
@@ -194,6 +195,38 @@ class _DenseSpec:
         d1, e = self.act.first_and_second(u)
         return d1, e, 1.0
 
+    def sal_factors(self, u: Tensor, w: Tensor, gate: Tensor):
+        """``(mean s per neuron, mean s^2, E, c_u, c_w)`` of one call (see :func:`_row_coefficients`)."""
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(w.detach().flatten(1), dim=1).clamp_min(_EPS)
+            d1, e, e_scale = self.derivatives(u)
+            mean_s, mean_s2, mean_d1, frac = _neuron_stats(d1, norm, self.channel_dim % u.dim(), self.rule.log_form)
+            n = u.numel() // u.shape[self.channel_dim]
+            c_u, c_w = _row_coefficients(self.rule, gate, norm, mean_d1, frac, n, e_scale)
+        return mean_s, mean_s2, e, c_u, c_w
+
+    def sal_update(self, x: Tensor, w: Tensor, e: Optional[Tensor], c_u: Tensor, c_w: Tensor, has_bias: bool
+                   ) -> Tuple[Tensor, Optional[Tensor]]:
+        """SAL's own weight and bias gradients ``(E c_u)^T x + c_w w`` and ``sum E c_u`` (for
+        ``separate_step``: one more weight-gradient product than the folded form)."""
+        with torch.no_grad():
+            w = w.detach()
+            gw = c_w.view([-1] + [1] * (w.dim() - 1)) * w
+            if e is None:
+                return gw, (torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if has_bias else None)
+            shape = [1] * e.dim()
+            shape[self.channel_dim] = -1
+            go = (e * c_u.view(shape)).to(w.dtype)
+            x = x.detach().to(w.dtype)
+            if self.kind == "linear":
+                go2 = go.reshape(-1, w.shape[0])
+                return gw.addmm_(go2.t(), x.reshape(-1, x.shape[-1])), (go2.sum(0) if has_bias else None)
+            nd = int(self.kind[4])
+            _, gxw, gb = torch.ops.aten.convolution_backward(
+                go, x, w, [w.shape[0]] if has_bias else None, self.stride, self.padding, self.dilation, False,
+                [0] * nd, self.groups, [False, True, has_bias])
+            return gw.add_(gxw), gb
+
     def backward(self, x: Tensor, w: Tensor, g: Tensor, g_aug: Tensor, needs: Tuple[bool, ...], has_bias: bool):
         """Input gradient from the task gradient ``g``; weight/bias gradients from ``g_aug``.
 
@@ -233,13 +266,7 @@ class _SALDense(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Optional[Tensor], gate: Tensor, spec: _DenseSpec):
         u = spec.op(x, w, b)
-        with torch.no_grad():
-            norm = torch.linalg.vector_norm(w.detach().flatten(1), dim=1).clamp_min(_EPS)
-            d1, e, e_scale = spec.derivatives(u)
-            mean_s, mean_s2, mean_d1, frac = _neuron_stats(d1, norm, spec.channel_dim % u.dim(), spec.rule.log_form)
-            n = u.numel() // u.shape[spec.channel_dim]
-            c_u, c_w = _row_coefficients(spec.rule, gate, norm, mean_d1, frac, n, e_scale)
-        return u, mean_s, mean_s2, e, c_u, c_w
+        return (u, *spec.sal_factors(u, w, gate))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -292,9 +319,39 @@ class NeuronProbe(nn.Module):
         self.register_buffer("last_log_rms", torch.zeros((), dtype=dtype))
         self.register_buffer("count", torch.zeros((), dtype=dtype))
 
+        self._sal_names: List[str] = []
+        self._sal_targets: Dict[str, Tensor] = {}
+
     @property
     def neurons(self) -> int:
         return self.s_bar.numel()
+
+    def _init_separate_step(self, params: Dict[str, Tensor]) -> None:
+        """``separate_step``: one (non-persistent) buffer per parameter collects SAL's update."""
+        for name, p in params.items():
+            self.register_buffer("sal_update_" + name, torch.zeros_like(p, requires_grad=False), persistent=False)
+        self._sal_names = list(params)
+
+    def _collect(self, updates: Dict[str, Optional[Tensor]], params: Dict[str, Optional[Tensor]]) -> None:
+        with torch.no_grad():
+            for name, u in updates.items():
+                if u is not None:
+                    getattr(self, "sal_update_" + name).add_(u.to(params[name].dtype))
+        self._sal_targets = {n: p for n, p in params.items() if p is not None}  # the tensors they belong to
+
+    def sal_updates(self) -> List[Tuple[Tensor, Tensor]]:
+        """``separate_step``: ``(parameter, collected update)`` pairs (empty before the first call)."""
+        return [(p, getattr(self, "sal_update_" + n)) for n, p in self._sal_targets.items()]
+
+    def apply_separate_step(self) -> None:
+        """Apply the collected SAL update to the parameters (``w -= update``) and clear it."""
+        with torch.no_grad():
+            for name in self._sal_names:
+                buf = getattr(self, "sal_update_" + name)
+                p = self._sal_targets.get(name)
+                if p is not None:
+                    p.sub_(buf)
+                buf.zero_()
 
     def sal_active(self) -> bool:
         return self.training and self.rule.enabled and torch.is_grad_enabled()
@@ -345,6 +402,9 @@ class DenseProbe(NeuronProbe):
         super().__init__(layer, kind, module.weight.shape[0], activation, act.source, sal, n_calls,
                          module.weight.dtype)
         self.pre_pad: Optional[Tuple[Tuple[int, ...], str]] = None
+        if self.rule.separate_step:
+            self._init_separate_step({n: p for n, p in (("weight", module.weight), ("bias", module.bias))
+                                      if p is not None})
         if kind == "linear":
             self.spec = _DenseSpec.of(kind, act, self.rule)
             return
@@ -361,6 +421,13 @@ class DenseProbe(NeuronProbe):
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad[0], mode=self.pre_pad[1])
+        if self.sal_active() and self.rule.separate_step:
+            u = self.spec.op(x, weight, bias)  # the layer's own autograd: .grad gets the task gradient only
+            mean_s, mean_s2, e, c_u, c_w = self.spec.sal_factors(u, weight, self.gate())
+            gw, gb = self.spec.sal_update(x, weight, e, c_u, c_w, bias is not None)
+            self._collect({"weight": gw, "bias": gb}, {"weight": weight, "bias": bias})
+            self.update_stats(mean_s, mean_s2)
+            return u
         if self.sal_active():
             u, mean_s, mean_s2, *_ = _SALDense.apply(x, weight, bias, self.gate(), self.spec)
             self.update_stats(mean_s, mean_s2)
@@ -426,6 +493,8 @@ class RecurrentProbe(NeuronProbe):
         self.param_names = [n for n, _ in module.named_parameters(recurse=False)]
         if not self.cell and getattr(module, "proj_size", 0):
             raise NotImplementedError("LSTM with proj_size")
+        if self.rule.separate_step:
+            self._init_separate_step(dict(module.named_parameters(recurse=False)))
         # One-layer templates run the lower layers of a stacked module again (their outputs are not
         # returned by the module). Kept in a list: not a registered submodule, no state_dict entry.
         self._templates: List[nn.Module] = []
@@ -519,6 +588,9 @@ class RecurrentProbe(NeuronProbe):
         self.update_stats(torch.cat(s_parts), s2_sum / n_total)
         if not active:
             return out
+        if self.rule.separate_step:
+            self._collect(grads, {n: params[n] for n in grads})
+            return out
         names = [n for n in self.param_names if n in grads]
         leaves, spec = tree_flatten(out)
         tensors = [l for l in leaves if isinstance(l, Tensor)]
@@ -554,6 +626,29 @@ def _detach(v: Any) -> Any:
 def probes_of(model: nn.Module) -> Dict[str, NeuronProbe]:
     """All probes in ``model`` (recursing into submodules, fixed-point bodies included), by path."""
     return {name: m for name, m in model.named_modules() if isinstance(m, NeuronProbe)}
+
+
+def sal_step(model: nn.Module) -> None:
+    """Apply and clear the SAL updates collected by probes built with ``SALConfig(separate_step=True)``.
+
+    Call it after ``optimizer.step()`` (or let :func:`attach_sal_step` do it). Probes without
+    ``separate_step`` have nothing to apply (their update went through ``.grad``).
+    """
+    for probe in probes_of(model).values():
+        probe.apply_separate_step()
+
+
+def attach_sal_step(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Run :func:`sal_step` after every ``optimizer.step()``; returns the hook's removable handle.
+
+    Example::
+
+        model = instrument(net, (x,), SALConfig(eta=1e-3, separate_step=True))
+        opt = torch.optim.Adam(model.parameters())
+        attach_sal_step(model, opt)
+        ...  # loss.backward(); clip_grad_norm_(model.parameters(), 1.0); opt.step()  (SAL unclipped)
+    """
+    return optimizer.register_step_post_hook(lambda opt, args, kwargs: sal_step(model))
 
 
 class SAL:
