@@ -73,7 +73,7 @@ def default_tasks(quick: bool) -> List[Task]:
                 Task("lag 20", "rnn", 20, 150, 0.05, 32, 25, 5e-3, floss_steps=30, floss_every=50, clip=1.0)]
     return [Task("depth 50", "mlp", 50, 1500, 0.05, 128, 50, 1e-3, clip=1.0),
             Task("depth 100", "mlp", 100, 2000, 0.01, 128, 50, 1e-3, clip=1.0),
-            Task("depth 300", "mlp", 300, 2000, 0.003, 128, 50, 1e-3, clip=1.0),
+            Task("depth 300", "mlp", 300, 1500, 0.003, 128, 50, 1e-3, clip=1.0),
             Task("lag 50", "rnn", 50, 1500, 0.05, 32, 50, 1e-3, clip=1.0),
             Task("lag 100", "rnn", 100, 1500, 0.05, 32, 50, 1e-3, clip=1.0),
             Task("lag 300", "rnn", 300, 1500, 0.05, 32, 50, 1e-3, clip=1.0)]
@@ -200,49 +200,127 @@ class Curve:
     extra: Dict[str, List[float]] = field(default_factory=dict)
 
 
-def forward_growth(model: nn.Module, packed: Packed, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Per seed: mean over hidden layers of log ||J_l v|| for a renormalised random tangent v
-    (the largest Lyapunov exponent of the layer chain at these inputs, one seed per block)."""
+def forward_growth(model: nn.Module, packed: "Packed", x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per seed: the largest Lyapunov exponent of the layer chain of a Packed model at inputs ``x``
+    (``[B, n * 2]``), from its diagonal blocks (see :func:`chain_growth`)."""
     lins = packed._linears(model)[:-1]
+    n = packed.n
+    weights = [lin.weight.view(n, lin.weight.shape[0] // n, n, -1).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+               for lin in lins]
+    biases = [lin.bias.view(n, -1) for lin in lins]
+    return chain_growth(weights, biases, x.view(x.shape[0], n, -1).transpose(0, 1), gen)
+
+
+def chain_growth(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], x: torch.Tensor,
+                 gen: torch.Generator) -> torch.Tensor:
+    """Per group: mean over hidden layers of log ||J_l v|| for a renormalised random tangent v (the
+    largest Lyapunov exponent of the tanh layer chain at these inputs; the same v for every group,
+    so a group's value does not depend on its company). ``weights[l]``: ``[G, out,
+    in]``, ``biases[l]``: ``[G, out]``, ``x``: ``[G, B, in]``."""
     with torch.no_grad():
-        h = torch.tanh(F.linear(x, lins[0].weight, lins[0].bias))
-        v = torch.randn(h.shape, generator=gen).view(x.shape[0], packed.n, -1)
-        v = (v / v.norm(dim=2, keepdim=True)).view(h.shape)
-        total = torch.zeros(packed.n)
-        for lin in lins[1:]:
-            h = torch.tanh(F.linear(h, lin.weight, lin.bias))
-            v = ((1 - h * h) * F.linear(v, lin.weight)).view(x.shape[0], packed.n, -1)
+        h = torch.tanh(torch.baddbmm(biases[0].unsqueeze(1), x, weights[0].transpose(1, 2)))
+        v = torch.randn(h.shape[1:], generator=gen, dtype=h.dtype).expand_as(h)  # one tangent for every group
+        v = v / v.norm(dim=2, keepdim=True)
+        total = torch.zeros(h.shape[0], dtype=h.dtype)
+        for w, b in zip(weights[1:], biases[1:]):
+            h = torch.tanh(torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)))
+            v = (1 - h * h) * torch.bmm(v, w.transpose(1, 2))
             n = v.norm(dim=2, keepdim=True).clamp_min(1e-300)
-            total += n.log().mean(0).squeeze(1)
-            v = (v / n).view(h.shape)
-        return total / (len(lins) - 1)
+            total += n.log().mean(1).squeeze(1)
+            v = v / n
+        return total / (len(weights) - 1)
+
+
+class Grouped(nn.Module):
+    """Many width-16 MLPs -- any mix of methods, seeds and spectral radii -- as ONE batched MLP:
+    layer l's weights form a ``[G, out, in]`` tensor and every group is one slice of a ``bmm``.
+
+    The plain-BP methods (everything but SAL, whose probes need ``nn.Linear`` layers: it trains as
+    :class:`Packed`) then train together for about the price of one network: at width 16 a step is
+    bound by the number of ops, not by arithmetic. Groups share nothing (each slice's gradient is
+    its own), so every group trains exactly as it would alone. Same interface as :class:`Packed`:
+    input ``[B, G * 2]``, output ``[B, G]``.
+    """
+
+    def __init__(self, nets: Sequence[nn.Sequential]):
+        super().__init__()
+        self.n = len(nets)
+        lins = [[m for m in net if isinstance(m, nn.Linear)] for net in nets]
+        self.weights = nn.ParameterList(nn.Parameter(torch.stack([ls[i].weight.detach() for ls in lins]))
+                                        for i in range(len(lins[0])))
+        self.biases = nn.ParameterList(nn.Parameter(torch.stack([ls[i].bias.detach() for ls in lins]))
+                                       for i in range(len(lins[0])))
+
+    @property
+    def net(self) -> nn.Module:
+        """The Packed interface: the model to train (a property: a submodule would be a cycle)."""
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.view(x.shape[0], self.n, -1).transpose(0, 1)  # [G, B, in]
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if i < last:
+                h = torch.tanh(h)
+        return h.squeeze(2).T
+
+    def growth(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return chain_growth(self.weights[:-1], self.biases[:-1], x.view(x.shape[0], self.n, -1).transpose(0, 1), gen)
+
+    def mask_grads(self, model: nn.Module) -> None:
+        """Nothing to mask: groups share no weights."""
+
+    def clip_per_seed(self, model: nn.Module, max_norm: float) -> None:
+        """Per-group gradient-norm clipping."""
+        params = [*self.weights, *self.biases]
+        sq = sum(p.grad.view(self.n, -1).square().sum(1) for p in params)
+        scale = (max_norm / sq.sqrt().clamp_min(1e-12)).clamp(max=1.0)
+        for p in params:
+            p.grad.view(self.n, -1).mul_(scale.view(-1, 1))
 
 
 def train_mlp(task: Task, method: str, seeds: Sequence[int], rho: float = 1.0, sal: Optional[SALConfig] = None,
               opt_name: str = "sgd", log: Callable[[str], None] = lambda s: None) -> List[Curve]:
-    """Train every seed of ``method`` on the depth task (packed); test accuracy every eval_every steps."""
+    """Train every seed of ``method`` on the depth task (SAL: packed; otherwise grouped); test
+    accuracy every eval_every steps. ``rho``: one value, or one per seed."""
     rhos = list(rho) if isinstance(rho, (list, tuple)) else [rho] * len(seeds)
-    nets = [init_mlp(method, task.size, s, r, task.floss_steps) for s, r in zip(seeds, rhos)]
-    packed = Packed(nets)
-    n = len(seeds)
+    return train_mlp_groups(task, [(method, s, r) for s, r in zip(seeds, rhos)], sal, opt_name, log)
+
+
+def train_mlp_groups(task: Task, groups: Sequence[Tuple[str, int, float]], sal: Optional[SALConfig] = None,
+                     opt_name: str = "sgd", log: Callable[[str], None] = lambda s: None) -> List[Curve]:
+    """Train ``(method, seed, rho)`` groups together, one curve each. SAL groups (all or none) train
+    as one :class:`Packed` network under ``sal``; plain-BP groups of any methods as one
+    :class:`Grouped` network. A group's data stream depends only on its seed."""
+    use_sal = [m.startswith("sal") for m, _, _ in groups]
+    if any(use_sal) and not all(use_sal):
+        raise ValueError("train_mlp_groups: SAL and plain-BP groups train separately")
+    nets = [init_mlp(m, task.size, s, r, task.floss_steps) for m, s, r in groups]
+    seeds = [s for _, s, _ in groups]
+    n = len(groups)
+    packed = Packed(nets) if use_sal[0] else Grouped(nets)
+    model = instrument(packed.net, (torch.zeros(4, 2 * n),), sal or sal_config(task)) if use_sal[0] else packed.net
+    model.train()
     gens = [torch.Generator().manual_seed(40_000 + s) for s in seeds]
     xte, yte = mlp_data(2000, torch.Generator().manual_seed(123))
     xte_p = xte.repeat(1, n)
-    use_sal = method.startswith("sal")
-    model = instrument(packed.net, (xte_p[:4],), sal or sal_config(task)).train() if use_sal else packed.net.train()
     opt = (torch.optim.SGD(model.parameters(), lr=task.lr) if opt_name == "sgd"
            else torch.optim.Adam(model.parameters(), lr=task.lr))
     diag_gen = torch.Generator().manual_seed(7)
 
     def evaluate():
         acc = ((model(xte_p) > 0).float() == yte[:, None]).float().mean(0)
-        return acc.tolist(), forward_growth(model, packed, xte_p[:128], diag_gen).tolist()
+        growth = (forward_growth(model, packed, xte_p[:128], diag_gen) if use_sal[0]
+                  else packed.growth(xte_p[:128], diag_gen))
+        return acc.tolist(), growth.tolist()
 
     def sample():
         batch = [mlp_data(task.batch, g) for g in gens]
         return torch.cat([b[0] for b in batch], 1), torch.stack([b[1] for b in batch], 1)
 
-    return train_loop(task, method, packed, model, opt, seeds, sample, evaluate, "lyapunov", log=log)
+    label = "+".join(dict.fromkeys(m for m, _, _ in groups))
+    return train_loop(task, label, packed, model, opt, seeds, sample, evaluate, "lyapunov", log=log)
 
 
 def train_loop(task: Task, method: str, packed, model: nn.Module, opt: torch.optim.Optimizer, seeds: Sequence[int],
@@ -468,7 +546,7 @@ class Row:
         reach = [first_reach(c) for c in self.curves]
         reached = [r for r in reach if r is not None]
         return {"task": self.task, "method": self.method + (f" (rho {self.rho:g})" if self.rho is not None else ""),
-                "held": sum(self.held(c) for c in self.curves), "seeds": len(self.curves),
+                "steps": self.curves[0].steps[-1], "held": sum(self.held(c) for c in self.curves), "seeds": len(self.curves),
                 "reached": len(reached), "steps_to_target": statistics.median(reached) if reached else None,
                 "final_mean": statistics.mean(finals), "final_sd": statistics.pstdev(finals),
                 "ms_per_step": self.ms_per_step, "setup_s": self.setup_s, "tuning_runs": self.tuning_runs}
@@ -481,15 +559,44 @@ def run_method(task: Task, method: str, seeds: Sequence[int], rho=1.0, log=print
 
 
 def tune_rho(task: Task, tune_seed: int, log=print) -> float:
-    """The spectral baseline's hand tuning: the whole grid on a separate seed, the full budget;
-    the best final accuracy wins (ties: the earliest to reach the target)."""
+    """The spectral baseline's hand tuning: the whole grid on a separate seed, the full budget."""
     curves = run_method(task, "spectral", [tune_seed] * len(task.rhos), list(task.rhos), log=lambda s: None)
+    return pick_rho(task, curves, log)
+
+
+def pick_rho(task: Task, tuning: Sequence[Curve], log=print) -> float:
+    """The grid point (one curve per ``task.rhos``) with the best final accuracy (ties: the
+    earliest to reach the target)."""
     scores = []
-    for rho, c in zip(task.rhos, curves):
+    for rho, c in zip(task.rhos, tuning):
         reach = first_reach(c) or task.iters + 1
         scores.append((round(c.acc[-1], 3), -reach, rho))
         log(f"  tune {task.name}: rho {rho:g} -> final acc {c.acc[-1]:.3f}, reached {TARGET} at {reach}")
     return max(scores)[2]
+
+
+def run_plain_mlp(task: Task, methods: Sequence[str], seeds: Sequence[int], tune_seed: int,
+                  log=print) -> Tuple[Dict[str, List[Curve]], Optional[float]]:
+    """Every plain-BP method of a depth task in ONE :class:`Grouped` run. The spectral baseline trains
+    its whole radius grid on the tuning seed and on every seed at once, and reports the seeds' curves
+    at the radius the tuning seed picks: the same numbers as tuning first and training after, as
+    the groups are independent. Returns the curves per method and the tuned radius (or None)."""
+    groups: List[Tuple[str, int, float]] = []
+    for m in methods:
+        if m == "spectral":
+            groups += [(m, tune_seed, r) for r in task.rhos] + [(m, s, r) for r in task.rhos for s in seeds]
+        else:
+            groups += [(m, s, 1.0) for s in seeds]
+    curves = train_mlp_groups(task, groups, log=log)
+    out: Dict[str, List[Curve]] = {}
+    rho = None
+    for m in methods:
+        mine = [(g, c) for g, c in zip(groups, curves) if g[0] == m]
+        if m == "spectral":
+            rho = pick_rho(task, [c for g, c in mine[:len(task.rhos)]], log)
+            mine = [(g, c) for g, c in mine[len(task.rhos):] if g[2] == rho]
+        out[m] = [c for _, c in mine]
+    return out, rho
 
 
 def time_per_step(task: Task, method: str, rho: float, reps: int = 10) -> float:
@@ -531,13 +638,13 @@ def setup_seconds(task: Task, method: str, rho: float) -> float:
 
 
 def format_table(rows: List[Dict[str, object]]) -> str:
-    head = ("task", "method", f"held >= {TARGET}", f"reached {TARGET}", "steps to target", "final acc",
+    head = ("task", "method", "steps", f"held >= {TARGET}", f"reached {TARGET}", "steps to target", "final acc",
             "CPU ms/step", "setup CPU s")
     body = []
     for r in rows:
         steps = "-" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f}"
         setup = f"{r['setup_s']:.1f}" + (f" + tuning ({r['tuning_runs']} runs)" if r.get("tuning_runs") else "")
-        body.append((r["task"], r["method"], f"{r['held']}/{r['seeds']}", f"{r['reached']}/{r['seeds']}", steps,
+        body.append((r["task"], r["method"], str(r.get("steps", "?")), f"{r['held']}/{r['seeds']}", f"{r['reached']}/{r['seeds']}", steps,
                      f"{r['final_mean']:.3f} +- {r['final_sd']:.3f}", f"{r['ms_per_step']:.1f}", setup))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = [" | ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in (head, *body)]
@@ -584,6 +691,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny tasks (minutes): checks that every row runs")
     ap.add_argument("--tasks", default=None, help="comma-separated task names, e.g. 'depth 50,lag 100'")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    ap.add_argument("--iters", type=int, default=None, help="training steps of every selected task (default: the "
+                                                            "task's own budget; a shared machine may need fewer)")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--tune-seed", type=int, default=100, help="seed on which the spectral radius is tuned")
     ap.add_argument("--out", default=None, help="write every curve here (JSON)")
@@ -611,14 +720,24 @@ def main(argv=None):
         if args.tasks:
             wanted = [t.strip() for t in args.tasks.split(",")]
             tasks = [t for t in tasks if t.name in wanted]
+        if args.iters:
+            tasks = [replace(t, iters=args.iters) for t in tasks]
         for task in tasks:
             methods = MLP_METHODS if task.kind == "mlp" else RNN_METHODS
             if args.methods:
                 methods = [m for m in args.methods.split(",") if m in methods]
+            plain, tuned = {}, None
+            bp_methods = [m for m in methods if not m.startswith("sal")]
+            if task.kind == "mlp" and bp_methods:  # every plain-BP method in one grouped run
+                log(f"{task.name}: " + ", ".join(bp_methods))
+                plain, tuned = run_plain_mlp(task, bp_methods, seeds, args.tune_seed, log)
             for method in methods:
-                rho = tune_rho(task, args.tune_seed, log) if method == "spectral" else None
-                log(f"{task.name}: {method}" + (f" (rho {rho:g})" if rho is not None else ""))
-                curves = run_method(task, method, seeds, rho if rho is not None else 1.0, log=log)
+                if method in plain:
+                    curves, rho = plain[method], (tuned if method == "spectral" else None)
+                else:
+                    rho = tune_rho(task, args.tune_seed, log) if method == "spectral" else None
+                    log(f"{task.name}: {method}" + (f" (rho {rho:g})" if rho is not None else ""))
+                    curves = run_method(task, method, seeds, rho if rho is not None else 1.0, log=log)
                 row = Row(task.name, method, rho, curves, time_per_step(task, method, rho or 1.0),
                           setup_seconds(task, method, rho or 1.0), len(task.rhos) if method == "spectral" else 0)
                 saved["rows"].append(row.summary())

@@ -16,11 +16,16 @@ layer chain (per layer) and the spread of the last hidden layer over the test in
 
     python examples/sal_depth300.py --out depth300.json --plot docs/img/sal_depth300.png
     python examples/sal_depth300.py --load depth300.json --plot fig.png     # plot only
+
+``--warmup-checkpoint PATH`` saves the state at the branch point (weights, probe statistics, data
+streams) or, when PATH exists, starts the variants from it without training the warm-up again;
+``--load a.json,b.json`` merges the variants of several runs from the same warm-up.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -103,6 +108,18 @@ class Run:
             sal_step(self.model)
         return rows
 
+    def save(self, path: str) -> None:
+        torch.save({"model": self.model.state_dict(), "gens": [g.get_state() for g in self.gens],
+                    "diag": self.diag.get_state()}, path)
+
+    def load(self, path: str) -> None:
+        state = torch.load(path, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        for g, st in zip(self.gens, state["gens"]):
+            g.set_state(st)
+        if "diag" in state:  # the diagnostics' random tangents (older checkpoints lack them)
+            self.diag.set_state(state["diag"])
+
     def branch(self, changes: dict, lr: float) -> "Run":
         """A copy of this run (weights, probe statistics, data streams) under a changed SAL rule."""
         new = copy.copy(self)
@@ -153,18 +170,36 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=None)
-    ap.add_argument("--load", default=None)
+    ap.add_argument("--load", default=None, help="plot/print saved --out file(s) (comma-separated: merged)")
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--warmup-checkpoint", default=None, help="save the branch-point state here, or start from it")
+    ap.add_argument("--compare-row", default=None, help="write warm-up + --compare-variant as sal_compare's "
+                                                        "depth-300 SAL row (JSON for its --load)")
+    ap.add_argument("--compare-variant", default="separate + clip 1")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.load:
-        with open(args.load) as f:
-            result = json.load(f)
+        result = None
+        for path in args.load.split(","):
+            with open(path) as f:
+                part = json.load(f)
+            if result is None or (not result["warmup"] and part["warmup"]):
+                result, variants = part, {**(result or {}).get("variants", {}), **part["variants"]}
+                result["variants"] = variants
+            else:
+                result["variants"].update(part["variants"])
     else:
         log = lambda s: print(s, flush=True)  # noqa: E731
         run = Run(args.depth)
-        log(f"warm-up to step {args.branch}")
-        warm = run.train(0, args.branch, LR, 0.0, args.every, log)
+        if args.warmup_checkpoint and pathlib.Path(args.warmup_checkpoint).exists():
+            log(f"warm-up state from {args.warmup_checkpoint} (step {args.branch})")
+            run.load(args.warmup_checkpoint)
+            warm = [None]
+        else:
+            log(f"warm-up to step {args.branch}")
+            warm = run.train(0, args.branch, LR, 0.0, args.every, log)
+            if args.warmup_checkpoint:
+                run.save(args.warmup_checkpoint)
         result = {"depth": args.depth, "branch": args.branch, "warmup": warm[:-1], "variants": {}}
         for name in args.variants.split(","):
             lr, changes, clip = VARIANTS[name]
@@ -173,13 +208,41 @@ def main(argv=None):
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(result, f)
-    print(f"{'variant':<20} " + " ".join(f"seed {s}" for s in SEEDS) + "   (share of evaluations after the branch with acc >= 0.95)")
-    for name, rows in result["variants"].items():
-        share = [sum(r["acc"][s] >= 0.95 for r in rows) / len(rows) for s in range(len(SEEDS))]
-        print(f"{name:<20} " + " ".join(f"{v:6.2f}" for v in share))
+    print(summary(result))
     if args.plot:
         plot(result, args.plot)
+    if args.compare_row:
+        write_compare_row(result, args.compare_row, args.compare_variant)
     return result
+
+
+def summary(result: dict) -> str:
+    """Per variant: seeds at >= 0.95 at every evaluation of the last quarter of its steps, each
+    seed's lowest accuracy there, and each seed's share of evaluations >= 0.95 after the branch."""
+    lines = ["| variant | steps | held >= 0.95 (last quarter) | lowest acc in the last quarter, per seed "
+             "| share of evaluations >= 0.95 after the branch, per seed |", "|---|---|---|---|---|"]
+    for name, rows in result["variants"].items():
+        tail = rows[len(rows) - max(1, len(rows) // 4):]
+        low = [min(r["acc"][s] for r in tail) for s in range(len(SEEDS))]
+        share = [sum(r["acc"][s] >= 0.95 for r in rows) / len(rows) for s in range(len(SEEDS))]
+        lines.append(f"| {name} | {rows[0]['it']}-{rows[-1]['it']} | {sum(v >= 0.95 for v in low)}/{len(SEEDS)} | "
+                     + " ".join(f"{v:.3f}" for v in low) + " | " + " ".join(f"{v:.2f}" for v in share) + " |")
+    return "\n".join(lines)
+
+
+def write_compare_row(result: dict, path: str, variant: str) -> None:
+    """The warm-up plus ``variant`` as the depth-300 SAL row of ``sal_compare.py`` (its --load format):
+    the same seeds, data streams, test set and step budget as the comparison's other methods."""
+    rows = result["warmup"] + result["variants"][variant]
+    curves = [cmp.Curve(s, [r["it"] for r in rows], [r["acc"][i] for r in rows], {"lyapunov": [r["lyapunov"][i] for r in rows]})
+              for i, s in enumerate(SEEDS)]
+    base = next(t for t in cmp.default_tasks(False) if t.name == f"depth {DEPTH}")
+    task = dataclasses.replace(base, name=f"depth {result['depth']}", size=result["depth"], iters=rows[-1]["it"])
+    row = cmp.Row(task.name, f"sal ({variant}, warm-up checkpoint)", None, curves, cmp.time_per_step(task, "sal", 1.0),
+                  cmp.setup_seconds(task, "sal", 1.0))
+    with open(path, "w") as f:
+        json.dump({"rows": [row.summary()], "curves": {task.name: {row.summary()["method"]: {
+            "curves": [copy.deepcopy(vars(c)) for c in curves]}}}}, f)
 
 
 if __name__ == "__main__":

@@ -373,3 +373,40 @@ def test_separate_step_keeps_sal_out_of_grad_and_out_of_clipping():
     sal_step(g)  # applied once: the buffers were cleared
     for n, p in g.named_parameters():
         torch.testing.assert_close(p.detach(), before[n] - update[n], rtol=1e-10, atol=1e-13)
+
+
+def test_sal_handle_step_and_attach_apply_the_separate_update():
+    """fxwormhole.SAL(model).attach(opt) / .step() apply exactly what runtime.sal_step applies; the
+    hook's handle removes it (SAL's update then stays collected, not applied)."""
+    from fxwormhole.runtime.sensitivity import sal_step
+
+    torch.manual_seed(0)
+    net = Dense(torch.tanh).double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    models = [instrument(net, (x,), SALConfig(eta=0.3, separate_step=True)).train() for _ in range(3)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+    handle = SAL(models[0]).attach(opts[0])
+
+    def train_step(i):
+        opts[i].zero_grad()
+        (models[i](x) ** 2).sum().backward()
+        opts[i].step()
+
+    for _ in range(2):
+        train_step(0)
+        train_step(1)
+        SAL(models[1]).step()
+        train_step(2)
+        sal_step(models[2])
+    for n, p in models[2].named_parameters():
+        torch.testing.assert_close(models[0].get_parameter(n), p, rtol=0, atol=0, msg=n)
+        torch.testing.assert_close(models[1].get_parameter(n), p, rtol=0, atol=0, msg=n)
+    assert any(float((p - net.get_parameter(n)).abs().max()) > 1e-3 for n, p in models[0].named_parameters())
+    handle.remove()
+    before = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    opts[0].zero_grad()
+    (models[0](x) ** 2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in models[0].named_parameters()}
+    opts[0].step()  # no hook: the task step alone
+    for n, p in models[0].named_parameters():
+        torch.testing.assert_close(p.detach(), before[n] - 0.05 * grads[n], rtol=1e-12, atol=1e-14, msg=n)

@@ -100,3 +100,61 @@ def test_packed_rnn_seeds_get_exactly_their_own_sal_and_task_gradients():
             h = torch.tanh(xs[s][t] @ Wi.T + h @ W.T + b)
             steps.append(lambda q, d=(1 - h ** 2).unsqueeze(-1): d * (W @ q))
         torch.testing.assert_close(lams[:, s], lyapunov_exponents(steps, q0[:, s], transient=1), rtol=1e-10, atol=1e-12)
+
+
+def test_grouped_groups_train_exactly_like_separate_networks():
+    """Grouped (the plain methods' batched network): each group's gradient, per-group clipping and
+    layer-chain exponent are those of its own network trained alone."""
+    nets = [cmp.small_mlp(5, s).double() for s in (0, 1, 2)]
+    for net in nets:
+        for p in net.parameters():
+            p.data.add_(0.3 * torch.randn_like(p))
+    grouped = cmp.Grouped(nets)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 2, generator=gen, dtype=torch.float64) for _ in nets]
+    ys = [torch.rand(8, generator=gen, dtype=torch.float64).round() for _ in nets]
+    out = grouped(torch.cat(xs, 1))
+    F.binary_cross_entropy_with_logits(out, torch.stack(ys, 1), reduction="sum").div(8).backward()
+    grouped.clip_per_seed(grouped, 0.05)
+    for g, net in enumerate(nets):
+        torch.testing.assert_close(out[:, g], net(xs[g]).squeeze(1), rtol=1e-12, atol=1e-12)
+        F.binary_cross_entropy_with_logits(net(xs[g]).squeeze(1), ys[g]).backward()
+        norm = torch.cat([p.grad.flatten() for p in net.parameters()]).norm()
+        for p in net.parameters():  # clip_grad_norm_ without its 1e-6 in the denominator
+            p.grad.mul_(min(1.0, 0.05 / float(norm)))
+        lins = cmp.hidden_linears(net) + [net[-1]]
+        for k, lin in enumerate(lins):
+            torch.testing.assert_close(grouped.weights[k].grad[g], lin.weight.grad, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(grouped.biases[k].grad[g], lin.bias.grad, rtol=1e-10, atol=1e-12)
+    # the growth diagnostic of a Grouped and of a Packed model with the same weights agree
+    packed = cmp.Packed(nets)
+    x = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+    a = grouped.growth(x, torch.Generator().manual_seed(3))
+    b = cmp.forward_growth(packed.net, packed, x, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # ... and equal the mean log growth of a tangent pushed through one network by hand
+    v = torch.randn(16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lins = cmp.hidden_linears(nets[0])
+    h = torch.tanh(lins[0](x[:, :2]))
+    v = v / v.norm(dim=1, keepdim=True)
+    logs = []
+    for lin in lins[1:]:
+        h = torch.tanh(lin(h))
+        v = (1 - h * h) * (v @ lin.weight.T)
+        logs.append(v.norm(dim=1).log().mean())
+        v = v / v.norm(dim=1, keepdim=True)
+    assert float(a[0]) == pytest.approx(float(torch.stack(logs).mean()), rel=1e-10)
+
+
+def test_one_grouped_run_of_every_plain_method_equals_separate_runs():
+    """run_plain_mlp (tuning grid, all seeds and all plain methods in one network) reports the same
+    curves as tuning first and training each method alone."""
+    task = cmp.Task("depth 4", "mlp", 4, 6, 0.05, 16, 3, 1e-3, rhos=(0.8, 1.2), floss_steps=2, clip=1.0)
+    curves, rho = cmp.run_plain_mlp(task, ["bp", "spectral", "orthogonal"], [0, 1], tune_seed=5, log=lambda s: None)
+    assert rho == cmp.tune_rho(task, 5, log=lambda s: None)
+    for method in ("bp", "spectral", "orthogonal"):
+        alone = cmp.run_method(task, method, [0, 1], rho=rho, log=lambda s: None)
+        for a, b in zip(curves[method], alone):
+            assert a.seed == b.seed and a.steps == b.steps
+            assert a.acc == pytest.approx(b.acc, abs=2e-3)
+            assert a.extra["lyapunov"] == pytest.approx(b.extra["lyapunov"], abs=1e-5)
