@@ -131,7 +131,8 @@ def _neuron_stats(d1: Optional[Tensor], norm: Tensor, dim: int, need_frac: bool 
     mean_d1 = d1.mean(dims)
     mean_d1_sq = (d1 * d1).mean(dims)
     frac = (d1 != 0).sum(dims).to(d1.dtype) / n if need_frac else None
-    return norm * mean_d1, torch.dot(norm * norm, mean_d1_sq) / norm.numel(), mean_d1, frac
+    # under autocast f' may be bf16 while ||w|| is float32: dot does not promote, so cast
+    return norm * mean_d1, torch.dot(norm * norm, mean_d1_sq.to(norm.dtype)) / norm.numel(), mean_d1, frac
 
 
 # ------------------------------------------------------------------------------ dense layers
