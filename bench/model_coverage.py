@@ -293,6 +293,9 @@ def main() -> None:
         got = run_model(name, todo, args.timeout)
         if "other_size" in steps and "other_size" not in todo:
             got["other_size"] = {"status": "n/a", "detail": "no second size", "seconds": None}
+        # re-read before merging: another run (other models) may have written since we started
+        if raw.exists():
+            results = json.loads(raw.read_text())["results"]
         results.setdefault(name, {}).update(got)
         print(f"{name:24s} {time.perf_counter() - t0:7.1f}s  " + "  ".join(f"{s}={got[s]['status'].split()[-1]}" for s in steps if s in got),
               flush=True)

@@ -5,9 +5,11 @@ Everything here works on graphs from both front ends of :func:`fxwormhole.captur
 
 Vocabulary:
 
-* **layer**: a ``call_module`` node whose module is one of :data:`LAYER_TYPES`.
-  A module called several times (weight sharing, an unrolled time loop) gives one layer per call,
-  all with the same ``name``.
+* **layer**: a ``call_module`` node whose module is a layer module (:data:`LAYER_TYPES`, or a
+  parameter-only module whose forward is one matrix product, e.g. transformers' ``Conv1D``), or a
+  matrix product of data with a parameter inside a bigger module (``torch.mm(h, self.W)``), named by
+  the parameter's path (see :mod:`fxwormhole.layer_ops`). A module called several times (weight
+  sharing, an unrolled time loop) gives one layer per call, all with the same ``name``.
 * **main path**: the nodes every input->output path passes through: the dominators of the output
   node in the data-flow DAG, seen from a virtual source joined to every placeholder.
 * **region**: the nodes one call of a submodule produced (from ``meta["nn_module_stack"]``).
@@ -27,19 +29,16 @@ import torch.fx as fx
 from torch import nn
 
 from ._text import text_table
+from .layer_ops import LAYER_TYPES, is_layer_module, layer_kind, matmul_form, parameter_product, weight_out_dim
 # activations are recognised from the one table in fxwormhole.passes.activations (re-exported here)
 from .passes.activations import ACTIVATIONS, ActivationForm, activation_params, classify_activation  # noqa: F401
 
 __all__ = [
-    "LAYER_TYPES", "ACTIVATIONS", "ActivationForm", "Layer", "Region", "to_networkx", "is_shape_node", "classify_activation", "activation_params", "layer_kind",
-    "layer_table", "main_path", "output_layers", "candidate_spans", "module_regions",
+    "LAYER_TYPES", "ACTIVATIONS", "ActivationForm", "Layer", "Region", "to_networkx", "is_shape_node", "classify_activation", "activation_params", "layer_kind", "is_layer_module",
+    "layer_table", "main_path", "output_layers", "candidate_spans", "boundary_spans", "module_regions",
     "format_layer_table",
 ]
 
-#: modules the toolkit treats as one layer (a "neuron layer" with weights).
-LAYER_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase, nn.RNNCellBase,
-)
 
 # ------------------------------------------------------------------------------------------------
 # data
@@ -62,6 +61,9 @@ class Layer:
     on_main_path: bool
     activation_params: tuple = field(default=())  # e.g. (("negative_slope", 0.2),)
     is_output_layer: bool = False    # the graph output is reached from it through no other layer
+    input_node: str | None = None    # fx node of the data it reads (its input)
+    weight: str | None = None        # parameter path of its weight (None for recurrent layers)
+    out_dim: int = 0                 # dim of the weight holding the output neurons (1: ConvTranspose, x @ W)
 
 
 @dataclass(frozen=True)
@@ -108,12 +110,18 @@ _SCALARS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
 def is_shape_node(node: fx.Node) -> bool:
-    """True for a node computing a size/scalar (``aten.sym_size.int``, arithmetic on sizes)."""
+    """True for a node computing a size/scalar (``aten.sym_size.int``, ``x.shape``, ``x.size()``,
+    arithmetic on sizes)."""
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return True
     if node.op != "call_function":
         return False
     if node.target is torch.ops.aten.sym_size.int:
         return True
-    return "val" in node.meta and isinstance(node.meta["val"], _SCALARS)
+    if node.target is getattr and len(node.args) > 1 and node.args[1] in ("shape", "ndim"):
+        return True  # symbolic_trace's ``x.shape``
+    val = node.meta.get("val")
+    return isinstance(val, _SCALARS) or isinstance(val, torch.Size)
 
 
 def _target_str(node: fx.Node) -> str:
@@ -124,25 +132,15 @@ def _target_str(node: fx.Node) -> str:
 
 
 def _node_kind(node: fx.Node, mods: dict[str, nn.Module]) -> str | None:
-    if node.op == "call_module" and isinstance(mods.get(node.target), LAYER_TYPES):
+    if node.op == "call_module" and is_layer_module(mods.get(node.target)):
         return layer_kind(mods[node.target])
+    if parameter_product(node, mods.get("")) is not None:
+        return "matmul"
     return classify_activation(None, node, mods=mods)
 
 
 # ------------------------------------------------------------------------------------------------
 # layers
-
-_KINDS: tuple[tuple[type, str], ...] = (
-    (nn.Linear, "linear"), (nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Conv3d, "conv3d"),
-    (nn.LSTM, "lstm"), (nn.GRU, "gru"), (nn.RNN, "rnn"),
-    (nn.LSTMCell, "lstm_cell"), (nn.GRUCell, "gru_cell"), (nn.RNNCell, "rnn_cell"),
-)
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv2d"``, ``"lstm"``, ``"gru_cell"``, ... for a layer module, else None."""
-    return next((kind for cls, kind in _KINDS if isinstance(module, cls)), None)
-
 
 def _shape(val: Any) -> tuple | None:
     if isinstance(val, (tuple, list)) and val:
@@ -161,7 +159,26 @@ def _main_output(node: fx.Node) -> fx.Node:
 
 
 def _layer_nodes(gm: fx.GraphModule, mods: dict) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods.get(n.target), LAYER_TYPES)]
+    return [n for n in gm.graph.nodes
+            if n.op == "call_module" and is_layer_module(mods.get(n.target))
+            or parameter_product(n, mods.get("")) is not None]
+
+
+def _weight(node: fx.Node, mods: dict) -> tuple[str, str | None, int, str, fx.Node | None]:
+    """(name, weight parameter path, out_dim, kind, data input) of a layer node."""
+    product = parameter_product(node, mods.get(""))
+    if product is not None:
+        path, out_dim, data = product
+        return path, path, out_dim, "matmul", data
+    mod = mods[node.target]
+    form = matmul_form(mod)
+    if form is not None:
+        weight: str | None = f"{node.target}.{form.weight}"
+    else:
+        weight = f"{node.target}.weight" if isinstance(getattr(mod, "weight", None), torch.Tensor) else None
+    data = next((a for a in node.args if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)),
+                None)
+    return node.target, weight, weight_out_dim(mod), layer_kind(mod), data
 
 
 def layer_table(gm: fx.GraphModule) -> list[Layer]:
@@ -171,26 +188,27 @@ def layer_table(gm: fx.GraphModule) -> list[Layer]:
     outs = output_layers(gm)
     rows, depth = [], 0
     for node in _layer_nodes(gm, mods):
-        mod = mods[node.target]
+        name, weight, out_dim, kind, data = _weight(node, mods)
         main = _main_output(node)
         act_node = None
         if len(main.users) == 1:
             (user,) = main.users
             if classify_activation(gm, user, mods=mods) is not None:
                 act_node = user
-        output = act_node or node
+        output = act_node or main  # a cell's (h, c): its main tensor h
         is_main = node.name in on_path or output.name in on_path
-        arg0 = node.args[0] if node.args else None
         params = activation_params(gm, act_node, mods=mods) if act_node is not None else {}
+        module_type = "Parameter" if node.op == "call_function" else type(mods[node.target]).__name__
         rows.append(Layer(
-            name=node.target, node=node.name, kind=layer_kind(mod), module_type=type(mod).__name__,
+            name=name, node=node.name, kind=kind, module_type=module_type,
             activation=classify_activation(gm, act_node, mods=mods) if act_node is not None else None,
             activation_node=act_node.name if act_node is not None else None,
             output_node=output.name,
-            in_shape=_shape(arg0.meta.get("val")) if isinstance(arg0, fx.Node) else None,
+            in_shape=_shape(data.meta.get("val")) if data is not None else None,
             out_shape=_shape(main.meta.get("val")),
             depth=depth if is_main else None, on_main_path=is_main,
             activation_params=tuple(sorted(params.items())), is_output_layer=node.name in outs,
+            input_node=data.name if data is not None else None, weight=weight, out_dim=out_dim,
         ))
         depth += is_main
     return rows
@@ -205,7 +223,7 @@ def output_layers(gm: fx.GraphModule) -> set[str]:
     while stack:
         n = stack.pop()
         for i in n.all_input_nodes:
-            if i.name in seen:
+            if i.name in seen or is_shape_node(i):  # reading a size is not reading a layer's output
                 continue
             seen.add(i.name)
             if i.name in layers:
@@ -221,19 +239,20 @@ def output_layers(gm: fx.GraphModule) -> set[str]:
 _SOURCE = "__fxwormhole_source__"
 
 
-def main_path(gm: fx.GraphModule) -> list[str]:
+def main_path(gm: fx.GraphModule, inputs: Sequence[str] | None = None) -> list[str]:
     """Nodes every input->output path passes through, in topological order.
 
     Computed as the dominators of the output node in the data-flow DAG seen from a virtual source
-    joined to all placeholders (constants and parameters, which do not depend on an input, play
-    no part). Placeholders and the output node itself are not listed.
+    joined to all placeholders (or to the placeholders named in ``inputs``; constants and
+    parameters, which do not depend on an input, play no part). Placeholders and the output node
+    itself are not listed.
     """
     g = to_networkx(gm)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     out = next(n.name for n in gm.graph.nodes if n.op == "output")
     g.add_node(_SOURCE)
     for n in gm.graph.nodes:
-        if n.op == "placeholder":
+        if n.op == "placeholder" and (inputs is None or n.name in inputs):
             g.add_edge(_SOURCE, n.name)
     reach = nx.descendants(g, _SOURCE) | {_SOURCE}
     if out not in reach:
@@ -359,6 +378,36 @@ def candidate_spans(gm: fx.GraphModule, layers: Sequence[Layer] | None = None) -
             seen.add(s)
             out.append(s)
     return out
+
+
+def boundary_spans(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """Spans between submodule boundaries, for models whose layers give no candidate span.
+
+    Every call of a submodule that is not itself a layer, whose output is on the main path, is a
+    boundary (the innermost, where several end at the same value); a span goes from a boundary's
+    output back to an earlier boundary's main input, deeper sources first, longer spans first.
+    Unlike layer spans, the last boundary may be a source (a model made of two attention blocks
+    feeds its output back). When fewer than two boundaries lie on the main path (every input
+    reaches the output around each block, as GAT's adjacency), the first input's path is used.
+    """
+    path = main_path(gm)
+    mods = dict(gm.named_modules())
+    # A layer's own call is no boundary: layer spans follow the layer rules (heads are no span end).
+    regions = {rid: r for rid, r in module_regions(gm).items() if not is_layer_module(mods.get(r.path))}
+    if sum(r.output in path for r in regions.values()) < 2:
+        # Every input reaches the output around each submodule (GAT's adjacency enters every
+        # layer): the boundaries on the path of the first input, the one the model transforms.
+        first = next((n.name for n in gm.graph.nodes if n.op == "placeholder"), None)
+        path = main_path(gm, [first]) if first is not None else []
+    pos = {n: i for i, n in enumerate(path)}
+    bounds = sorted(((pos[r.output], -r.path.count("."), rid) for rid, r in regions.items()
+                     if r.output in pos and r.inputs), key=lambda b: (b[0], b[1]))
+    names, seen = [], set()
+    for p, _, rid in bounds:
+        if p not in seen:
+            seen.add(p)
+            names.append(rid)
+    return [(names[i], names[j]) for i in range(len(names) - 1, 0, -1) for j in range(0, i)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn as nn
 
-from .capture import capture_graph
-from .config import SALConfig, WormholeConfig
+from .capture import capture_graph, example_args, graph_args
+from .config import SALConfig, WormholeConfig, require_registered_solvers
 from .errors import ConfigError
 from .passes._common import run_passes
 from .passes.meta import update_graph
@@ -19,22 +18,12 @@ from .transformed import TransformedModule
 __all__ = ["transform"]
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise ConfigError(
-        f"example_inputs must be a Tensor or a tuple of Tensors, got {type(example_inputs).__name__}; "
-        f"pass e.g. (torch.randn(8, 32),)"
-    )
-
-
 def transform(
     model: nn.Module,
     example_inputs: Any,
     config: WormholeConfig | None = None,
     *,
+    kwargs: dict | None = None,
     sal: SALConfig | None = None,
     front_end: str = "auto",
     verify: bool = True,
@@ -54,8 +43,11 @@ def transform(
 
     Args:
         model: any feedforward or recurrent ``nn.Module``.
-        example_inputs: a tensor or tuple of tensors the model accepts (shapes and dtypes are
-            taken from them; batch dim 0).
+        example_inputs: a tensor, or a tuple of the positional arguments the model accepts (shapes
+            and dtypes are taken from them; batch dim 0). An argument may be a structure of tensors
+            (tuple, list, dict, namedtuple, dataclass).
+        kwargs: keyword arguments of the example call (tensors become inputs of the result, other
+            values are fixed), e.g. ``{"attention_mask": mask}``.
         config: where the wormholes go and how fixed points are solved (default
             ``WormholeConfig()``: the ``"auto"`` policy, Anderson, implicit gradient).
         sal: instrument every neuron with sensitivity probes and SAL (see
@@ -85,17 +77,16 @@ def transform(
         raise ConfigError(f"config must be a WormholeConfig, got {type(config).__name__}")
     if sal is not None and not isinstance(sal, SALConfig):
         raise ConfigError(f"sal must be a SALConfig or None, got {type(sal).__name__}")
-    from .runtime.solvers import get_solver
+    # checked when the config was built, and again here: the registry is global and can differ now
+    require_registered_solvers(config)
+    args = example_args(example_inputs)
 
-    get_solver(config.solver.name)  # unknown names fail here, not at the first forward/backward
-    get_solver(config.grad.solver)
-    inputs = _as_tuple(example_inputs)
-
-    captured = capture_graph(model, inputs, front_end=front_end)
+    captured = capture_graph(model, args, kwargs=kwargs, front_end=front_end)
+    inputs = graph_args(captured.graph_module, args, kwargs)
     gm = run_passes(captured.graph_module, transform_passes(captured, config, inputs, sal=sal),
                     check=PipelineCheck(inputs, verify=verify))
     result = TransformedModule(gm, gm.graph)
     result.meta = dict(gm.meta)
-    update_graph(result, transform=TransformRecord.of(model, inputs, config, sal))  # for fxwormhole.save/load
+    update_graph(result, transform=TransformRecord.of(model, args, config, sal, kwargs))  # for fxwormhole.save/load
     result.train(model.training)
     return result

@@ -2,8 +2,10 @@
 
 Two front ends, tried in this order by ``front_end="auto"``:
 
-1. ``torch.fx.symbolic_trace`` with :class:`LayerTracer`, which keeps every layer
-   (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.RNN/LSTM/GRU`` and their cells) as a ``call_module`` leaf
+1. ``torch.fx.symbolic_trace`` with :class:`LayerTracer`, which keeps every layer module
+   (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.RNN/LSTM/GRU`` and their
+   cells, a module whose forward is one matrix product against its weight: see
+   :mod:`fxwormhole.layer_ops`) as a ``call_module`` leaf
    and traces through everything that contains one (so the layers of a residual block or a
    transformer block stay visible).
 2. ``torch.export.export(model, args, kwargs, strict=False).module()``, which follows any Python
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import io
 import logging
@@ -29,12 +32,14 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.export.graph_signature import InputKind
+from torch.utils._pytree import TreeSpec
 
 from ._text import capture_failure_message, describe_failure
-from .analysis import LAYER_TYPES
+from .layer_ops import LAYER_TYPES, is_layer_module
 from .errors import CaptureError, ConfigError
 from .passes._common import run_passes
-from .passes.meta import KEY, GraphRecord, graph_record
+from .passes.meta import KEY, GraphRecord, graph_record, update_graph
 from .passes.pipeline import capture_passes
 
 __all__ = ["capture", "capture_graph", "Captured", "LayerTracer", "LAYER_TYPES", "FRONT_ENDS", "propagate_shapes",
@@ -56,11 +61,11 @@ class LayerTracer(fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, LAYER_TYPES):
+        if is_layer_module(m):
             return True
         if isinstance(m, _CONTAINERS):
             return False
-        if any(isinstance(c, LAYER_TYPES) for c in m.modules() if c is not m):
+        if any(is_layer_module(c) for c in m.modules() if c is not m):
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -84,7 +89,7 @@ class Captured:
 
 def capture(
     model: nn.Module,
-    example_inputs: tuple | torch.Tensor,
+    example_inputs: Any,
     *,
     kwargs: dict | None = None,
     front_end: str = "auto",
@@ -116,7 +121,7 @@ def capture(
 
 def capture_graph(
     model: nn.Module,
-    example_inputs: tuple | torch.Tensor,
+    example_inputs: Any,
     *,
     kwargs: dict | None = None,
     front_end: str = "auto",
@@ -126,64 +131,233 @@ def capture_graph(
         raise ConfigError(f"capture(front_end={front_end!r}) is invalid: expected one of {FRONT_ENDS}")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"capture(model=...) expects an nn.Module, got {type(model).__name__}")
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    refuse_rewritten(model)
+    args = example_args(example_inputs)
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ConfigError(f"kwargs must be a dict of keyword arguments of forward, got {type(kwargs).__name__}")
     kwargs = dict(kwargs or {})
 
     order = ("symbolic_trace", "export") if front_end == "auto" else (front_end,)
     attempts: dict[str, str] = {}
     for name in order:
-        work = copy.deepcopy(model)  # a fresh copy per attempt: a failed trace must leave no trace
         try:
-            gm = _FRONT_ENDS[name](work, args, kwargs)
+            captured = _capture_with(name, model, args, kwargs)
         except Exception as exc:  # each front end fails in its own way; report them all
+            if isinstance(exc, InPlaceUpdateError) and order == ("symbolic_trace",):
+                # the generic advice (data-dependent control flow) would not fit this model
+                raise CaptureError(
+                    f"could not capture {type(model).__name__} with front_end='symbolic_trace': {exc}. What to do: "
+                    f"pass front_end='export' (or 'auto'; CLI: --front-end), which records the update") from None
             attempts[name] = describe_failure(exc)
             log.debug("capture: %s failed: %s", name, attempts[name])
             continue
-        gm.training = model.training
-        for node in gm.graph.nodes:  # string annotations (PEP 563 sources) break GraphModule pickling
-            if isinstance(node.type, str):
-                node.type = None
-        gm.recompile()
-        try:
-            # FakeTensor logs a traceback of a failing op at ERROR level; the CaptureError says it in one line
-            with _quiet(("torch._subclasses.fake_tensor",), logging.CRITICAL):
-                propagate_shapes(gm, args, kwargs)
-        except Exception as exc:  # the trace is shape-agnostic: wrong shapes surface only here
-            raise CaptureError(
-                f"{type(model).__name__}: the example inputs do not fit the model: running the captured graph on "
-                f"them failed with {describe_failure(exc)}; pass example_inputs that model(*example_inputs) "
-                f"accepts (check their number, shapes and dtypes)") from exc
-        gm.meta[KEY] = GraphRecord(front_end=name, input_shapes=tuple(tuple(t.shape) for t in _tensors(args, kwargs)),
-                                   attempts=attempts, training=model.training, normalised=0)
-        return Captured(gm, work)
+        update_graph(captured.graph_module, attempts=attempts)
+        return captured
+    _refuse_inputs_the_model_refuses(model, args, kwargs)
     raise CaptureError(capture_failure_message(type(model).__name__, attempts))
+
+
+def refuse_rewritten(model: nn.Module) -> None:
+    """Refuse a model that is, or holds, what fxwormhole made: a transformed, instrumented or exported model.
+
+    Neither front end can trace fxwormhole's own runtime: symbolic_trace hands a fixed point a Proxy,
+    and export either fails inside the solve or inlines the probes and drops their SAL gradient.
+    Rewriting a rewritten model is not supported; one transform with every wormhole (and ``sal=``)
+    is. Raises :class:`ConfigError` saying what the model is, where, and what to do.
+    """
+    from .export import ExportedModel
+    from .runtime.fixed_point import FixedPoint
+    from .runtime.recurrent import ExplicitRecurrent
+    from .runtime.sensitivity import NeuronProbe
+    from .transformed import TransformedModule
+
+    def where(path: str) -> str:
+        return f"the model ({type(model).__name__})" if not path else f"submodule {path!r} of {type(model).__name__}"
+
+    def cycles(module: nn.Module) -> list[str]:
+        return [name for name, m in module.named_modules() if isinstance(m, FixedPoint)
+                or (isinstance(m, ExplicitRecurrent) and m.temporal_pairs)]
+
+    original = ("transform the original model once instead, with every wormhole you want in one "
+                "WormholeConfig(wormholes=[...]) and sal=SALConfig(...) for sensitivity probes")
+    for path, m in model.named_modules():
+        if isinstance(m, ExportedModel):
+            raise ConfigError(
+                f"{where(path)} is an inference-only artifact loaded by fxwormhole.export.load from {str(m.path)!r}; "
+                f"fxwormhole cannot rewrite it: run it as it is, or {original} and export that")
+        if isinstance(m, TransformedModule) or (isinstance(m, ExplicitRecurrent) and m.temporal_pairs):
+            holds = ", ".join(cycles(m)[:3]) or "wormholes"
+            by = "fxwormhole.transform" if isinstance(m, TransformedModule) else "fxwormhole's add_temporal_wormhole"
+            raise ConfigError(
+                f"{where(path)} is already transformed by {by} (it holds {holds}); fxwormhole does not rewrite its "
+                f"own output: {original}")
+        if isinstance(m, FixedPoint):
+            raise ConfigError(
+                f"{where(path)} is an fxwormhole FixedPoint; neither front end can trace the solve loop of a fixed "
+                f"point: transform the modules around it separately, or let fxwormhole.transform build the cycle "
+                f"(a wormhole from the layer that feeds back to the layer it feeds)")
+        if isinstance(m, NeuronProbe):
+            owner = path.rpartition(".")[0]
+            inside = f"{owner}." if owner else ""
+            probes = [p for p, q in model.named_modules() if isinstance(q, NeuronProbe) and p.startswith(inside)]
+            raise ConfigError(
+                f"{where(owner)} is already instrumented by fxwormhole.instrument (sensitivity probes at "
+                f"{', '.join(probes[:3])}{', ...' if len(probes) > 3 else ''}); to change the SAL settings use "
+                f"fxwormhole.SAL(model).configure(...); to add wormholes as well, transform the original model "
+                f"with sal=SALConfig(...)")
+
+
+def example_args(example_inputs: Any) -> tuple:
+    """The positional arguments ``example_inputs`` stands for.
+
+    A tensor is one argument; a tuple or list holds the positional arguments (each may be a
+    structure: a tuple of tensors, a dict, a namedtuple, a dataclass); a namedtuple or any other
+    object is one argument. A dict is refused: keyword arguments go in ``kwargs=``.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and not hasattr(example_inputs, "_fields"):
+        return tuple(example_inputs)
+    if example_inputs is None or isinstance(example_inputs, dict):
+        what = "None" if example_inputs is None else "a dict"
+        raise ConfigError(
+            f"example_inputs is {what}: pass e.g. (torch.randn(8, 32),), the positional arguments of forward, and "
+            f"keyword arguments as kwargs=..., e.g. kwargs={{'attention_mask': mask}}; a dict that is one argument "
+            f"of forward goes in a tuple: (batch_dict,)")
+    return (example_inputs,)
+
+
+def graph_args(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> tuple:
+    """``args`` and ``kwargs`` of a model call as the positional arguments of the captured graph.
+
+    The passes and the self-check call the graph positionally; the graph's forward names every
+    input (its placeholders), so keyword arguments bind by name.
+    """
+    if not kwargs:
+        return tuple(args)
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.args)
+
+
+def _capture_with(name: str, model: nn.Module, args: tuple, kwargs: dict) -> Captured:
+    """One front end: trace a fresh copy (a failed trace must leave no trace), then propagate shapes.
+    A graph that does not run on the example inputs is that front end's failure."""
+    work = copy.deepcopy(model)
+    with _transformer_mask_hint_off():
+        gm, dropped = _FRONT_ENDS[name](work, args, kwargs)
+    gm.training = model.training
+    for node in gm.graph.nodes:  # string annotations (PEP 563 sources) break GraphModule pickling
+        if isinstance(node.type, str):
+            node.type = None
+    gm.recompile()
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in dropped}
+    # FakeTensor logs a traceback of a failing op at ERROR level; the CaptureError says it in one line
+    with _quiet(("torch._subclasses.fake_tensor",), logging.CRITICAL):
+        propagate_shapes(gm, args, call_kwargs)
+    gm.meta[KEY] = GraphRecord(front_end=name, input_shapes=tuple(tuple(t.shape) for t in _tensors(args, kwargs)),
+                               training=model.training, normalised=0, fixed_kwargs=dropped or None)
+    return Captured(gm, work)
+
+
+def _refuse_inputs_the_model_refuses(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """No front end captured the model: blame the inputs only if the model itself refuses them."""
+    from .passes._common import state_preserved
+
+    try:
+        inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return  # the wrong number of arguments: the capture message says what forward takes
+    except ValueError:  # no signature to read
+        pass
+    work = copy.deepcopy(model)
+    try:
+        with state_preserved(work), torch.no_grad():
+            work(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, the inputs do not fit it
+        raise CaptureError(
+            f"{type(model).__name__}: the example inputs do not fit the model: calling it on them failed with "
+            f"{describe_failure(exc)}; pass example_inputs that model(*example_inputs) accepts (check their "
+            f"number, shapes and dtypes)") from exc
+
+
+@contextlib.contextmanager
+def _transformer_mask_hint_off():
+    """``nn.TransformerEncoder/Decoder`` compare a given mask with a causal one to set an
+    ``is_causal`` hint: a data-dependent bool no front end can trace. The hint only picks a faster
+    kernel (a mask is applied either way, the same numbers): while tracing, an unset hint stays off."""
+    from torch.nn.modules import transformer
+
+    real = transformer._detect_is_causal_mask
+
+    def detect(mask: Any, is_causal: bool | None = None, size: int | None = None) -> bool:
+        return is_causal is True
+
+    transformer._detect_is_causal_mask = detect
+    try:
+        yield
+    finally:
+        transformer._detect_is_causal_mask = real
 
 
 # ------------------------------------------------------------------------------------------------
 # front ends
 
 
-def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+class InPlaceUpdateError(TypeError):
+    """symbolic_trace ran an in-place update of a parameter or buffer that its graph cannot hold."""
+
+
+def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, dict]:
     sig = inspect.signature(model.forward)
     bound = sig.bind(*args, **kwargs)
     bound.apply_defaults()
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
         raise TypeError("forward takes *args/**kwargs, which symbolic_trace cannot bind to placeholders")
-    # Tensors become placeholders; everything else (None, flags, sizes) is specialised.
-    concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+    # Tensors become placeholders, and so does every tensor inside a tuple/list/dict/namedtuple
+    # argument (fx.PH: the graph takes the structure and flattens it); an argument holding tensors in
+    # a structure pytree does not know (a dataclass) stays one placeholder the graph reads attributes
+    # of. Everything else (None, flags, sizes) is specialised.
+    concrete = {k: _placeholders_for_tensors(v) for k, v in bound.arguments.items()
+                if not isinstance(v, torch.Tensor) and not _holds_unflattenable_tensor(v)}
     before = _state_versions(model)
     graph = LayerTracer().trace(model, concrete_args=concrete or None)
     mutated = [name for name, version in _state_versions(model).items() if before.get(name) != version]
     if mutated:
         # The tracer ran `self.calls.add_(1)` once on the real tensor and recorded nothing: the graph
         # would neither update the buffer nor (unused by any node) keep it in its state_dict.
-        raise TypeError(f"forward mutates {', '.join(repr(n) for n in mutated[:5])} in place, which symbolic_trace "
-                        f"cannot record (it runs once at trace time)")
+        raise InPlaceUpdateError(f"forward mutates {', '.join(repr(n) for n in mutated[:5])} in place, which "
+                                  f"symbolic_trace cannot record (it runs once at trace time)")
     for node in graph.nodes:  # fx renames specialised args `h` -> `h_1`; keep the user's names
-        if node.op == "placeholder" and node.target.endswith("_1") and node.target[:-2] in concrete:
+        if node.op == "placeholder" and node.target.endswith("_1") and node.target[:-2] in concrete \
+                and not _has_tensor(bound.arguments[node.target[:-2]]):
             node.target = node.target[:-2]
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    return gm
+    return gm, {}
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(value))
+
+
+def _placeholders_for_tensors(value: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda v: fx.PH if isinstance(v, torch.Tensor) else v, value)
+
+
+def _holds_unflattenable_tensor(value: Any, depth: int = 0) -> bool:
+    """True for a value holding tensors that pytree cannot reach (fields of a dataclass, attributes)."""
+    if depth > 4:
+        return False
+    for leaf in torch.utils._pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor) or leaf is None or isinstance(leaf, (bool, int, float, str)):
+            continue
+        fields = getattr(leaf, "__dict__", None)
+        if dataclasses.is_dataclass(leaf):
+            fields = {f.name: getattr(leaf, f.name, None) for f in dataclasses.fields(leaf)}
+        if isinstance(fields, dict) and any(isinstance(v, torch.Tensor) or _holds_unflattenable_tensor(v, depth + 1)
+                                            for v in fields.values()):
+            return True
+    return False
 
 
 def _state_versions(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -193,33 +367,113 @@ def _state_versions(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: (id(t), t._version) for name, t in tensors}
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    # Failures are reported by CaptureError; export also prints its partial graph to stderr.
-    with _quiet(_NOISY_LOGGERS), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-        # RNN modules rebuild their _flat_weights list while traced; harmless, re-synced below
-        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
-        ep = torch.export.export(model, args, kwargs or None, strict=False,
-                                 dynamic_shapes=_batch_dynamic(model, args, kwargs))
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, dict]:
+    try:
+        ep = _run_export(model, args, kwargs)
+        dropped: dict = {}
+    except Exception as exc:
+        # A decoder's default config returns a key/value cache object (transformers' DynamicCache)
+        # that torch.export cannot return. The cache serves step-by-step generation, which the
+        # rewritten model does not do: capture the call with use_cache=False, as a user would.
+        if not (_returns_unknown_object(exc) and _accepts(model, "use_cache") and "use_cache" not in kwargs):
+            raise
+        dropped = {"use_cache": False}
+        ep = _run_export(model, args, {**kwargs, **dropped})
+    # The exported program's own inputs say which dims it specialised (read before .module(),
+    # whose placeholders carry fresh symbols for every dim marked AUTO).
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    shapes = [_static_shape(vals.get(spec.arg.name)) for spec in ep.graph_signature.input_specs
+              if spec.kind == InputKind.USER_INPUT]
     egm = ep.module()
     if isinstance(getattr(egm, "_guards_fn", None), nn.Module):
         # export's guard (refusing, e.g., a sequence length the export specialised) is a closure
         # that cannot be pickled: enforce the same contract with a module that can
-        shapes = [_static_shape(n.meta.get("val")) for n in egm.graph.nodes if n.op == "placeholder"]
         egm._guards_fn = InputShapeGuard(type(model).__name__, shapes)
+    if dropped:
+        _drop_constant_kwargs(egm, set(dropped))
     egm.graph.lint()
     # GraphModule's unpickler re-traces with the recorded tracer class; export's needs arguments
     egm.graph._tracer_cls = None
     # Re-wrap as a plain GraphModule: ep.module() refuses .train()/.eval(), which passes need.
     gm = fx.GraphModule(egm, egm.graph, class_name=type(model).__name__)
     gm.meta.update(egm.meta)
-    return gm
+    return gm, dropped
+
+
+def _run_export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    # Failures are reported by CaptureError; export also prints its partial graph to stderr.
+    with _quiet(_NOISY_LOGGERS), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        # RNN modules rebuild their _flat_weights list while traced; harmless, re-synced below
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
+        return _export_program(model, args, kwargs)
+
+
+def _export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """``torch.export`` with every dim symbolic where the model allows, also for a batch of 0 or 1.
+
+    torch.export specialises a dimension whose example size is 0 or 1 (``Dim.AUTO`` included), so a
+    batch-1 example would give a model that refuses every other batch size. Such examples are traced
+    at batch 2 (the sample repeated, or zeros for an empty batch; export traces with fake values, so
+    only shapes matter); a model that truly needs its example batch still gets it, specialised.
+    """
+    def export(a: tuple, k: dict) -> torch.export.ExportedProgram:
+        return torch.export.export(model, a, k or None, strict=False, dynamic_shapes=_dynamic_dims(model, a, k))
+
+    batches = {t.shape[0] for t in _tensors(args, kwargs) if t.dim() > 0}
+    if len(batches) != 1 or batches.pop() > 1:
+        return export(args, kwargs)
+
+    def two(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return v
+        return v.expand(2, *v.shape[1:]).clone() if len(v) == 1 else v.new_zeros((2, *v.shape[1:]))
+
+    try:
+        return export(*torch.utils._pytree.tree_map(two, (args, kwargs)))
+    except Exception:  # noqa: BLE001 - the model depends on its example batch: trace that one
+        return export(args, kwargs)
+
+
+def _returns_unknown_object(exc: BaseException) -> bool:
+    return "in output, which is not a known type" in str(exc)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _drop_constant_kwargs(gm: fx.GraphModule, names: set[str]) -> None:
+    """Remove keyword inputs that capture fixed (``use_cache=False``) from the graph's signature:
+    the graph computes the call with that value, and is called without it."""
+    codegen = gm.graph._codegen
+    info = codegen.pytree_info
+    spec = info.in_spec
+    args_spec, kw_spec = spec.children()
+    keep = [i for i, k in enumerate(kw_spec.context) if k not in names]
+    n_args = args_spec.num_children
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder" and n.target in names]:
+        for user in list(node.users):  # only export's input guard reads a constant input
+            if isinstance(getattr(gm, "_guards_fn", None), InputShapeGuard) and user.target == "_guards_fn":
+                del gm._guards_fn.shapes[user.args.index(node)]
+            user.args = tuple(a for a in user.args if a is not node)
+        gm.graph.erase_node(node)
+    kw_spec = TreeSpec(dict, [kw_spec.context[i] for i in keep], [kw_spec.children()[i] for i in keep])
+    orig_args = list(info.orig_args[:n_args]) + [info.orig_args[n_args + i] for i in keep]
+    codegen.pytree_info = info._replace(orig_args=orig_args, in_spec=TreeSpec(tuple, None, [args_spec, kw_spec]))
+    gm.recompile()
 
 
 def _static_shape(val: Any) -> tuple | None:
-    """A fake value's shape with symbolic dims as None (None for non-tensors)."""
+    """A fake value's shape with symbolic dims as None (None for non-tensors); a dim the export
+    specialised (a symbol equal to a constant) is that constant."""
     if not isinstance(val, torch.Tensor):
         return None
-    return tuple(d if isinstance(d, int) else None for d in val.shape)
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return tuple(int(d) if is_concrete_int(d) else None for d in val.shape)
 
 
 class InputShapeGuard(nn.Module):
@@ -240,11 +494,13 @@ class InputShapeGuard(nn.Module):
                     f"again with example inputs of the new shape")
 
 
-def _batch_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
-    """Let export keep dim 0 (the batch) symbolic where the model allows it (``Dim.AUTO``).
+def _dynamic_dims(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """Let export keep every dim symbolic where the model allows it (``Dim.AUTO``).
 
-    Without this, export bakes the example batch size into the graph and the captured module
-    refuses any other batch; AUTO never fails: a dimension the model fixes is specialised.
+    Without this, export bakes the example's sizes into the graph and the captured module refuses
+    another batch, sequence length or image size; AUTO never fails: a dimension the model fixes
+    (a position table, a flatten into a Linear) is specialised, and the input guard refuses other
+    sizes there with a CaptureError.
     """
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
@@ -253,7 +509,7 @@ def _batch_dynamic(model: nn.Module, args: tuple, kwargs: dict) -> dict | None:
     auto = torch.export.Dim.AUTO
 
     def leaf(v: Any) -> Any:
-        return {0: auto} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+        return {d: auto for d in range(v.dim())} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
 
     return {k: torch.utils._pytree.tree_map(leaf, v) for k, v in bound.arguments.items()}
 
@@ -274,7 +530,7 @@ def _quiet(names: Sequence[str], level: int = logging.ERROR):
             lg.setLevel(level)
 
 
-_FRONT_ENDS: dict[str, Callable[[nn.Module, tuple, dict], fx.GraphModule]] = {
+_FRONT_ENDS: dict[str, Callable[[nn.Module, tuple, dict], tuple[fx.GraphModule, dict]]] = {
     "symbolic_trace": _symbolic_trace,
     "export": _export,
 }
@@ -285,21 +541,33 @@ _FRONT_ENDS: dict[str, Callable[[nn.Module, tuple, dict], fx.GraphModule]] = {
 
 
 def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> list[Any]:
-    """The value of each placeholder of ``gm`` (in graph order) for the call ``gm(*args, **kwargs)``."""
+    """The value of each placeholder of ``gm`` (in graph order) for the call ``gm(*args, **kwargs)``.
+
+    Follows the graph's own input handling: a graph whose code flattens structured inputs (export
+    graphs; symbolic_trace graphs of a model taking tuples, dicts or namedtuples) takes the leaves its
+    input spec names, in its order; any other graph takes the arguments bound to its signature.
+    """
     kwargs = kwargs or {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    info = getattr(gm.graph._codegen, "pytree_info", None)  # export graphs take pytree inputs
-    spec = getattr(info, "in_spec", None)
-    if spec is not None:
-        from torch.fx._pytree import tree_flatten_spec
-
-        flat = tree_flatten_spec((list(args), kwargs), spec)
-        if len(flat) == len(placeholders):
-            return list(flat)
-    code_sig = inspect.signature(gm.forward)
-    bound = code_sig.bind(*args, **kwargs)
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
     bound.apply_defaults()
-    return list(bound.arguments.values())[: len(placeholders)]
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "in_spec", None)
+    if spec is None:
+        return list(bound.arguments.values())[: len(placeholders)]
+    from torch.fx._pytree import tree_flatten_spec
+
+    # symbolic_trace's code flattens [self, *args] and drops the module itself
+    with_self = bool(info.orig_args) and info.orig_args[0] == "self" and "self" not in bound.arguments
+    values = [gm if with_self and i == 0 else bound.arguments[name] for i, name in enumerate(info.orig_args)]
+    children = spec.children() if spec.type is tuple else []
+    if len(children) == 2 and children[0].type is tuple and children[1].type is dict:
+        n_args = children[0].num_children  # the code binds (args, kwargs): export's calling convention
+        tree: Any = (values[:n_args], dict(zip(children[1].context, values[n_args:])))
+    else:
+        tree = values
+    flat = list(tree_flatten_spec(tree, spec))
+    return flat[1:] if with_self else flat
 
 
 def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> None:
@@ -314,7 +582,8 @@ def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None
     from .passes._common import state_preserved
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    values = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in placeholder_values(gm, args, kwargs)]
+    values = torch.utils._pytree.tree_map(lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v,
+                                          placeholder_values(gm, args, kwargs))
     # Real buffers enter the fake run: BatchNorm's ``num_batches_tracked += 1`` would really happen.
     with state_preserved(gm), mode:
         FakeTensorProp(gm, mode).run(*values, enable_io_processing=False)

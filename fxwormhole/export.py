@@ -12,7 +12,9 @@ torch's native ``while_loop`` autograd, which is BPTT and silently wrong when th
 does not require grad (shared/research/torch-tooling.md sections 3.3 and 4). :func:`load` returns a
 wrapper that refuses every attempt to train; train the TransformedModule and export again.
 
-With ``dynamic_batch=True`` dimension 0 of every tensor input is one symbolic batch size.
+With ``dynamic_batch=True`` dimension 0 of every tensor input is one symbolic batch size. A batch-1
+example is traced at batch 2 (every batched input repeated; torch.export specialises a size-1 dim)
+and the program is then checked against the model at batch 1.
 
 Files are written atomically (:mod:`fxwormhole._atomic`): a failure leaves an existing file at the
 path unchanged. Every artifact carries SHA-256 checksums of its weights and program (a ``.pt2``:
@@ -32,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ._atomic import atomic_write, check_target
 from .errors import ConfigError, ExportError
@@ -58,28 +61,77 @@ def _as_tuple(example_inputs: Any) -> tuple:
                       f"got {type(example_inputs).__name__}")
 
 
+def _batched(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.dim() > 0
+
+
 def _dynamic_shapes(inputs: tuple, dynamic_batch: bool):
+    """Dim 0 of every tensor symbolic, in the structure of ``inputs`` (a namedtuple argument gets
+    a namedtuple of specs: torch.export matches the two structures)."""
     if not dynamic_batch:
         return None
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    return tuple({0: batch} if isinstance(t, Tensor) and t.dim() > 0 else None for t in inputs)
+    return tuple(tree_map(lambda t: {0: batch} if _batched(t) else None, x) for x in inputs)
+
+
+def _batch_of_one(inputs: tuple) -> bool:
+    batched = [t for t in tree_leaves(inputs) if _batched(t)]
+    return bool(batched) and all(t.shape[0] == 1 for t in batched)
+
+
+def _doubled(inputs: tuple) -> tuple:
+    """The example with every batched input repeated to batch 2: torch.export specialises a size-1
+    dim (1 broadcasts, so it cannot stand for any size) and would refuse a dynamic batch."""
+    return tree_map(lambda t: torch.cat([t, t]) if _batched(t) else t, inputs)
+
+
+_FXWORMHOLE_DIR = str(Path(__file__).resolve().parent)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _where(exc: BaseException) -> str:
-    """The user-code location or op an export error message points at (best effort)."""
-    text = str(exc)
+    """The user-code location or op an export error message points at (best effort).
+
+    The deepest frame the message quotes that is neither torch's nor fxwormhole's own (the
+    model's code); else the node torch names as the one it was executing; else nothing (a
+    location inside the solver loop or an op merely mentioned in the text would mislead).
+    """
+    text = _plain(str(exc))
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.+)', text)
-    user = [f for f in frames if "/torch/" not in f[0]]
+    user = [f for f in frames if "/torch/" not in f[0] and not str(Path(f[0]).resolve()).startswith(_FXWORMHOLE_DIR)
+            and "site-packages/torch" not in f[0]]
     if user:
         path, line, fn, code = user[-1]
         return f" at {Path(path).name}:{line} in {fn} ({code.strip()})"
-    op = re.search(r"(aten\.[\w.]+|torch\.ops\.[\w.]+|call_function \w+|node \w+)", text)
-    return f" at {op.group(1)}" if op else ""
+    node = re.search(r"[Ww]hile executing %(\w+) : \[num_users=\d+\] = call_function\[target=([\w.]+)\]", text)
+    return f" at node {node.group(1)} ({node.group(2)})" if node else ""
+
+
+def _plain(text: str) -> str:
+    """``text`` without terminal colour codes (torch.onnx colours its messages)."""
+    return _ANSI.sub("", text)
 
 
 def _one_line(exc: BaseException) -> str:
-    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    lines = [ln.strip() for ln in _plain(str(exc)).splitlines() if ln.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    if first.endswith(":") and len(lines) > 1:  # "... Got graph break/error:" says what only on the next line
+        first = f"{first} {lines[1]}"
     return f"{type(exc).__name__}: {first[:300]}"
+
+
+def _export_hint(exc: BaseException, dynamic_batch: bool) -> str:
+    """What to do about a torch.export failure, true for the cause the message names."""
+    text = str(exc)
+    if "aliasing during higher order op tracing" in text:
+        return ("two inputs of a fixed point are views of one tensor (e.g. rotary cos/sin tables) and "
+                "torch.while_loop refuses aliasing inputs; fxwormhole does not yet copy them before the loop "
+                "(issue 16, class 5), so this transformed model cannot be exported yet")
+    if "batch" in text and dynamic_batch:
+        return ("the batch dimension was specialised by the model: export with dynamic_batch=False, or remove "
+                "the code that depends on the batch size")
+    return ("rewrite the named op/line so torch.export can trace it (no data-dependent Python control flow "
+            "outside FixedPoint nodes)")
 
 
 class _InferenceMode:
@@ -118,16 +170,36 @@ def export_program(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool
     if isinstance(model, ExportedModel):
         raise ExportError("fxwormhole.export: model is already an exported artifact; export the TransformedModule")
     inputs = _as_tuple(example_inputs)
+    one = dynamic_batch and _batch_of_one(inputs)
+    traced = _doubled(inputs) if one else inputs
     with _InferenceMode(model):
         try:
-            return torch.export.export(model, inputs, dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch),
-                                       strict=False)
+            ep = torch.export.export(model, traced, dynamic_shapes=_dynamic_shapes(traced, dynamic_batch),
+                                     strict=False)
         except Exception as exc:  # noqa: BLE001 - torch.export fails in many ways; wrap them all
-            hint = ("the batch dimension was specialised by the model: export with dynamic_batch=False, or "
-                    "remove the code that depends on the batch size" if "batch" in str(exc) and dynamic_batch
-                    else "rewrite the named op/line so torch.export can trace it (no data-dependent Python "
-                         "control flow outside FixedPoint nodes)")
-            raise ExportError(f"torch.export failed{_where(exc)}: {_one_line(exc)}; {hint}") from exc
+            raise ExportError(f"torch.export failed{_where(exc)}: {_one_line(exc)}; "
+                              f"{_export_hint(exc, dynamic_batch)}") from exc
+        if one:
+            _check_batch_of_one(model, ep, inputs)
+    return ep
+
+
+def _check_batch_of_one(model: nn.Module, ep: torch.export.ExportedProgram, inputs: tuple) -> None:
+    """The program traced at batch 2 must compute, at the example's batch of 1, what the model does."""
+    expected = torch.utils._pytree.tree_leaves(model(*inputs))
+    try:
+        got = torch.utils._pytree.tree_leaves(ep.module()(*inputs))
+    except Exception as exc:  # noqa: BLE001 - the program refuses batch 1
+        raise ExportError(f"torch.export traced the model at batch 2 (a batch-1 example pins the batch to 1), but "
+                          f"the program fails at batch 1: {_one_line(exc)}; export with dynamic_batch=False, or "
+                          f"with a batch-2 example") from exc
+    for a, b in zip(got, expected):
+        if isinstance(b, Tensor) and b.is_floating_point():
+            err, scale = float((a - b).abs().max()), float(b.abs().max())
+            if not err <= 1e-3 * scale + 1e-6:
+                raise ExportError(f"torch.export traced the model at batch 2 (a batch-1 example pins the batch to 1), "
+                                  f"and the program differs from the model at batch 1 by {err:.3g} (outputs up to "
+                                  f"{scale:.3g}); export with dynamic_batch=False to trace the example as it is")
 
 
 def _require_onnx() -> None:
@@ -205,6 +277,8 @@ def prepare_export(model: nn.Module, example_inputs: Any, format: str = "pt2", *
     as is. :func:`export` calls it inside an atomic write; so does ``fxwormhole export``, which
     also loads and checks the artifact before it replaces the user's file."""
     _check_format(format)
+    if dynamic_batch:
+        _refuse_temporal_wormholes(model)
     inputs = _as_tuple(example_inputs)
     ep = export_program(model, inputs, dynamic_batch=dynamic_batch)
     if format == "onnx":
@@ -213,6 +287,24 @@ def prepare_export(model: nn.Module, example_inputs: Any, format: str = "pt2", *
     meta = {"format": format, "dynamic_batch": dynamic_batch, "inference_only": True,
             "inputs": [[list(t.shape), str(t.dtype)] for t in inputs if isinstance(t, Tensor)]}
     return lambda path: _write_pt2(ep, path, meta)
+
+
+def _refuse_temporal_wormholes(model: nn.Module) -> None:
+    """Under export a module with temporal wormholes takes its per-step ``FixedPoint`` path, whose
+    loops torch.export traces at the example's batch size only: say so before tracing, instead of a
+    constraint violation after it (or, before, an error whose 'rewrite the named line' pointed into
+    fxwormhole's own runtime)."""
+    from .runtime.recurrent import ExplicitRecurrent
+    from .transformed import public_name
+
+    held = [public_name(path) or type(model).__name__ for path, m in model.named_modules()
+            if isinstance(m, ExplicitRecurrent) and m.temporal_pairs]
+    if held:
+        raise ExportError(
+            f"fxwormhole.export: {', '.join(repr(h) for h in held[:3])} {'has' if len(held) == 1 else 'have'} temporal "
+            "wormholes, whose per-step solve torch.export traces at the example's batch size only (fxwormhole's "
+            "recurrent runtime, not your code); export with dynamic_batch=False, or keep the transformed model in "
+            "PyTorch (fxwormhole.save / fxwormhole.load)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,8 +339,25 @@ def _pt2_digests(archive: zipfile.ZipFile, records: dict[str, zipfile.ZipInfo]) 
             if not name.startswith("extra/") and not info.is_dir()}
 
 
+def _register_namedtuples(spec: Any) -> None:
+    """Give every namedtuple class of an input structure the serialised name ``module.QualName``
+    that ``torch.export.save`` requires. (Loading such a file in another process needs the same
+    registration: torch.utils._pytree._register_namedtuple.)"""
+    from torch.utils._pytree import SUPPORTED_SERIALIZED_TYPES, _register_namedtuple
+
+    cls = getattr(spec, "context", None)  # a namedtuple node: type collections.namedtuple, context the class
+    if isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields") \
+            and cls not in SUPPORTED_SERIALIZED_TYPES:
+        _register_namedtuple(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+    for child in getattr(spec, "children_specs", ()):
+        _register_namedtuples(child)
+
+
 def _write_pt2(ep: torch.export.ExportedProgram, tmp: Path, meta: dict) -> None:
     """``torch.export.save`` and then the metadata record, which holds the checksums of all others."""
+    for entry in ep.module_call_graph:
+        if entry.signature is not None:
+            _register_namedtuples(entry.signature.in_spec)
     with open(tmp, "wb") as f:
         torch.export.save(ep, f)
     with zipfile.ZipFile(tmp, "a") as archive:  # records stay uncompressed, as torch writes them
@@ -450,7 +559,8 @@ class _OrtRunner:
             raise ExportError(f"{path}: onnxruntime cannot load it ({_one_line(exc)}); re-export it") from None
         self.names = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, *inputs: Tensor) -> Any:
+    def __call__(self, *inputs: Any) -> Any:
+        inputs = tuple(t for t in tree_leaves(inputs) if isinstance(t, Tensor))  # ONNX takes the leaves
         if len(inputs) != len(self.names):
             raise ExportError(f"the ONNX model takes {len(self.names)} inputs {self.names}, got {len(inputs)}")
         feed = {n: t.detach().cpu().numpy() for n, t in zip(self.names, inputs)}

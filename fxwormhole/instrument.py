@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import capture_graph
+from .capture import capture_graph, example_args, graph_args
 from .config import SALConfig
 from ._text import text_table
 from .errors import ConfigError, PlacementError
+from .layer_ops import layer_kind
 from .passes._common import run_passes
 from .passes.pipeline import instrument_passes, sensitivity_passes
 from .passes.sensitivity_annotate import ActivationSpec
@@ -57,8 +58,8 @@ def instrument_graph(gm: fx.GraphModule, sal: Optional[SALConfig] = None,
 
 
 def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] = None, *,
-               activations: Optional[Mapping[str, ActivationSpec]] = None, front_end: str = "auto",
-               verify: bool = True) -> fx.GraphModule:
+               kwargs: Optional[dict] = None, activations: Optional[Mapping[str, ActivationSpec]] = None,
+               front_end: str = "auto", verify: bool = True) -> fx.GraphModule:
     """A copy of ``model`` with a sensitivity probe on every neuron (and SAL when ``sal`` is enabled).
 
     ``model`` is never mutated: it is captured (deep-copied) by :func:`fxwormhole.capture.capture`.
@@ -69,8 +70,10 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
 
     Args:
         model: the network.
-        example_inputs: a tensor or a tuple of positional example inputs.
+        example_inputs: a tensor or a tuple of positional example inputs (structures of tensors
+            allowed, as in :func:`fxwormhole.transform`).
         sal: :class:`SALConfig`; ``None`` installs measuring probes only.
+        kwargs: keyword arguments of the example call.
         activations: per-layer activation overrides by module path (a registered name, or an
             elementwise callable / activation module).
         front_end: capture front end (``"auto"``, ``"symbolic_trace"``, ``"export"``).
@@ -83,21 +86,42 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
     sal = _check_sal(sal)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"instrument(model=...) expects an nn.Module, got {type(model).__name__}")
-    captured = capture_graph(model, example_inputs, front_end=front_end)
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    args = example_args(example_inputs)
+    captured = capture_graph(model, args, kwargs=kwargs, front_end=front_end)
+    inputs = graph_args(captured.graph_module, args, kwargs)
     gm = run_passes(captured.graph_module, instrument_passes(captured, sal, activations),
                     check=PipelineCheck(inputs, verify=verify, what="instrument"))
     if not probes_of(gm):
-        raise PlacementError(
-            f"instrument: no neuron layer (Linear, ConvNd, RNN/LSTM/GRU or a cell) found as a submodule of "
-            f"{type(model).__name__}; a bare layer passed as the model is not a submodule: wrap it in a module")
+        raise PlacementError(f"instrument: {_why_no_probe(model, gm)}")
     gm.train(model.training)
     return gm
 
 
+def _why_no_probe(model: nn.Module, gm: fx.GraphModule) -> str:
+    """Why ``model`` got no probe, true for that model, and what to do."""
+    from .analysis import layer_table
+    from .passes.sensitivity_annotate import PROBED_KINDS
+
+    name = type(model).__name__
+    if layer_kind(model) is not None:
+        return (f"the model is a bare {name} layer, not a model holding one: probes go on the layers inside a "
+                f"model, so wrap it in a module (e.g. nn.Sequential(layer))")
+    unprobed = [(l.name, l.kind) for l in layer_table(gm) if l.kind not in PROBED_KINDS]
+    if unprobed:
+        shown = ", ".join(f"{n!r} ({k})" for n, k in list(dict.fromkeys(unprobed))[:4])
+        return (f"{name}'s neuron layers are {shown}: sensitivity probes measure nn.Linear, nn.Conv1d/2d/3d and "
+                f"recurrent layers only; probe a model built from those layers, or transform this one without sal")
+    return (f"{name} holds no neuron layer (nn.Linear, nn.Conv1d/2d/3d, nn.RNN/LSTM/GRU or a cell, a matrix product "
+            f"against a parameter) that its forward calls, so there is nothing to measure; a layer computed from a "
+            f"weight that is no parameter (made in forward) is not seen: wrap it in a module holding the weight as "
+            f"an nn.Parameter")
+
+
 @dataclass(frozen=True)
 class SensitivityRow:
-    """One probed layer: per-neuron moving averages summarised."""
+    """One probed layer: per-neuron moving averages summarised. ``mean_s_bar``, ``log_rms_s`` and
+    ``below_target`` are NaN while ``updates`` is 0: nothing was measured yet (statistics are gathered
+    by training-mode forwards with autograd on), and the zeros in the buffers are no measurement."""
 
     layer: str
     kind: str
@@ -109,6 +133,13 @@ class SensitivityRow:
     below_target: float
     updates: int
 
+    def figures(self) -> Tuple[str, str, str]:
+        """``mean s_bar``, ``log RMS s`` and ``s_bar<target`` as tables print them ("n/a" before the
+        first update)."""
+        if not self.updates:
+            return ("n/a",) * 3
+        return f"{self.mean_s_bar:.4f}", f"{self.log_rms_s:+.4f}", f"{100 * self.below_target:.1f}%"
+
 
 @dataclass(frozen=True)
 class SensitivityReport:
@@ -118,15 +149,16 @@ class SensitivityReport:
     target: float
 
     def mean_log_rms(self) -> float:
-        """Mean over layers of the log RMS sensitivity (0 at the edge of chaos)."""
-        vals = [r.log_rms_s for r in self.rows]
+        """Mean over the measured layers of the log RMS sensitivity (0 at the edge of chaos; NaN
+        when no layer was measured yet)."""
+        vals = [r.log_rms_s for r in self.rows if r.updates]
         return sum(vals) / len(vals) if vals else math.nan
 
     def __str__(self) -> str:
         head = ("layer", "kind", "activation", "source", "neurons", "mean s_bar", "log RMS s",
                 f"s_bar<{self.target:g}", "updates")
-        body = [(r.layer, r.kind, r.activation, r.source, str(r.neurons), f"{r.mean_s_bar:.4f}",
-                 f"{r.log_rms_s:+.4f}", f"{100 * r.below_target:.1f}%", str(r.updates)) for r in self.rows]
+        body = [(r.layer, r.kind, r.activation, r.source, str(r.neurons), *r.figures(), str(r.updates))
+                for r in self.rows]
         return text_table(head, body, left=4)
 
 
@@ -146,9 +178,10 @@ def sensitivity_report(model: nn.Module) -> SensitivityReport:
     for p in probes.values():
         target = p.rule.target
         with torch.no_grad():
-            s = p.s_bar.float()
-            rows.append(SensitivityRow(public_name(p.layer), p.kind, p.activation, p.source, p.neurons, float(s.mean()),
-                                       float(p.log_rms), float((s < p.rule.target).float().mean()), int(p.count)))
+            s, updates = p.s_bar.float(), int(p.count)
+            measured = (float(s.mean()), float(p.log_rms), float((s < p.rule.target).float().mean()))
+            rows.append(SensitivityRow(public_name(p.layer), p.kind, p.activation, p.source, p.neurons,
+                                       *(measured if updates else (math.nan,) * 3), updates))
     return SensitivityReport(rows, target)
 
 
@@ -199,13 +232,13 @@ class SAL:
                 p.spec = replace(p.spec, rule=p.rule)
 
     def mean_s_bar(self) -> float:
-        """Mean ``s_bar`` over all neurons of all probes."""
-        vals = [p.s_bar.float() for p in self.probes.values()]
+        """Mean ``s_bar`` over all neurons of the probes measured so far (NaN before the first update)."""
+        vals = [p.s_bar.float() for p in self.probes.values() if int(p.count)]
         return float(torch.cat(vals).mean()) if vals else math.nan
 
     def log_sensitivity(self) -> Dict[str, float]:
-        """Per layer: log RMS sensitivity (moving average)."""
-        return {p.layer: float(p.log_rms) for p in self.probes.values()}
+        """Per layer: log RMS sensitivity (moving average; NaN for a layer not measured yet)."""
+        return {p.layer: float(p.log_rms) if int(p.count) else math.nan for p in self.probes.values()}
 
     def report(self) -> "SensitivityReport":
         """A :class:`SensitivityReport` of the model."""

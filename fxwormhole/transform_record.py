@@ -59,9 +59,11 @@ class TransformRecord:
     inputs: tuple[InputSpec, ...]
     model_class: str
     training: bool
+    keywords: tuple[str, ...] = ()  # names of the call's keyword inputs (kwargs=), which load cannot repeat yet
 
     @classmethod
-    def of(cls, model: nn.Module, inputs: Sequence[Any], config: WormholeConfig, sal: SALConfig | None) -> "TransformRecord":
+    def of(cls, model: nn.Module, inputs: Sequence[Any], config: WormholeConfig, sal: SALConfig | None,
+           kwargs: dict | None = None) -> "TransformRecord":
         kind = type(model)
         return cls(config, sal, tuple(InputSpec.of(x) for x in inputs), f"{kind.__module__}.{kind.__qualname__}",
-                   bool(model.training))
+                   bool(model.training), tuple(kwargs or ()))

@@ -1,4 +1,7 @@
 """capture(): both front ends, export normalisation, fidelity to the model, no mutation, errors."""
+import collections
+import dataclasses
+import inspect
 import operator
 
 import pytest
@@ -256,3 +259,210 @@ def test_package_level_capture_is_callable_after_submodule_import():
     model = zoo.MLP()
     gm = fxwormhole.capture(model, model.example_inputs())
     assert gm.meta["fxwormhole"]["front_end"] == "symbolic_trace"
+
+
+# ------------------------------------------------------------------------------------------------
+# structured inputs, fixed keyword arguments, nn.Transformer masks (issue 16 classes 3 and 4)
+
+Pair = collections.namedtuple("Pair", ["image", "features"])
+
+
+@dataclasses.dataclass
+class Batch:
+    image: torch.Tensor
+    features: torch.Tensor
+
+
+class _TupleState(nn.Module):
+    """word_language_model's pattern: forward(ids, (h0, c0))."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.rnn = nn.LSTM(4, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, ids, hidden):
+        out, (h, c) = self.rnn(self.emb(ids), hidden)
+        return self.out(out), (h, c)
+
+
+class _Structured(nn.Module):
+    """One argument that holds two tensors (a namedtuple, a dict, a list or a dataclass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(3, 4)
+
+    def forward(self, batch):
+        if isinstance(batch, dict):
+            x, y = batch["image"], batch["features"]
+        elif isinstance(batch, list):
+            x, y = batch[0], batch[1]
+        else:
+            x, y = batch.image, batch.features
+        return torch.tanh(self.a(x)) * self.b(y)
+
+
+def _structured(kind, x, y):
+    return {"namedtuple": Pair(x, y), "dict": {"image": x, "features": y}, "list": [x, y],
+            "dataclass": Batch(x, y)}[kind]
+
+
+@pytest.mark.parametrize("front_end", ["symbolic_trace", "export"])
+def test_tuple_state_argument_is_an_input_not_a_constant(front_end):
+    model = _TupleState().eval()
+    ids = torch.randint(0, 10, (6, 3))
+    state = (torch.randn(1, 3, 5), torch.randn(1, 3, 5))
+    gm = capture(model, (ids, state), front_end=front_end)
+    torch.testing.assert_close(gm(ids, state), model(ids, state), rtol=0, atol=0)
+    other = (torch.randn(1, 3, 5), torch.randn(1, 3, 5))  # new values flow through the graph
+    torch.testing.assert_close(gm(ids, other), model(ids, other), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind,front_ends", [("namedtuple", ["symbolic_trace", "export"]),
+                                             ("dict", ["symbolic_trace", "export"]),
+                                             ("list", ["symbolic_trace", "export"]),
+                                             ("dataclass", ["symbolic_trace"])])
+def test_structured_argument_follows_the_graph_input_spec(kind, front_ends):
+    model = _Structured()
+    x, y = torch.randn(2, 6), torch.randn(2, 3)
+    for front_end in front_ends:
+        gm = capture(model, (_structured(kind, x, y),), front_end=front_end)
+        torch.testing.assert_close(gm(_structured(kind, x, y)), model(_structured(kind, x, y)), rtol=0, atol=0)
+        x2, y2 = torch.randn(2, 6), torch.randn(2, 3)
+        torch.testing.assert_close(gm(_structured(kind, x2, y2)), model(_structured(kind, x2, y2)), rtol=0, atol=0)
+    assert capture(model, (_structured(kind, x, y),)).meta["fxwormhole"]["front_end"] == "symbolic_trace"
+
+
+def test_a_namedtuple_passed_as_example_inputs_is_one_argument():
+    model = _Structured()
+    batch = Pair(torch.randn(2, 6), torch.randn(2, 3))
+    torch.testing.assert_close(capture(model, batch)(batch), model(batch), rtol=0, atol=0)
+
+
+def test_a_graph_that_does_not_run_is_its_front_ends_failure(monkeypatch):
+    """symbolic_trace's graph failing shape propagation: export is tried next, the inputs are not blamed."""
+    import sys
+
+    cap = sys.modules["fxwormhole.capture"]  # the package attribute is the function
+    real = cap._FRONT_ENDS["symbolic_trace"]
+
+    def broken(model, args, kwargs):
+        gm, dropped = real(model, args, kwargs)
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                with gm.graph.inserting_before(node):
+                    cut = gm.graph.call_function(operator.getitem, (node.args[0], (slice(None), slice(0, 1))))
+                node.args = (cut,)
+                break
+        gm.recompile()
+        return gm, dropped
+
+    monkeypatch.setitem(cap._FRONT_ENDS, "symbolic_trace", broken)
+    model = zoo.MLP()
+    x = model.example_inputs()[0]
+    gm = capture(model, (x,))
+    assert gm.meta["fxwormhole"]["front_end"] == "export"
+    assert "symbolic_trace" in gm.meta["fxwormhole"]["attempts"]
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_inputs_are_blamed_only_when_the_model_refuses_them():
+    model = zoo.MLP()
+    with pytest.raises(CaptureError, match=r"the example inputs do not fit the model: calling it on them failed "
+                                           r"with RuntimeError: mat1 and mat2"):
+        capture(model, (torch.randn(2, 3),))
+
+
+class _CausalEncoder(nn.Module):
+    def __init__(self, mask_from_input=False):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.mask_from_input = mask_from_input
+
+    def forward(self, src, mask=None):
+        if mask is None:
+            mask = nn.Transformer.generate_square_subsequent_mask(src.shape[1], device=src.device)
+        return self.encoder(src, mask=mask)
+
+
+@pytest.mark.parametrize("front_end", ["auto", "export"])
+def test_transformer_encoder_with_a_mask_is_captured(front_end):
+    """nn.TransformerEncoder compares the mask with a causal one (a data-dependent bool); capture
+    leaves the is_causal hint off, so the mask is applied: the same numbers, for any mask."""
+    model = _CausalEncoder().eval()
+    x = torch.randn(2, 5, 8)
+    gm = capture(model, (x,), front_end=front_end)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+    from torch.nn.modules import transformer
+
+    assert transformer._detect_is_causal_mask.__module__ == "torch.nn.modules.transformer"  # restored
+    # a mask given as an input (not causal) is applied as given
+    mask = torch.zeros(5, 5).masked_fill(torch.rand(5, 5) > 0.7, float("-inf")).fill_diagonal_(0.0)
+    gm = capture(model, (x,), kwargs={"mask": mask}, front_end="export")
+    torch.testing.assert_close(gm(x, mask=mask), model(x, mask=mask), rtol=1e-5, atol=1e-6)
+
+
+class _KVCache:
+    """Stands for transformers' DynamicCache: an object torch.export cannot return."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+
+class _Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x, use_cache=True, **kwargs):
+        h = torch.relu(self.a(x))
+        return {"logits": self.b(h), "past_key_values": _KVCache(h) if use_cache else None}
+
+
+def test_a_cache_output_is_captured_with_use_cache_false():
+    model = _Decoder()
+    x = torch.randn(2, 3, 4)
+    gm = capture(model, (x,))
+    record = gm.meta["fxwormhole"]
+    assert record["front_end"] == "export" and record.fixed_kwargs == {"use_cache": False}
+    out = gm(x)  # called as the user calls the model: use_cache is not an input of the graph
+    assert out["past_key_values"] is None
+    torch.testing.assert_close(out["logits"], model(x, use_cache=False)["logits"], rtol=0, atol=0)
+    assert "use_cache" not in inspect.signature(gm.forward).parameters
+
+
+def test_a_cache_the_user_asked_for_is_not_dropped():
+    model = _Decoder()
+    with pytest.raises(CaptureError, match="not a known type"):
+        capture(model, (torch.randn(2, 3, 4),), kwargs={"use_cache": True})
+
+
+class _KwMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.head = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x, *, mask=None, scale=1.0):
+        h = torch.tanh(self.fc1(x * mask if mask is not None else x))
+        return self.head(torch.tanh(self.fc3(torch.tanh(self.fc2(h))))) * scale
+
+
+@pytest.mark.parametrize("front_end", ["symbolic_trace", "export"])
+def test_transform_and_instrument_take_kwargs(front_end):
+    import fxwormhole as fw
+
+    model = _KwMLP()
+    x, mask = torch.randn(2, 3), (torch.rand(2, 3) > 0.5).float()
+    kwargs = {"mask": mask, "scale": 2.0}
+    net = fw.transform(model, (x,), kwargs=kwargs, front_end=front_end)
+    assert len(net.wormholes) == 1
+    torch.testing.assert_close(net(x, **kwargs), model(x, **kwargs), rtol=1e-5, atol=1e-6)
+    mask2 = torch.ones(2, 3)
+    torch.testing.assert_close(net(x, mask=mask2, scale=2.0), model(x, mask=mask2, scale=2.0), rtol=1e-5, atol=1e-6)
+    probed = fw.instrument(model, (x,), kwargs=kwargs, front_end=front_end)
+    torch.testing.assert_close(probed(x, **kwargs), model(x, **kwargs), rtol=0, atol=0)

@@ -126,3 +126,75 @@ def test_pipeline_example_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "all checks passed" in out and (tmp_path / "mlp_wormhole.pt2").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16 class 6: a batch-1 example, where an error points, colour codes
+
+
+class _PerSample(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(3, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.head(torch.tanh(self.fc3(torch.tanh(self.fc2(h)))))
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_a_batch_of_one_exports_with_a_dynamic_batch(fmt, tmp_path):
+    """torch.export specialises size-1 dims; a one-sample example still gives a dynamic batch."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    x1 = torch.randn(1, 3)
+    net = fxwormhole.transform(_PerSample(), (x1,), OPEN).eval()
+    runner = fxwormhole.export.load(fxwormhole.export(net, (x1,), tmp_path / f"one.{fmt}", format=fmt))
+    for batch in (1, 4):
+        x = torch.randn(batch, 3)
+        with torch.no_grad():
+            torch.testing.assert_close(runner(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_of_one_whose_program_differs_is_refused(tmp_path):
+    """The program traced at batch 2 is checked against the model at the example's batch of 1."""
+    class ExportsDifferently(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if torch.compiler.is_exporting() else x
+
+    with pytest.raises(ExportError, match="differs from the model at batch 1"):
+        fxwormhole.export(ExportsDifferently(), (torch.randn(1, 3) + 2,), tmp_path / "m.pt2")
+    assert not (tmp_path / "m.pt2").exists()
+
+
+def test_an_export_error_points_at_the_models_line_not_at_fxwormhole():
+    from fxwormhole.export import _where
+
+    loop = str(__import__("fxwormhole.runtime._loop", fromlist=["x"]).__file__)
+    text = ("Could not guard\n"
+            '  File "/home/u/model.py", line 12, in forward\n    y = x.view(-1)\n'
+            f'  File "{loop}", line 99, in solve\n    z = torch.where(step_on.view(-1, 1), a, b)\n')
+    assert _where(RuntimeError(text)) == " at model.py:12 in forward (y = x.view(-1))"
+    only_ours = f'  File "{loop}", line 99, in solve\n    z = torch.where(step_on.view(-1, 1), a, b)\n'
+    assert _where(RuntimeError("aliasing inputs; see torch.ops.aten.to.dtype\n" + only_ours)) == ""
+    executing = ("boom\nWhile executing %to_3 : [num_users=1] = call_function[target=torch.ops.aten.to.dtype]"
+                 "(args = (%x,), kwargs = {})")
+    assert _where(RuntimeError(executing)) == " at node to_3 (torch.ops.aten.to.dtype)"
+
+
+def test_export_messages_carry_no_terminal_colour_codes():
+    from fxwormhole.export import _one_line
+
+    assert _one_line(RuntimeError("Failed to decompose. \x1b[96mThis is step 2/3\x1b[0m of exporting")) == (
+        "RuntimeError: Failed to decompose. This is step 2/3 of exporting")
+
+
+def test_a_dynamo_message_says_what_broke_on_its_first_line():
+    from fxwormhole.export import _export_hint, _one_line
+
+    exc = RuntimeError("This higher order operator doesn't work unless it is captured completely with torch.compile. "
+                       "Got graph break/error:\n\nEncountered aliasing during higher order op tracing\n  Hint: ...")
+    assert _one_line(exc).endswith("Got graph break/error: Encountered aliasing during higher order op tracing")
+    assert "views of one tensor" in _export_hint(exc, True) and "dynamic_batch" not in _export_hint(exc, True)

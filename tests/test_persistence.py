@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import fxwormhole
 from fxwormhole import ConfigError, LoadError, SALConfig, SaveError, WormholeConfig, zoo
@@ -301,3 +302,22 @@ def test_an_interrupted_save_is_refused_at_load(saved):
 
 if __name__ == "__main__":  # rewrite the committed format-1 fixture (only when the format-1 writer changes)
     write_v1_fixture(FIXTURE_V1)
+
+
+def test_save_refuses_a_model_transformed_with_keyword_inputs(tmp_path):
+    """load repeats the recorded transform call with positional inputs only: a model transformed with
+    kwargs= would be rebuilt from another call, so save says so instead of writing a folder load
+    cannot honour."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x, scale=None):
+            return self.layers(x if scale is None else x * scale)
+
+    x = torch.randn(4, 6)
+    net = fxwormhole.transform(Scaled(), (x,), kwargs={"scale": torch.full((4, 6), 2.0)})
+    with pytest.raises(fxwormhole.ConfigError, match="keyword inputs \\(scale\\)"):
+        fxwormhole.save(net, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()

@@ -10,8 +10,10 @@ do not change. The check is semantic, so it also holds for a module called funct
 (``F.linear(x, self.a.weight, self.a.bias)``) and for weight sharing (one module, several nodes).
 
 Handled ops: ``aten.linear``, ``aten.conv1d/2d/3d`` (also the string-padding overloads),
-``aten.convolution`` (not transposed), ``aten.lstm/gru/rnn_tanh/rnn_relu.input`` and the four cell
-ops. A zero initial state created only for the op becomes "no state" (``cell(x)``, as the module
+``aten.conv_transpose1d/2d/3d``, ``aten.convolution`` (plain or transposed),
+``aten.lstm/gru/rnn_tanh/rnn_relu.input`` and the four cell ops. A call of a matrix-product module
+(:func:`fxwormhole.layer_ops.matmul_form`, e.g. transformers' ``Conv1D``: ``view``, ``addmm``,
+``view``) becomes one node when the nodes of that call take one value in and give one out. A zero initial state created only for the op becomes "no state" (``cell(x)``, as the module
 would); ``aten.lstm``'s ``(out, h, c)`` is re-read from ``nn.LSTM``'s ``(out, (h, c))``. Ops that do
 not match stay ATen. The new node takes over the ATen node's metadata (``nn_module_stack``, shapes,
 ``NodeInfo.origin``) plus ``NodeInfo.normalised_from``; ``GraphRecord.normalised`` counts them.
@@ -26,7 +28,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..analysis import LAYER_TYPES
+from ..analysis import is_shape_node
+from ..layer_ops import is_layer_module, matmul_form, parameter_product
 from .meta import KEY, graph_record, update_graph, update_node
 
 __all__ = ["NormaliseExport"]
@@ -94,17 +97,23 @@ def _match_weight_bias(model: nn.Module, w: str | None, b: Any, cls: type) -> st
     return path
 
 
+_CONV_OPS = {"aten::conv1d": (1, False), "aten::conv2d": (2, False), "aten::conv3d": (3, False),
+             "aten::conv_transpose1d": (1, True), "aten::conv_transpose2d": (2, True),
+             "aten::conv_transpose3d": (3, True)}
+_CONV_MODULES = {(1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
+                 (1, True): nn.ConvTranspose1d, (2, True): nn.ConvTranspose2d, (3, True): nn.ConvTranspose3d}
+
+
 def _match_conv(node: fx.Node, model: nn.Module) -> str | None:
     target = node.target
     name = getattr(target, "_schema", None) and target._schema.name  # e.g. "aten::conv2d"
     w, b = _attr(_arg(node, 1, "weight", None)), _arg(node, 2, "bias", None)
-    nd = {"aten::conv1d": 1, "aten::conv2d": 2, "aten::conv3d": 3}.get(name)
+    nd, transposed = _CONV_OPS.get(name, (None, False))
     if name == "aten::convolution":
-        if _arg(node, 6, "transposed", False):
-            return None
+        transposed = bool(_arg(node, 6, "transposed", False))
         wval = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
         nd = None if wval is None else wval.dim() - 2
-    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}.get(nd)
+    cls = _CONV_MODULES.get((nd, transposed))
     path = _match_weight_bias(model, w, b, cls) if cls else None
     if path is None:
         return None
@@ -113,13 +122,20 @@ def _match_conv(node: fx.Node, model: nn.Module) -> str | None:
         return None  # the module pads by itself, then calls conv with padding 0: not one op
     stride = _tuple(_arg(node, 3, "stride", 1), nd)
     padding = _arg(node, 4, "padding", 0)
+    output_padding = (0,) * nd
     if name == "aten::convolution":
         dilation, groups = _tuple(_arg(node, 5, "dilation", 1), nd), int(_arg(node, 8, "groups", 1))
+        output_padding = _tuple(_arg(node, 7, "output_padding", 0), nd)
+    elif transposed:  # conv_transposeNd(input, weight, bias, stride, padding, output_padding, groups, dilation)
+        output_padding = _tuple(_arg(node, 5, "output_padding", 0), nd)
+        dilation, groups = _tuple(_arg(node, 7, "dilation", 1), nd), int(_arg(node, 6, "groups", 1))
     else:
         dilation, groups = _tuple(_arg(node, 5, "dilation", 1), nd), int(_arg(node, 6, "groups", 1))
     pad_ok = padding == mod.padding if isinstance(padding, str) or isinstance(mod.padding, str) else _tuple(padding, nd) == tuple(mod.padding)
     if stride != tuple(mod.stride) or dilation != tuple(mod.dilation) or groups != mod.groups or not pad_ok:
         return None
+    if transposed and output_padding != tuple(mod.output_padding):
+        return None  # called with an output_size: the module's own call would need it too
     return path
 
 
@@ -189,18 +205,19 @@ def _normalise(gm: fx.GraphModule, model: nn.Module) -> int:
         try:
             if op == "aten::linear":
                 path, call_args = _match_linear(node, model), (node.args[0],)
-            elif op in ("aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution"):
+            elif op in _CONV_OPS or op == "aten::convolution":
                 path, call_args = _match_conv(node, model), (node.args[0],)
             elif op in _RNN_OPS:
                 path, call_args = _match_rnn(node, model), _rnn_call_args(node)
             elif op in _CELL_OPS:
                 path, call_args = _match_cell(node, model), _cell_call_args(node)
             else:
-                continue
+                path, call_args = None, ()
         except (AttributeError, IndexError, TypeError, ValueError) as exc:  # unusual op form: leave it as ATen
             log.debug("NormaliseExport: not normalising %s (%s): %s", node.name, op, exc)
             continue
         if path is None:
+            count += _collapse_matmul_module(gm, node, model, dead)
             continue
         _install(gm, path, model.get_submodule(path))
         with gm.graph.inserting_before(node):
@@ -215,6 +232,8 @@ def _normalise(gm: fx.GraphModule, model: nn.Module) -> int:
         dead.append(node)
         count += 1
     for node in dead:
+        if node.users:  # a size a matrix-product module computed, read outside it too
+            continue
         inputs = list(node.all_input_nodes)
         gm.graph.erase_node(node)
         for i in inputs:
@@ -224,6 +243,40 @@ def _normalise(gm: fx.GraphModule, model: nn.Module) -> int:
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
     return count
+
+
+def _collapse_matmul_module(gm: fx.GraphModule, node: fx.Node, model: nn.Module, dead: list) -> int:
+    """A call of a matrix-product module (transformers' ``Conv1D``: ``view``, ``addmm``, ``view``)
+    becomes one ``call_module`` node when ``node`` is its product and the call's nodes take one
+    value in and give one value out. Returns 1 if it did."""
+    product = parameter_product(node)
+    if product is None:
+        return 0
+    path, _, _ = product
+    owner, _, param = path.rpartition(".")
+    module = _get(model, owner)
+    form = matmul_form(module) if module is not None else None
+    if form is None or form.weight != param:
+        return 0
+    key = next((k for k, v in reversed(list((node.meta.get("nn_module_stack") or {}).items())) if v[0] == owner), None)
+    if key is None:
+        return 0
+    members = [n for n in gm.graph.nodes if key in (n.meta.get("nn_module_stack") or {})]
+    inside = set(members)
+    inputs = {a for n in members for a in n.all_input_nodes
+              if a not in inside and a.op != "get_attr" and not is_shape_node(a)}
+    leaving = [n for n in members if not is_shape_node(n) and any(u not in inside for u in n.users)]
+    if len(inputs) != 1 or len(leaving) != 1:
+        return 0
+    (x,), (out,) = tuple(inputs), leaving
+    _install(gm, owner, module)
+    with gm.graph.inserting_before(out):
+        new = gm.graph.call_module(owner, (x,))
+    new.meta = dict(out.meta)
+    update_node(new, normalised_from=str(node.target))
+    out.replace_all_uses_with(new)
+    dead.extend(reversed(members))
+    return 1
 
 
 def _schema_name(n: fx.Node) -> str | None:
@@ -273,7 +326,7 @@ def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     current = getattr(parent, name, None)
     if current is module:
         return
-    if isinstance(current, nn.Module) and not isinstance(current, LAYER_TYPES):
+    if isinstance(current, nn.Module) and not is_layer_module(current):
         # keep anything export hung below the holder that the module does not own
         for child_name, child in current.named_children():
             if not hasattr(module, child_name):

@@ -3,14 +3,18 @@
 
 =============  ==============================================================================
 capture        [NormaliseExport] (export graphs only)
-transform      [NormaliseExport], DecomposeRecurrent, TemporalWormholes, PlanWormholes,
-               InsertWormholes, WrapFixedPoints, [SensitivityAnnotate, SensitivityInsert]
+transform      [NormaliseExport], DecomposeRecurrent, TemporalWormholes, [FuseCellLoops] (without SAL),
+               PlanWormholes, InsertWormholes, WrapFixedPoints, RefuseDeadCycles,
+               SeparateAliasedInputs, SolveDropoutMasks,
+               [SensitivityAnnotate, SensitivityInsert]
 instrument     [NormaliseExport], SensitivityAnnotate, SensitivityInsert
 =============  ==============================================================================
 
 Every pass decides from the graph and the records earlier passes left (``fxwormhole.passes.meta``)
 whether it has work: the decompose and temporal passes find no recurrent module in a feed-forward
-model; the plan places what the temporal pass did not consume (its ``TemporalPlacement``), so
+model; the cell-loop pass runs a user's unrolled cell loop as one recurrent module when it gets
+the temporal wormhole (and records that in the same ``TemporalPlacement``); the plan places what
+the temporal passes did not consume, so
 insert and wrap find nothing to do in a model that got temporal wormholes only. The front doors
 hold no routing logic.
 """
@@ -21,12 +25,16 @@ from typing import Any, Mapping, Optional, Sequence
 from torch.fx.passes.infra.pass_base import PassBase
 
 from ..config import SALConfig, WormholeConfig
+from .cell_loops import FuseCellLoops
+from .dead_cycles import RefuseDeadCycles
 from .insert_wormholes import InsertWormholes
 from .normalise_export import NormaliseExport
 from .plan_wormholes import PlanWormholes
 from .recurrent import DecomposeRecurrent
 from .sensitivity_annotate import ActivationSpec, SensitivityAnnotate
 from .sensitivity_insert import SensitivityInsert
+from .separate_aliases import SeparateAliasedInputs
+from .solve_dropout import SolveDropoutMasks
 from .temporal_wormhole import TemporalWormholes
 from .wrap_fixed_points import WrapFixedPoints
 
@@ -51,9 +59,13 @@ def transform_passes(captured: Any, config: WormholeConfig, example_inputs: Sequ
         *capture_passes(captured),
         DecomposeRecurrent(),
         TemporalWormholes(config),
+        *([FuseCellLoops(config)] if sal is None else []),  # SAL probes wrap each cell call: loops stay unrolled
         PlanWormholes(config),
         InsertWormholes(config),
         WrapFixedPoints(config, example_inputs),
+        RefuseDeadCycles(config),
+        SeparateAliasedInputs(),
+        SolveDropoutMasks(),
     ]
     return passes + (sensitivity_passes(sal) if sal is not None else [])
 

@@ -14,9 +14,15 @@ Python time loop) gets one wormhole per call site, paired in call order, sharing
 
 Automatic policies (``WormholeConfig.wormholes``):
 
-* ``"auto"``: the best candidate span of :func:`fxwormhole.analysis.candidate_spans`, i.e. the
-  deepest hidden layer of the main path back to the first layer; for a Python loop over an RNN
-  cell, a wormhole per time step from the cell's output back to its input;
+* ``"auto"``: the first candidate span that can be placed, in the order of
+  :func:`fxwormhole.analysis.candidate_spans` (the deepest hidden unit of the main path back to the
+  first), for a Python loop over an RNN cell a wormhole per time step from the cell's output back
+  to its input, then :func:`fxwormhole.analysis.boundary_spans` (submodule outputs back to earlier
+  submodule inputs, for models whose layers the analysis does not see). A span can be placed when
+  both ends are tensors it can bridge and its cycle updates in place no tensor allocated outside it
+  (:class:`~fxwormhole.passes.cell_loops.FuseCellLoops` usually takes a Python loop over a cell
+  first: it runs the loop as one module on the fast temporal runtime, and this pass then places
+  nothing);
 * ``"every:K"``: from every K-th hidden main-path layer back K layers.
 """
 from __future__ import annotations
@@ -34,10 +40,11 @@ from ..config import WormholeConfig
 from ..errors import PlacementError
 from ..runtime.wormhole import bridge_kind
 from ._common import value_shape
+from ._mutation import alias_roots, mutated_inputs, ordering_edges
 from ..policy import Policy, parse_policy
 from .meta import TemporalPlacement, WormholeSpec, graph_record, node_info, update_graph, update_node
 
-__all__ = ["WormholeSpec", "PlanWormholes", "resolve_pairs"]
+__all__ = ["WormholeSpec", "PlanWormholes", "resolve_pairs", "policy_pairs"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ def _endpoints(gm: fx.GraphModule, name: str, role: str, layers, regions) -> lis
             if role == "src":
                 out.append(_Endpoint(nodes[layer.output_node], ()))
             else:
-                x = _first_tensor_arg(call)
+                x = nodes[layer.input_node] if layer.input_node is not None else None
                 if x is None:
                     raise PlacementError(f"wormhole dst {name!r}: layer node {call.name!r} has no tensor input to modulate")
                 out.append(_Endpoint(x, (call,)))
@@ -108,20 +115,7 @@ def _endpoints(gm: fx.GraphModule, name: str, role: str, layers, regions) -> lis
     )
 
 
-def _policy_pairs(gm: fx.GraphModule, policy: Policy, layers) -> list[tuple[str, str]]:
-    if policy.kind == "auto":
-        spans = analysis.candidate_spans(gm, layers)
-        cells = list(dict.fromkeys(l.name for l in layers if l.kind.endswith("_cell")))
-        if not spans and cells:
-            # A Python loop over a cell: each step's output feeds back into that step's input
-            # (per-call wormholes, one fixed point per time step, shared parameters).
-            return [(cells[-1], cells[0])]
-        if not spans:
-            raise PlacementError(
-                "wormholes='auto' found no candidate span: the main path needs at least two layers before the "
-                "output layer; name wormholes explicitly, e.g. WormholeConfig(wormholes=[('fc2', 'fc1')])"
-            )
-        return [tuple(spans[0])]
+def _every_pairs(policy: Policy, layers) -> list[tuple[str, str]]:
     k = policy.every
     main = sorted((l for l in layers if l.on_main_path and l.depth is not None), key=lambda l: l.depth)
     hidden = list(dict.fromkeys(l.name for l in main))[:-1]  # the output layer does not feed back
@@ -134,23 +128,76 @@ def _policy_pairs(gm: fx.GraphModule, policy: Policy, layers) -> list[tuple[str,
     return pairs
 
 
-def resolve_pairs(gm: fx.GraphModule, config: WormholeConfig) -> list[WormholeSpec]:
-    """Resolve the config's wormholes to graph places and validate them.
+def _auto_candidates(gm: fx.GraphModule, layers) -> list[tuple[str, str]]:
+    """The spans ``"auto"`` tries, best first: the candidate spans of the analysis; for a Python loop
+    over a cell, a wormhole per time step from the cell's output back to its input; then spans
+    between submodule boundaries (a model whose layers the analysis does not see, or whose layer
+    spans cannot be placed)."""
+    spans = analysis.candidate_spans(gm, layers)
+    cells = list(dict.fromkeys(l.name for l in layers if l.kind.endswith("_cell")))
+    if not spans and cells:
+        # Per-call wormholes, one fixed point per time step, shared parameters.
+        spans = [(cells[-1], cells[0])]
+    return list(dict.fromkeys([*spans, *analysis.boundary_spans(gm)]))
 
-    Only what the temporal pass left (its :class:`~fxwormhole.passes.meta.TemporalPlacement`): under a
-    policy nothing if it placed temporal wormholes, else the explicit pairs it did not consume.
-    """
-    policy = parse_policy(config.wormholes)
-    temporal = graph_record(gm).temporal or TemporalPlacement()
-    if policy.automatic and temporal.policy_consumed:
-        return []
-    explicit = [pair for pair in policy.pairs if pair not in temporal.consumed_pairs]
-    if not policy.automatic and not explicit:
-        return []
+
+def policy_pairs(gm: fx.GraphModule, policy: Policy) -> list[tuple[str, str]]:
+    """The ``(src, dst)`` names an automatic policy tries first on ``gm`` (the cell-loop pass asks
+    before this pass runs; ``"auto"``: its best candidate, none if it has none)."""
     layers = analysis.layer_table(gm)
-    regions = analysis.module_regions(gm)
-    pairs = _policy_pairs(gm, policy, layers) if policy.automatic else explicit
-    graph = analysis.to_networkx(gm)
+    return _auto_candidates(gm, layers)[:1] if policy.kind == "auto" else _every_pairs(policy, layers)
+
+
+def _hint_pair(layers, regions) -> str:
+    """An example ``wormholes=[(src, dst)]`` made of names the model has."""
+    names = list(dict.fromkeys(l.name for l in layers if not l.is_output_layer))
+    if len(names) < 2:  # too few layers: the model's outermost submodules
+        names = sorted((r.path for r in regions.values()), key=lambda p: p.count("."))[:2]
+    if len(names) >= 2:
+        return f"e.g. WormholeConfig(wormholes=[({names[-1]!r}, {names[0]!r})])"
+    return "naming a deeper module's output and an earlier module's input"
+
+
+def _first_valid(gm: fx.GraphModule, candidates, layers, regions, graph: nx.DiGraph) -> list[WormholeSpec]:
+    """The specs of the first candidate span that can be placed (the reasons of the others, if none)."""
+    refused: list[str] = []
+    for src, dst in candidates:
+        try:
+            specs = _specs_for(gm, [(src, dst)], layers, regions, graph)
+            _check_component(gm, specs, graph)
+            return specs
+        except PlacementError as exc:
+            refused.append(f"({src!r} -> {dst!r}): {exc}")
+    if not candidates:
+        why = ("no candidate span: the model has no submodule and fewer than two hidden layers on its main path "
+               "(layers found: " + (", ".join(repr(l.name) for l in layers[:6]) or "none") + ")")
+    else:
+        why = f"none of its {len(candidates)} candidate spans can be placed; the first: {refused[0]}"
+    raise PlacementError(f"wormholes='auto' found {why}; name wormholes explicitly, {_hint_pair(layers, regions)}")
+
+
+def _check_component(gm: fx.GraphModule, specs: Sequence[WormholeSpec], graph: nx.DiGraph) -> None:
+    """Refuse a span whose cycle would update in place a tensor allocated outside it (the fixed
+    point evaluates its body once per iteration, so the update would repeat): what the wrap pass
+    refuses, checked here so that ``"auto"`` can try the next span."""
+    cyclic = graph.copy()
+    cyclic.add_edges_from(ordering_edges(gm))
+    for spec in specs:
+        cyclic.add_edges_from((spec.src_node, user) for user in spec.dst_users)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    roots = None
+    for spec in specs:
+        comp = next(c for c in nx.strongly_connected_components(cyclic) if spec.src_node in c)
+        for name in comp:
+            for target in mutated_inputs(gm, nodes[name]):
+                roots = roots if roots is not None else alias_roots(gm)
+                if roots[target].name not in comp:
+                    raise PlacementError(
+                        f"node {name!r} inside the span updates {roots[target].name!r} in place, a tensor computed "
+                        f"outside it")
+
+
+def _specs_for(gm: fx.GraphModule, pairs, layers, regions, graph: nx.DiGraph) -> list[WormholeSpec]:
     specs: list[WormholeSpec] = []
     for src, dst in pairs:
         sources = _endpoints(gm, src, "src", layers, regions)
@@ -168,6 +215,28 @@ def resolve_pairs(gm: fx.GraphModule, config: WormholeConfig) -> list[WormholeSp
         for s, d in zip(sources, dests):
             specs.append(_validated(len(specs), src, dst, s, d, graph))
     return specs
+
+
+def resolve_pairs(gm: fx.GraphModule, config: WormholeConfig) -> list[WormholeSpec]:
+    """Resolve the config's wormholes to graph places and validate them.
+
+    Only what the temporal pass left (its :class:`~fxwormhole.passes.meta.TemporalPlacement`): under a
+    policy nothing if it placed temporal wormholes, else the explicit pairs it did not consume.
+    """
+    policy = parse_policy(config.wormholes)
+    temporal = graph_record(gm).temporal or TemporalPlacement()
+    if policy.automatic and temporal.policy_consumed:
+        return []
+    explicit = [pair for pair in policy.pairs if pair not in temporal.consumed_pairs]
+    if not policy.automatic and not explicit:
+        return []
+    layers = analysis.layer_table(gm)
+    regions = analysis.module_regions(gm)
+    graph = analysis.to_networkx(gm)
+    if policy.kind == "auto":
+        return _first_valid(gm, _auto_candidates(gm, layers), layers, regions, graph)
+    pairs = _every_pairs(policy, layers) if policy.automatic else explicit
+    return _specs_for(gm, pairs, layers, regions, graph)
 
 
 def _validated(index: int, src: str, dst: str, s: _Endpoint, d: _Endpoint, graph: nx.DiGraph) -> WormholeSpec:

@@ -30,11 +30,14 @@ from .activations import Derivatives, derivatives, derivatives_of_callable, regi
 from ..runtime.gates import layout_of_kind
 from .meta import SensitivityAnnotation, node_info, update_node
 
-__all__ = ["SensitivityAnnotate", "ActivationSpec", "graph_modules", "recurrent_kind"]
+__all__ = ["SensitivityAnnotate", "ActivationSpec", "graph_modules", "recurrent_kind", "PROBED_KINDS"]
 
 #: per-layer activation override: a registered name, or an elementwise callable / activation module
 ActivationSpec = Union[str, Callable[..., Any], nn.Module]
 _DENSE = ("linear", "conv1d", "conv2d", "conv3d")
+#: layer kinds (fxwormhole.layer_ops.layer_kind) the runtime's probes measure; not yet: transposed
+#: convolutions and matrix products (their output neurons are dim 1 of the weight, ``Layer.out_dim``)
+PROBED_KINDS = (*_DENSE, "lstm", "gru", "rnn", "lstm_cell", "gru_cell", "rnn_cell")
 _EXPLICIT_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn", "RNN_RELU": "rnn"}
 
 
@@ -107,8 +110,8 @@ class SensitivityAnnotate(PassBase):
             nodes = {n.name: n for n in gm.graph.nodes}
             for row in rows:
                 node = nodes[row.node]
-                if node_info(node).sensitivity is not None:
-                    continue
+                if node_info(node).sensitivity is not None or row.kind not in PROBED_KINDS:
+                    continue  # probes exist for Linear, ConvNd and recurrent layers only
                 path = f"{prefix}.{row.name}" if prefix else row.name
                 update_node(node, sensitivity=self._annotation(gm, node, row, path, calls[row.name]))
                 found.add(path)

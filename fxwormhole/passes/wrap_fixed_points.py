@@ -52,6 +52,14 @@ def cyclic_components(gm: fx.GraphModule) -> list[set[str]]:
     return sorted(comps, key=lambda c: min(order[n] for n in c))
 
 
+def _with_item_reads(gm: fx.GraphModule, comp: set[str]) -> set[str]:
+    """The component plus the ``getitem`` reads of its tuple values (an LSTM cell's ``c`` of
+    ``(h, c)``): a body returns tensors, so the items leave it, not the tuple."""
+    items = {u.name for n in gm.graph.nodes if n.name in comp and isinstance(n.meta.get("val"), (tuple, list))
+             for u in n.users if u.op == "call_function" and u.target is operator.getitem}
+    return comp | items
+
+
 def _unique(nodes: Sequence[fx.Node]) -> list[fx.Node]:
     return list(dict.fromkeys(nodes))
 
@@ -85,7 +93,7 @@ class WrapFixedPoints(PassBase):
         self.example_inputs = example_inputs
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        components = cyclic_components(gm)
+        components = [_with_item_reads(gm, c) for c in cyclic_components(gm)]
         if not components:
             return PassResult(gm, False)
         order = ordering_edges(gm)  # in-place updates: node orders that data edges do not record
@@ -128,7 +136,9 @@ class WrapFixedPoints(PassBase):
         # in the body from tensors: ints cannot cross the node boundary of a compiled backward, and a
         # shrunk active set needs the shrunk batch size.
         shape_nodes = _shape_nodes_read(order, body_nodes, inside_set)
-        copied = shape_nodes + body_nodes  # shape nodes are copied in, and stay outside for others
+        # shape nodes are copied in (in graph order: a size may read a value of the body), and stay outside for others
+        copying = set(shape_nodes) | set(body_nodes)
+        copied = [n for n in order if n in copying]
         dst_inputs = [r.args[0] for r in reads]
 
         # Inputs from outside the component (get_attr values are copied into the body instead).
@@ -203,7 +213,10 @@ class WrapFixedPoints(PassBase):
     def _body_module(gm, reads, ext, body_nodes, outputs) -> fx.GraphModule:
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
-        z = g.placeholder("z")  # one tensor, or a tuple with one entry per wormhole
+        state = "z"
+        while state in {x.name for x in ext}:  # a model input named z (a GAN's noise)
+            state += "_state"
+        z = g.placeholder(state)  # one tensor, or a tuple with one entry per wormhole
         vals = tuple(r.meta.get("val") for r in reads)
         z.meta["val"] = vals[0] if len(vals) == 1 else vals
         for x in ext:
@@ -234,7 +247,8 @@ class WrapFixedPoints(PassBase):
         env.update(zip(ext, ext_nodes))
         for j, o in enumerate(outputs):
             env[o] = g.call_function(operator.getitem, (y, j))
-        injected = [g.call_module(w.target, (env[w.args[0]],)) for w in writes]
+        # the destination input too: a projection onto a feature map takes its size at call time
+        injected = [g.call_module(w.target, (env[w.args[0]], env[x])) for w, x in zip(writes, dst_inputs)]
         scale = g.call_function(per_sample_norm, tuple(env[x] for x in dst_inputs))
         state = injected[0] if len(injected) == 1 else tuple(injected)
         g.output((state, scale))

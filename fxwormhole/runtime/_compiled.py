@@ -51,6 +51,11 @@ def _tensors(module: Any) -> Tuple[List[str], List[Tensor]]:
     return [n for n, _ in named], [t for _, t in named]
 
 
+def _n_buffers(module: Any) -> int:
+    """How many of :func:`_tensors`' tensors (the last ones) are buffers."""
+    return len(_tensors(module)[1]) - (len(list(module.parameters())) if isinstance(module, nn.Module) else 0)
+
+
 def _bind(module: Any, names: Sequence[str], tensors: Sequence[Tensor]) -> Optional[Callable]:
     if module is None:
         return None
@@ -155,18 +160,22 @@ class _ImplicitAdjoint(torch.autograd.Function):
         return (None, None, None, None, None, *g_in, *g_tb, *g_tf)
 
 
-def _vjp(f: Callable[..., Tensor], primals: Sequence[Tensor], cotangent: Tensor) -> Tuple[Tensor, ...]:
+def _vjp(f: Callable[..., Tensor], primals: Sequence[Tensor], cotangent: Tensor,
+         constants: int = 0) -> Tuple[Tensor, ...]:
     """``J_f(primals)^T cotangent`` (one tensor per primal) through ``torch.autograd.grad``, for
-    tracing by ``make_fx``.
+    tracing by ``make_fx``. The last ``constants`` primals (buffers) get zeros without being
+    differentiated: BatchNorm in eval mode has no derivative for its running statistics.
 
     Not ``torch.func.vjp``: under symbolic ``make_fx`` (torch 2.13) its decomposition of a linear
     layer on a 3-d input bakes the example shape into a ``view`` (e.g. ``[B*T, d]``), so the graph
     only runs at the example batch. Plain autograd keeps every size symbolic."""
+    n_diff = len(primals) - constants
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in primals]
+        leaves = [t.detach().requires_grad_(i < n_diff) for i, t in enumerate(primals)]
         out = f(*leaves)
-        grads = (torch.autograd.grad(out, leaves, cotangent, allow_unused=True) if out.requires_grad
-                 else (None,) * len(leaves))  # the map depends on none of its arguments
+        grads = (torch.autograd.grad(out, leaves[:n_diff], cotangent, allow_unused=True) if out.requires_grad
+                 else (None,) * n_diff)  # the map depends on none of its arguments
+    grads = (*grads, *(None,) * constants)
     return tuple(torch.zeros_like(t) if gr is None else gr for t, gr in zip(primals, grads))
 
 
@@ -204,6 +213,7 @@ def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
     _, tb = _tensors(node.body)
     _, tf = _tensors(node.feedback)
     n_in, n_b = len(example_inputs), len(tb)
+    buffers_b, buffers_f = _n_buffers(node.body), _n_buffers(node.feedback)
     with torch.no_grad(), _refuse_buffer_updates(node):
         y = node.body(z0, *example_inputs)
         if node.feedback is not None:
@@ -228,7 +238,7 @@ def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
         def body(zz, *d):
             x, w = with_inputs(ins, d[:len(diff)]), d[len(diff):]
             return T.flatten(_problem(node, x, batched, zspec, w, tf_).body(T.unflatten(zz, zspec), *x), yspec)
-        return _vjp(body, (zf, *(ins[i] for i in diff), *tb_), ybar)
+        return _vjp(body, (zf, *(ins[i] for i in diff), *tb_), ybar, buffers_b)
 
     def vjp_feedback(yf, zbar, *rest):
         """``F^T zbar`` for (y, float inputs, feedback parameters)."""
@@ -237,7 +247,7 @@ def build_graphs(node, example_inputs: Sequence[Any], z0: Any) -> dict:
         def feedback(yy, *d):
             x, w = with_inputs(ins, d[:len(diff)]), d[len(diff):]
             return _problem(node, x, batched, zspec, tb_, w).run_feedback(T.unflatten(yy, yspec), x)[0]
-        return _vjp(feedback, (yf, *(ins[i] for i in diff), *tf_), zbar)
+        return _vjp(feedback, (yf, *(ins[i] for i in diff), *tf_), zbar, buffers_f)
 
     # make_fx keys proxies by tensor identity: every example must be a distinct tensor object.
     def fresh(t):

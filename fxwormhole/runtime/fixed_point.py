@@ -6,6 +6,7 @@ this is the usual ``z* = body(z*, *inputs)``. See ``docs/fixed_point.md`` for th
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -16,6 +17,7 @@ from ..errors import ConfigError, FxWormholeError
 from . import _tree as T
 from ._problem import Problem
 from .gradients import GradStrategy, make_grad
+from .solve_dropout import has_masks, new_masks
 from .stats import FixedPointStats
 
 __all__ = ["FixedPoint", "fixed_point"]
@@ -103,6 +105,10 @@ class FixedPoint(nn.Module):
         self._cstats.clear()
         self._record(inputs, z0)
         p = self._problem(inputs, batched, zspec)
+        if self.training and has_masks(self):
+            # one dropout mask per call, drawn for the whole batch (see runtime/solve_dropout.py)
+            new_masks(self)
+            p.solver_cfg = replace(p.solver_cfg, halting="batch")
         y, stats = self.grad_strategy(p, T.flatten(z0, zspec).detach())
         self._stats = stats
         return y

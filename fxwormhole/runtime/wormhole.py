@@ -79,21 +79,24 @@ class Projection(nn.Module):
             self.map = _conv(len(dst_shape) - 2)(int(src_shape[1]), int(dst_shape[1]), 1, bias=False)
         _init_weight(self.map.weight, proj_init, proj_std)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """``like``: the destination input at this call; feature maps are resized to its spatial
+        size (a fully convolutional model called at another size than at capture)."""
+        size = self.dst_spatial if like is None or like.dim() < 3 else tuple(like.shape[2:])
         if self.kind == "features":
             return self.map(h)
         if self.kind == "map_to_vector":
             return self.map(h.flatten(2).mean(-1))
         if self.kind == "vector_to_map":
             out = self.map(h)
-            return out.reshape(out.shape + (1,) * len(self.dst_spatial)).expand(*out.shape, *self.dst_spatial)
+            return out.reshape(out.shape + (1,) * len(size)).expand(*out.shape, *size)
         out = self.map(h)
-        if tuple(out.shape[2:]) == self.dst_spatial:
+        if tuple(out.shape[2:]) == size:
             return out
-        if all(o >= d for o, d in zip(out.shape[2:], self.dst_spatial)):
-            pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(self.dst_spatial)]
-            return pool(out, self.dst_spatial)
-        return F.interpolate(out, size=self.dst_spatial, mode="nearest")
+        if all(o >= d for o, d in zip(out.shape[2:], size)):
+            pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(size)]
+            return pool(out, size)
+        return F.interpolate(out, size=size, mode="nearest")
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
@@ -114,8 +117,8 @@ class Gate(nn.Module):
         self.cap = 1.0 if cap is None else float(cap)
         self.channel_dim = 1 if len(dst_shape) >= 3 else len(dst_shape) - 1
         self.dst_ndim = len(dst_shape)
-        if kind == "scalar":
-            self.logit = nn.Parameter(torch.full((), float(init)))
+        if kind == "scalar":  # shape [1], not 0-d: FSDP2's fully_shard refuses 0-d parameters
+            self.logit = nn.Parameter(torch.full((1,), float(init)))
         elif kind == "channel":
             self.logit = nn.Parameter(torch.full((int(dst_shape[self.channel_dim]),), float(init)))
         elif kind == "input":
@@ -124,6 +127,12 @@ class Gate(nn.Module):
         else:
             raise PlacementError(f"unknown gate kind {kind!r}: use 'scalar', 'channel' or 'input'")
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "logit"  # state dicts and saves made before the [1] shape hold a 0-d scalar logit
+        if self.kind == "scalar" and key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _broadcast(self, logit: torch.Tensor) -> torch.Tensor:
         if self.kind == "scalar":
             return logit
@@ -131,10 +140,10 @@ class Gate(nn.Module):
         shape[self.channel_dim] = -1
         return logit.reshape(shape)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
         logit = self._broadcast(self.logit)
         if self.kind == "input":
-            logit = self.map(h) + logit
+            logit = self.map(h, like) + logit
         gate = torch.sigmoid(logit)
         return gate if self.cap == 1.0 else gate * self.cap
 
@@ -168,8 +177,9 @@ class Wormhole(nn.Module):
         self.proj = Projection(src_shape, dst_shape, proj_init=proj_init, proj_std=proj_std)
         self.gate = Gate(gate, src_shape, dst_shape, init=gate_init, cap=gate_cap)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.gate(h) * self.proj(h)
+    def forward(self, h: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """``gate(h) * proj(h)``, shaped like the destination input ``like`` when it is given."""
+        return self.gate(h, like) * self.proj(h, like)
 
     def extra_repr(self) -> str:
         return f"src={self.src!r}, dst={self.dst!r}, {self.src_shape} -> {self.dst_shape}"

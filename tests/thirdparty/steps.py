@@ -104,9 +104,17 @@ def _check_close(got: Any, expected: Any, rtol: float, what: str) -> str:
     return f"rel err {err:.1e}"
 
 
-def _call(model: Callable, inputs: tuple, *, grad: bool = False) -> Any:
+def _call(model: Callable, inputs: tuple, *, grad: bool = False, kwargs: dict | None = None) -> Any:
     with torch.set_grad_enabled(grad):
-        return model(*inputs)
+        return model(*inputs, **(kwargs or {}))
+
+
+def _original(model: nn.Module, inputs: tuple, captured: Any) -> Any:
+    """The original model's outputs for the call fxwormhole captured: with the keyword arguments
+    capture fixed (``use_cache=False`` for a decoder whose default config returns a cache object)."""
+    from fxwormhole.passes.meta import graph_record
+
+    return _call(model, inputs, kwargs=dict(graph_record(captured).fixed_kwargs or {}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +125,7 @@ def step_capture(name: str) -> str:
     model, inputs = models.build(name)
     gm = _fw().capture(model, inputs)
     front = gm.meta.get("fxwormhole", {}).get("front_end", "?")
-    return f"{front}; " + _check_close(_call(gm, inputs), _call(model, inputs), RTOL, "captured graph vs original")
+    return f"{front}; " + _check_close(_call(gm, inputs), _original(model, inputs, gm), RTOL, "captured graph vs original")
 
 
 def _transformed(name: str, config=None, *, train: bool = False):
@@ -139,7 +147,7 @@ def step_transform(name: str) -> str:
 
 def step_equals(name: str) -> str:
     model, inputs, net = _transformed(name)
-    return _check_close(_call(net, inputs), _call(model, inputs), RTOL, "transformed (gates closed) vs original")
+    return _check_close(_call(net, inputs), _original(model, inputs, net), RTOL, "transformed (gates closed) vs original")
 
 
 def _all_stats(net) -> dict[str, Any]:
@@ -147,7 +155,9 @@ def _all_stats(net) -> dict[str, Any]:
 
 
 def _wormhole_params(net: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in net.named_parameters() if any(part.startswith("wormhole") for part in n.split("."))}
+    """Feed-forward (``...wormhole_0.proj``) and temporal (``rnn.temporal_wormholes....``) wormholes."""
+    return {n: p for n, p in net.named_parameters()
+            if any(part.startswith("wormhole") or part == "temporal_wormholes" for part in n.split("."))}
 
 
 def _loss(out: Any) -> Tensor:
@@ -226,7 +236,7 @@ def step_instrument(name: str) -> str:
     from fxwormhole.runtime.sensitivity import probes_of
 
     probes = len(probes_of(gm))
-    return f"{probes} probes; " + _check_close(_call(gm, inputs), _call(model, inputs), RTOL, "instrumented vs original")
+    return f"{probes} probes; " + _check_close(_call(gm, inputs), _original(model, inputs, gm), RTOL, "instrumented vs original")
 
 
 def _open_eval(name: str):
@@ -295,7 +305,7 @@ def step_other_size(name: str) -> str:
     if other is None:
         raise LookupError(f"{name} has no second input size")
     model, _, net = _transformed(name)
-    return _check_close(_call(net, other), _call(model, other), RTOL, "transformed vs original at another size")
+    return _check_close(_call(net, other), _original(model, other, net), RTOL, "transformed vs original at another size")
 
 
 #: step name -> (function, steps whose failure makes it moot)
