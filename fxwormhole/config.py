@@ -253,6 +253,10 @@ class SALConfig:
         log_form: use the gradient of ``log s`` instead of ``s`` (scale free, more robust).
         recurrent_only: for RNN cells, count only the recurrent weights in ``||w||``.
         enabled: probes only (measure sensitivity) when False.
+        separate_step: keep SAL's update out of ``.grad``: the probes collect it during the forward
+            pass and ``fxwormhole.runtime.sensitivity.sal_step(model)`` (or the optimizer hook of
+            ``attach_sal_step``) applies it. Gradient clipping, Adam's normalisation, momentum and
+            weight decay then act on the task gradient alone, and ``eta`` is SAL's absolute step.
     """
 
     eta: float = 1e-3
@@ -262,6 +266,7 @@ class SALConfig:
     log_form: bool = False
     recurrent_only: bool = False
     enabled: bool = True
+    separate_step: bool = False
 
     def __post_init__(self) -> None:
         c = type(self).__name__

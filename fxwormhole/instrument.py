@@ -27,7 +27,7 @@ from .passes._common import run_passes
 from .passes.pipeline import instrument_passes, sensitivity_passes
 from .passes.sensitivity_annotate import ActivationSpec
 from .passes.verify import PipelineCheck
-from .runtime.sensitivity import probes_of
+from .runtime.sensitivity import attach_sal_step, probes_of, sal_step
 
 __all__ = ["instrument", "instrument_graph", "sensitivity_report", "SensitivityReport", "SensitivityRow", "SAL"]
 
@@ -188,9 +188,12 @@ def sensitivity_report(model: nn.Module) -> SensitivityReport:
 class SAL:
     """Handle on the probes of an instrumented model.
 
-    SAL needs no call in the training loop: its gradients enter ``.grad`` during ``loss.backward()``.
-    This object reads statistics, resets them and changes the rule between steps (a change of a
-    rule constant makes torch.compile recompile once).
+    By default SAL needs no call in the training loop: its gradients enter ``.grad`` during
+    ``loss.backward()``. With ``SALConfig(separate_step=True)`` they are collected instead and
+    applied by :meth:`step` after ``optimizer.step()`` (or by the hook :meth:`attach` installs), so
+    gradient clipping and adaptive optimizers act on the task gradient alone. This object also reads
+    statistics, resets them and changes the rule between steps (a change of a rule constant makes
+    torch.compile recompile once).
 
     Example::
 
@@ -203,6 +206,14 @@ class SAL:
     def __init__(self, model: nn.Module):
         self.model = model
         self.probes = probes_of(model)
+
+    def step(self) -> None:
+        """Apply and clear the SAL updates collected under ``separate_step`` (a no-op otherwise)."""
+        sal_step(self.model)
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Call :meth:`step` after every ``optimizer.step()``; returns the hook's removable handle."""
+        return attach_sal_step(self.model, optimizer)
 
     def zero_stats(self) -> None:
         """Reset every probe's moving averages."""

@@ -286,3 +286,127 @@ def test_inductor_training_step_matches_eager():
             (f(x) ** 2).sum().backward()
         for n, p in eager.named_parameters():
             torch.testing.assert_close(compiled_model.get_parameter(n).grad, p.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("log_form", [False, True])
+def test_shifted_sigmoid_override_sal_gradient_equals_autograd(log_form):
+    """The override path (activations={...}) and the fused sigmoid derivatives it shares."""
+    act = lambda u: torch.sigmoid(u) - 0.5  # noqa: E731 - Shibata's +-0.5 sigmoid
+    net = Dense(act).double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    g = instrument(net, (x,), SALConfig(eta=0.3, log_form=log_form), activations={"fc": "shifted_sigmoid"}).train()
+    (g(x) ** 2).sum().backward()
+    ref = copy.deepcopy(net)
+    W, b, Wo, bo = ref.fc.weight, ref.fc.bias, ref.out.weight, ref.out.bias
+    h = act(x @ W.T + b)
+    obj = 0.3 * local_objective(x @ W.T + b, W.norm(dim=1), act, torch.ones(5, dtype=x.dtype), log_form)
+    obj = obj + 0.3 * local_objective(h.detach() @ Wo.T + bo, Wo.norm(dim=1), None, torch.ones(2, dtype=x.dtype), log_form)
+    ((ref(x) ** 2).sum() + obj).backward()
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(g.get_parameter(n).grad, p.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+# ----------------------------------------------------------------------------- separate_step
+class SmallMixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.cell, self.out = nn.Conv1d(2, 3, 3), nn.Linear(9, 4), nn.RNNCell(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(torch.tanh(self.conv(x)).flatten(1)))
+        z = None
+        for _ in range(2):
+            z = self.cell(h, z)
+        return self.out(z)
+
+
+def test_separate_step_equals_the_folded_sgd_step():
+    """SGD(lr) with SAL folded into .grad (eta_f) == SGD(lr) on the task gradient + sal_step (eta = lr * eta_f)."""
+    from fxwormhole.runtime.sensitivity import attach_sal_step
+
+    torch.manual_seed(0)
+    net = SmallMixed().double()
+    x = torch.randn(6, 2, 5, dtype=torch.float64)
+    lr, eta_f = 0.1, 0.7
+    folded = instrument(net, (x,), SALConfig(eta=eta_f)).train()
+    separate = instrument(net, (x,), SALConfig(eta=lr * eta_f, separate_step=True)).train()
+    opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in (folded, separate)]
+    attach_sal_step(separate, opts[1])
+    for step in range(3):  # later steps: gates from updated s_bar, weights moved by earlier SAL steps
+        xs = torch.randn(6, 2, 5, dtype=torch.float64)
+        for m, opt in zip((folded, separate), opts):
+            opt.zero_grad()
+            (m(xs) ** 2).sum().backward()
+            opt.step()
+        for n, p in folded.named_parameters():
+            torch.testing.assert_close(separate.get_parameter(n), p, rtol=1e-12, atol=1e-13, msg=f"step {step} {n}")
+        for n, b in folded.named_buffers():
+            torch.testing.assert_close(separate.get_buffer(n), b, rtol=1e-12, atol=1e-13, msg=f"step {step} {n}")
+
+
+def test_separate_step_keeps_sal_out_of_grad_and_out_of_clipping():
+    from fxwormhole.runtime.sensitivity import sal_step
+
+    torch.manual_seed(0)
+    net = Dense(torch.tanh).double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    eta = 0.3
+    g = instrument(net, (x,), SALConfig(eta=eta, separate_step=True)).train()
+    (g(x) ** 2).sum().backward()
+    ref = copy.deepcopy(net)
+    (ref(x) ** 2).sum().backward()
+    for n, p in ref.named_parameters():  # .grad holds the task gradient alone
+        torch.testing.assert_close(g.get_parameter(n).grad, p.grad, rtol=1e-12, atol=1e-14, msg=n)
+    torch.nn.utils.clip_grad_norm_(g.parameters(), 1e-6)  # clipping the task gradient leaves SAL alone
+    before = {n: p.detach().clone() for n, p in g.named_parameters()}
+    sal_step(g)
+    sal_ref = copy.deepcopy(net)
+    W, b, Wo, bo = sal_ref.fc.weight, sal_ref.fc.bias, sal_ref.out.weight, sal_ref.out.bias
+    h = torch.tanh(x @ W.T + b)
+    obj = eta * local_objective(x @ W.T + b, W.norm(dim=1), torch.tanh, torch.ones(5, dtype=x.dtype), False)
+    obj = obj + eta * local_objective(h.detach() @ Wo.T + bo, Wo.norm(dim=1), None, torch.ones(2, dtype=x.dtype), False)
+    update = dict(zip([n for n, _ in sal_ref.named_parameters()],
+                      torch.autograd.grad(obj, list(sal_ref.parameters()), allow_unused=True, materialize_grads=True)))
+    for n, d in update.items():  # the update is -d(obj)/dp: eta times the sensitivity ascent
+        torch.testing.assert_close(g.get_parameter(n).detach() - before[n], -d, rtol=1e-10, atol=1e-13, msg=n)
+    assert float(update["fc.weight"].abs().max()) > 1e-3
+    sal_step(g)  # applied once: the buffers were cleared
+    for n, p in g.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n] - update[n], rtol=1e-10, atol=1e-13)
+
+
+def test_sal_handle_step_and_attach_apply_the_separate_update():
+    """fxwormhole.SAL(model).attach(opt) / .step() apply exactly what runtime.sal_step applies; the
+    hook's handle removes it (SAL's update then stays collected, not applied)."""
+    from fxwormhole.runtime.sensitivity import sal_step
+
+    torch.manual_seed(0)
+    net = Dense(torch.tanh).double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    models = [instrument(net, (x,), SALConfig(eta=0.3, separate_step=True)).train() for _ in range(3)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+    handle = SAL(models[0]).attach(opts[0])
+
+    def train_step(i):
+        opts[i].zero_grad()
+        (models[i](x) ** 2).sum().backward()
+        opts[i].step()
+
+    for _ in range(2):
+        train_step(0)
+        train_step(1)
+        SAL(models[1]).step()
+        train_step(2)
+        sal_step(models[2])
+    for n, p in models[2].named_parameters():
+        torch.testing.assert_close(models[0].get_parameter(n), p, rtol=0, atol=0, msg=n)
+        torch.testing.assert_close(models[1].get_parameter(n), p, rtol=0, atol=0, msg=n)
+    assert any(float((p - net.get_parameter(n)).abs().max()) > 1e-3 for n, p in models[0].named_parameters())
+    handle.remove()
+    before = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    opts[0].zero_grad()
+    (models[0](x) ** 2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in models[0].named_parameters()}
+    opts[0].step()  # no hook: the task step alone
+    for n, p in models[0].named_parameters():
+        torch.testing.assert_close(p.detach(), before[n] - 0.05 * grads[n], rtol=1e-12, atol=1e-14, msg=n)

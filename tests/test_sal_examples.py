@@ -38,3 +38,23 @@ def test_lag_rnn_short():
     out = load("sal_lag_rnn").main(["--iters", "10", "--report", "10", "--modes", "bptt,sal"])
     assert out["sal"][-1][4] > out["bptt"][-1][4] + 0.01  # SAL grows the recurrent weights from the small start
     assert out["bptt"][-1][4] == pytest.approx(0.5, abs=0.05)
+
+
+def test_depth300_variants_resume_from_the_warmup_checkpoint(tmp_path):
+    """sal_depth300 (at depth 4): variants started from a saved warm-up checkpoint follow exactly the
+    curves of the run that saved it; the summary and the comparison row come out of the saved runs."""
+    mod = load("sal_depth300")
+    ck, first, second, row = (str(tmp_path / n) for n in ("ck.pt", "a.json", "b.json", "row.json"))
+    common = ["--depth", "4", "--branch", "6", "--iters", "12", "--every", "3", "--warmup-checkpoint", ck]
+    a = mod.main(common + ["--variants", "separate + clip 1,SAL off", "--out", first])
+    b = mod.main(common + ["--variants", "separate + clip 1", "--out", second])
+    assert b["warmup"] == [] and len(a["warmup"]) == 2  # the second run trained no warm-up
+    assert b["variants"]["separate + clip 1"] == a["variants"]["separate + clip 1"]
+    merged = mod.main(["--load", f"{second},{first}", "--compare-row", row])
+    assert set(merged["variants"]) == {"separate + clip 1", "SAL off"} and merged["warmup"] == a["warmup"]
+    assert "| separate + clip 1 | 6-12 |" in mod.summary(merged)
+    saved = load("sal_compare").main(["--load", row])
+    (r,) = saved["rows"]
+    assert r["task"] == "depth 4" and r["steps"] == 12 and r["seeds"] == 5
+    curve = saved["curves"]["depth 4"][r["method"]]["curves"][0]
+    assert curve["steps"] == [0, 3, 6, 9, 12] and curve["acc"][2:] == [x["acc"][0] for x in a["variants"]["separate + clip 1"]]

@@ -39,7 +39,7 @@ from ..config import SALConfig
 from ..passes.activations import Derivatives
 from .gates import RECURRENT_LAYOUTS
 
-__all__ = ["NeuronProbe", "DenseProbe", "RecurrentProbe", "probes_of", "GATES"]
+__all__ = ["NeuronProbe", "DenseProbe", "RecurrentProbe", "probes_of", "sal_step", "attach_sal_step", "GATES"]
 
 # Gate layout of torch's recurrent modules (rows of weight_ih / weight_hh) and each gate's activation.
 GATES: Dict[str, Tuple[str, ...]] = {l.kind: l.activations for l in RECURRENT_LAYOUTS.values() if l.kind != "rnn"}
@@ -57,37 +57,82 @@ class _Rule:
     recurrent_only: bool
     enabled: bool
     n_calls: int
+    separate_step: bool = False
 
     @classmethod
     def of(cls, cfg: SALConfig, n_calls: int) -> "_Rule":
         return cls(float(cfg.eta), float(cfg.target), cfg.two_sided, cfg.log_form, cfg.recurrent_only,
-                   cfg.enabled and cfg.eta > 0, max(1, int(n_calls)))
+                   cfg.enabled and cfg.eta > 0, max(1, int(n_calls)), bool(cfg.separate_step))
 
 
 def _row_coefficients(rule: _Rule, gate: Tensor, norm: Tensor, mean_d1: Tensor, frac_active: Optional[Tensor],
-                      n: int) -> Tuple[Tensor, Tensor]:
+                      n: int, e_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
     """Per-neuron factors of the SAL gradient (already negated: they are added to ``.grad``).
 
-    Returns ``(c_u, c_w)``: the ``x``-term is ``sum_b c_u[j] * E[b, j] * x_b`` with ``E = f''`` (plain)
-    or ``f''/f'`` (log form); the norm term is ``c_w[j] * w_j``.
+    Returns ``(c_u, c_w)``: the ``x``-term is ``sum_b c_u[j] * E[b, j] * x_b`` with
+    ``e_scale * E = f''`` (plain) or ``f''/f'`` (log form); the norm term is ``c_w[j] * w_j``.
     """
-    scale = -rule.eta * gate / rule.n_calls
+    k = -rule.eta / rule.n_calls  # a Python constant: one tensor op fewer per factor
     if rule.log_form:
         assert frac_active is not None
-        return scale / n, scale * frac_active / norm.square()
-    return scale * norm / n, scale * mean_d1 / norm
+        return gate * (k * e_scale / n), gate * frac_active * k / norm.square()
+    return gate * norm * (k * e_scale / n), gate * mean_d1 * k / norm
 
 
-def _neuron_stats(d1: Tensor, norm: Tensor, dim: int, need_frac: bool = False
+def _tanh_d1(u: Tensor) -> Tuple[Tensor, Tensor]:
+    t = torch.tanh(u)
+    return torch.addcmul(u.new_ones(()), t, t, value=-1.0), t  # 1 - t^2 in one pass
+
+
+def _tanh_d1_e(u: Tensor) -> Tuple[Tensor, Tensor, float]:
+    d1, t = _tanh_d1(u)
+    return d1, t * d1, -2.0  # f'' = -2 t (1 - t^2)
+
+
+def _tanh_d1_ratio(u: Tensor) -> Tuple[Tensor, Tensor, float]:
+    d1, t = _tanh_d1(u)
+    return d1, t * (d1 != 0), -2.0  # f''/f' = -2 t, taken as 0 where f' = 0 (as the generic form)
+
+
+def _sigmoid_d1(u: Tensor) -> Tuple[Tensor, Tensor]:
+    s = torch.sigmoid(u)
+    return torch.addcmul(s, s, s, value=-1.0), s  # s (1 - s)
+
+
+def _sigmoid_d1_e(u: Tensor) -> Tuple[Tensor, Tensor, float]:
+    d1, s = _sigmoid_d1(u)
+    return d1, torch.addcmul(d1, d1, s, value=-2.0), 1.0  # f'' = s (1 - s)(1 - 2 s)
+
+
+def _sigmoid_d1_ratio(u: Tensor) -> Tuple[Tensor, Tensor, float]:
+    d1, s = _sigmoid_d1(u)
+    return d1, (s - 0.5) * (d1 != 0), -2.0  # f''/f' = 1 - 2 s, 0 where f' = 0
+
+
+# Hand-fused ``f'``, ``(f', f''/scale, scale)`` and ``(f', (f''/f')/scale, scale)`` for the common
+# saturating activations: fewer passes over U than the generic printed closed forms
+# (shifted_sigmoid = sigmoid - 1/2 has the same derivatives as sigmoid).
+_FUSED = {"tanh": (_tanh_d1, _tanh_d1_e, _tanh_d1_ratio), "sigmoid": (_sigmoid_d1, _sigmoid_d1_e, _sigmoid_d1_ratio),
+          "shifted_sigmoid": (_sigmoid_d1, _sigmoid_d1_e, _sigmoid_d1_ratio)}
+
+
+def _neuron_stats(d1: Optional[Tensor], norm: Tensor, dim: int, need_frac: bool = False
                   ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Mean ``s`` per neuron, mean ``s^2`` over the layer, mean ``f'`` and (if asked) share of
-    ``f' != 0`` per neuron. ``||w_j||`` is constant per neuron, so only ``f'`` is reduced."""
+    ``f' != 0`` per neuron. ``||w_j||`` is constant per neuron, so only ``f'`` is reduced.
+
+    ``d1 = None`` stands for ``f' = 1`` everywhere (a layer without activation).
+    """
+    if d1 is None:
+        ones = torch.ones_like(norm)
+        return norm, norm.square().mean(), ones, (ones if need_frac else None)
     dims = [i for i in range(d1.dim()) if i != dim]
     n = d1.numel() // d1.shape[dim]
     mean_d1 = d1.mean(dims)
-    mean_d1_sq = d1.square().mean(dims)
+    mean_d1_sq = (d1 * d1).mean(dims)
     frac = (d1 != 0).sum(dims).to(d1.dtype) / n if need_frac else None
-    return norm * mean_d1, (norm.square() * mean_d1_sq).mean(), mean_d1, frac
+    # under autocast f' may be bf16 while ||w|| is float32: dot does not promote, so cast
+    return norm * mean_d1, torch.dot(norm * norm, mean_d1_sq.to(norm.dtype)) / norm.numel(), mean_d1, frac
 
 
 # ------------------------------------------------------------------------------ dense layers
@@ -102,6 +147,21 @@ class _DenseSpec:
     padding: Any = ()
     dilation: Tuple[int, ...] = ()
     groups: int = 1
+    #: ``f' = 1`` everywhere (no activation after the layer): no elementwise pass is needed
+    unit_slope: bool = False
+    #: ``f'' = 0`` almost everywhere (identity, relu, hardtanh, ...): SAL has no ``x``-term
+    no_x_term: bool = False
+    #: a hand-fused kernel for ``(f', f'')`` exists (see ``_FUSED``)
+    fused: bool = False
+
+    @classmethod
+    def of(cls, kind: str, act: Derivatives, rule: _Rule, *conv: Any) -> "_DenseSpec":
+        # Decided once from the sympy closed forms (dynamo must not trace sympy comparisons).
+        exprs = act.exprs
+        unit = exprs is not None and bool(exprs[1] == 1)
+        flat = exprs is not None and bool(exprs[2] == 0)
+        fused = act.name in _FUSED and act.params == () and act.source == "sympy"
+        return cls(kind, act, rule, *conv, unit_slope=unit, no_x_term=flat, fused=fused)
 
     def op(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
         if self.kind == "linear":
@@ -113,62 +173,127 @@ class _DenseSpec:
     def channel_dim(self) -> int:
         return -1 if self.kind == "linear" else 1
 
-    def backward(self, x: Tensor, w: Tensor, g: Tensor, g_aug: Tensor, has_bias: bool):
-        """Input gradient from the task gradient ``g``; weight/bias gradients from ``g_aug``."""
+    def slope(self, u: Tensor) -> Optional[Tensor]:
+        """``f'(U)``; None for a constant 1."""
+        if self.unit_slope:
+            return None
+        return _FUSED[self.act.name][0](u)[0] if self.fused else self.act.d1(u)
+
+    def derivatives(self, u: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], float]:
+        """``(f'(U), E, scale)`` with ``scale * E = f''`` (plain) or ``f''/f'`` (log form); None
+        stands for a constant 1 (``f'``) or 0 (``E``)."""
+        if self.unit_slope:
+            return None, None, 1.0
+        if self.no_x_term:
+            return self.act.d1(u), None, 1.0
+        if self.fused:
+            return _FUSED[self.act.name][2 if self.rule.log_form else 1](u)
+        if self.rule.log_form:
+            return self.act.d1(u), self.act.ratio(u), 1.0
+        d1, e = self.act.first_and_second(u)
+        return d1, e, 1.0
+
+    def sal_factors(self, u: Tensor, w: Tensor, gate: Tensor):
+        """``(mean s per neuron, mean s^2, E, c_u, c_w)`` of one call (see :func:`_row_coefficients`)."""
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(w.detach().flatten(1), dim=1).clamp_min(_EPS)
+            d1, e, e_scale = self.derivatives(u)
+            mean_s, mean_s2, mean_d1, frac = _neuron_stats(d1, norm, self.channel_dim % u.dim(), self.rule.log_form)
+            n = u.numel() // u.shape[self.channel_dim]
+            c_u, c_w = _row_coefficients(self.rule, gate, norm, mean_d1, frac, n, e_scale)
+        return mean_s, mean_s2, e, c_u, c_w
+
+    def sal_update(self, x: Tensor, w: Tensor, e: Optional[Tensor], c_u: Tensor, c_w: Tensor, has_bias: bool
+                   ) -> Tuple[Tensor, Optional[Tensor]]:
+        """SAL's own weight and bias gradients ``(E c_u)^T x + c_w w`` and ``sum E c_u`` (for
+        ``separate_step``: one more weight-gradient product than the folded form)."""
+        with torch.no_grad():
+            w = w.detach()
+            gw = c_w.view([-1] + [1] * (w.dim() - 1)) * w
+            if e is None:
+                return gw, (torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if has_bias else None)
+            shape = [1] * e.dim()
+            shape[self.channel_dim] = -1
+            go = (e * c_u.view(shape)).to(w.dtype)
+            x = x.detach().to(w.dtype)
+            if self.kind == "linear":
+                go2 = go.reshape(-1, w.shape[0])
+                return gw.addmm_(go2.t(), x.reshape(-1, x.shape[-1])), (go2.sum(0) if has_bias else None)
+            nd = int(self.kind[4])
+            _, gxw, gb = torch.ops.aten.convolution_backward(
+                go, x, w, [w.shape[0]] if has_bias else None, self.stride, self.padding, self.dilation, False,
+                [0] * nd, self.groups, [False, True, has_bias])
+            return gw.add_(gxw), gb
+
+    def backward(self, x: Tensor, w: Tensor, g: Tensor, g_aug: Tensor, needs: Tuple[bool, ...], has_bias: bool):
+        """Input gradient from the task gradient ``g``; weight/bias gradients from ``g_aug``.
+
+        ``needs`` is autograd's ``needs_input_grad``: a first layer's input gradient is not formed.
+        """
+        want_b = has_bias and needs[2]
         if self.kind == "linear":
             n_out = w.shape[0]
-            gx = g.matmul(w)
+            gx = g.matmul(w) if needs[0] else None
             g2 = g_aug.reshape(-1, n_out)
-            gw = g2.t().mm(x.reshape(-1, x.shape[-1]))
-            return gx, gw, (g2.sum(0) if has_bias else None)
+            gw = g2.t().mm(x.reshape(-1, x.shape[-1])) if needs[1] else None
+            return gx, gw, (g2.sum(0) if want_b else None)
         nd = int(self.kind[4])
         common = (self.stride, self.padding, self.dilation, False, [0] * nd, self.groups)
         bias_sizes = [w.shape[0]] if has_bias else None
-        gx = torch.ops.aten.convolution_backward(g, x, w, bias_sizes, *common, [True, False, False])[0]
-        _, gw, gb = torch.ops.aten.convolution_backward(g_aug, x, w, bias_sizes, *common, [False, True, has_bias])
+        gx = torch.ops.aten.convolution_backward(g, x, w, bias_sizes, *common, [True, False, False])[0] if needs[0] else None
+        _, gw, gb = torch.ops.aten.convolution_backward(g_aug, x, w, bias_sizes, *common, [False, needs[1], want_b])
         return gx, gw, gb
 
 
 class _SALDense(torch.autograd.Function):
     """Dense layer op whose weight gradient carries the SAL term (input gradient unchanged).
 
-    Returns ``(U, mean_s per neuron, mean s^2)``; the two statistics are not differentiable.
+    Returns ``(U, mean_s per neuron, mean s^2, E, c_u, c_w)``; all but ``U`` are not differentiable.
     """
+
+    @classmethod
+    def apply(cls, *args):
+        # Function.apply binds default arguments with inspect.signature on every call: tens of
+        # microseconds per layer and step, a third of a narrow deep network's SAL step. Every
+        # argument is passed positionally here, so that binding is a no-op; it is skipped unless
+        # a functorch transform is active (which needs the full path).
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)
 
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Optional[Tensor], gate: Tensor, spec: _DenseSpec):
         u = spec.op(x, w, b)
-        with torch.no_grad():
-            norm = w.detach().flatten(1).norm(dim=1).clamp_min(_EPS)
-            if spec.rule.log_form:
-                d1, e = spec.act.d1(u), spec.act.ratio(u)
-            else:
-                d1, e = spec.act.first_and_second(u)
-            mean_s, mean_s2, mean_d1, frac = _neuron_stats(d1, norm, spec.channel_dim % u.dim(), spec.rule.log_form)
-            n = u.numel() // u.shape[spec.channel_dim]
-            c_u, c_w = _row_coefficients(spec.rule, gate, norm, mean_d1, frac, n)
-        return u, mean_s, mean_s2, e, c_u, c_w
+        return (u, *spec.sal_factors(u, w, gate))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, w, b, _, spec = inputs
         _, _, _, e, c_u, c_w = output
-        ctx.spec, ctx.has_bias = spec, b is not None
+        ctx.spec, ctx.has_bias, ctx.u_shape = spec, b is not None, output[0].shape
         ctx.save_for_backward(x, w, e, c_u, c_w)
-        ctx.mark_non_differentiable(*output[1:])
+        ctx.mark_non_differentiable(*[t for t in output[1:] if t is not None])
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics outputs
+
 
     @staticmethod
     def backward(ctx, g, *unused):
         x, w, e, c_u, c_w = ctx.saved_tensors
+        if g is None:  # (grads are not materialised) U's gradient is undefined: treat it as zero
+            g = torch.zeros(ctx.u_shape, dtype=w.dtype, device=w.device)
         # Under autocast the op ran in bf16/fp16 but this backward runs outside autocast: compute
         # it in the weight's dtype (autograd casts the input gradient back to the input's dtype).
-        g, e, x = g.to(w.dtype), e.to(w.dtype), x.to(w.dtype)
+        g, x = g.to(w.dtype), x.to(w.dtype)
         spec: _DenseSpec = ctx.spec
-        shape = [1] * e.dim()
-        shape[spec.channel_dim] = -1
-        g_aug = torch.addcmul(g, e, c_u.view(shape))
-        gx, gw, gb = spec.backward(x, w, g, g_aug, ctx.has_bias)
-        gw = gw.addcmul_(c_w.view([-1] + [1] * (w.dim() - 1)), w)
+        if e is None:
+            g_aug = g
+        else:
+            shape = [1] * e.dim()
+            shape[spec.channel_dim] = -1
+            g_aug = torch.addcmul(g, e.to(w.dtype), c_u.view(shape))
+        gx, gw, gb = spec.backward(x, w, g, g_aug, ctx.needs_input_grad, ctx.has_bias)
+        if gw is not None:
+            gw = gw.addcmul_(c_w.view([-1] + [1] * (w.dim() - 1)), w)
         return gx, gw, gb, None, None
 
 
@@ -192,31 +317,62 @@ class NeuronProbe(nn.Module):
         self.register_buffer("last_log_rms", torch.zeros((), dtype=dtype))
         self.register_buffer("count", torch.zeros((), dtype=dtype))
 
+        self._sal_names: List[str] = []
+        self._sal_targets: Dict[str, Tensor] = {}
+
     @property
     def neurons(self) -> int:
         return self.s_bar.numel()
+
+    def _init_separate_step(self, params: Dict[str, Tensor]) -> None:
+        """``separate_step``: one (non-persistent) buffer per parameter collects SAL's update."""
+        for name, p in params.items():
+            self.register_buffer("sal_update_" + name, torch.zeros_like(p, requires_grad=False), persistent=False)
+        self._sal_names = list(params)
+
+    def _collect(self, updates: Dict[str, Optional[Tensor]], params: Dict[str, Optional[Tensor]]) -> None:
+        with torch.no_grad():
+            for name, u in updates.items():
+                if u is not None:
+                    getattr(self, "sal_update_" + name).add_(u.to(params[name].dtype))
+        self._sal_targets = {n: p for n, p in params.items() if p is not None}  # the tensors they belong to
+
+    def sal_updates(self) -> List[Tuple[Tensor, Tensor]]:
+        """``separate_step``: ``(parameter, collected update)`` pairs (empty before the first call)."""
+        return [(p, getattr(self, "sal_update_" + n)) for n, p in self._sal_targets.items()]
+
+    def apply_separate_step(self) -> None:
+        """Apply the collected SAL update to the parameters (``w -= update``) and clear it."""
+        with torch.no_grad():
+            for name in self._sal_names:
+                buf = getattr(self, "sal_update_" + name)
+                p = self._sal_targets.get(name)
+                if p is not None:
+                    p.sub_(buf)
+                buf.zero_()
 
     def sal_active(self) -> bool:
         return self.training and self.rule.enabled and torch.is_grad_enabled()
 
     def gate(self) -> Tensor:
-        """SAL gate per neuron from the current ``s_bar`` (all open before the first update)."""
+        """SAL gate per neuron from the current ``s_bar``.
+
+        Every gate is open before the first update: ``s_bar`` is 0 then (constructor, zero_stats)
+        and the target is positive.
+        """
         with torch.no_grad():
             if self.rule.two_sided:
-                g = torch.sign(self.rule.target - self.s_bar)
-            else:
-                g = (self.s_bar < self.rule.target).to(self.s_bar.dtype)
-            return torch.where(self.count > 0, g, torch.ones_like(g))
+                return torch.sign(self.rule.target - self.s_bar)
+            return (self.s_bar < self.rule.target).to(self.s_bar.dtype)
 
     def update_stats(self, mean_s: Tensor, mean_s2: Tensor) -> None:
         """EMA update (the first update copies the batch value: no bias toward the zero init)."""
         with torch.no_grad():
-            first = self.count == 0
-            b = self.beta
-            mean_s = mean_s.to(self.s_bar.dtype)
-            lr = 0.5 * torch.log(mean_s2.to(self.s_bar.dtype).clamp_min(1e-30))
-            self.s_bar.copy_(torch.where(first, mean_s, b * self.s_bar + (1 - b) * mean_s))
-            self.log_rms.copy_(torch.where(first, lr, b * self.log_rms + (1 - b) * lr))
+            # Weight of the new value: 1 on the first update (count = 0), else 1 - beta.
+            w = self.count.clamp(max=1.0).mul(-self.beta).add_(1.0)
+            lr = mean_s2.to(self.s_bar.dtype).clamp_min(1e-30).log().mul_(0.5)
+            self.s_bar.lerp_(mean_s.to(self.s_bar.dtype), w)
+            self.log_rms.lerp_(lr, w)
             self.last_log_rms.copy_(lr)
             self.count.add_(1)
 
@@ -244,8 +400,11 @@ class DenseProbe(NeuronProbe):
         super().__init__(layer, kind, module.weight.shape[0], activation, act.source, sal, n_calls,
                          module.weight.dtype)
         self.pre_pad: Optional[Tuple[Tuple[int, ...], str]] = None
+        if self.rule.separate_step:
+            self._init_separate_step({n: p for n, p in (("weight", module.weight), ("bias", module.bias))
+                                      if p is not None})
         if kind == "linear":
-            self.spec = _DenseSpec(kind, act, self.rule)
+            self.spec = _DenseSpec.of(kind, act, self.rule)
             return
         padding = module.padding
         if module.padding_mode != "zeros" or isinstance(padding, str):
@@ -254,21 +413,28 @@ class DenseProbe(NeuronProbe):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             self.pre_pad = (pads, mode) if any(pads) else None
             padding = (0,) * len(module.kernel_size)
-        self.spec = _DenseSpec(kind, act, self.rule, tuple(module.stride), tuple(padding),
-                               tuple(module.dilation), module.groups)
+        self.spec = _DenseSpec.of(kind, act, self.rule, tuple(module.stride), tuple(padding),
+                                  tuple(module.dilation), module.groups)
 
     def forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad[0], mode=self.pre_pad[1])
+        if self.sal_active() and self.rule.separate_step:
+            u = self.spec.op(x, weight, bias)  # the layer's own autograd: .grad gets the task gradient only
+            mean_s, mean_s2, e, c_u, c_w = self.spec.sal_factors(u, weight, self.gate())
+            gw, gb = self.spec.sal_update(x, weight, e, c_u, c_w, bias is not None)
+            self._collect({"weight": gw, "bias": gb}, {"weight": weight, "bias": bias})
+            self.update_stats(mean_s, mean_s2)
+            return u
         if self.sal_active():
-            u, mean_s, mean_s2, *_ = _SALDense.apply(x, weight, bias, self.gate().to(weight.dtype), self.spec)
+            u, mean_s, mean_s2, *_ = _SALDense.apply(x, weight, bias, self.gate(), self.spec)
             self.update_stats(mean_s, mean_s2)
             return u
         u = self.spec.op(x, weight, bias)
         if self.training:
             with torch.no_grad():
-                norm = weight.flatten(1).norm(dim=1).clamp_min(_EPS)
-                mean_s, mean_s2, _, _ = _neuron_stats(self.spec.act.d1(u), norm, self.spec.channel_dim % u.dim())
+                norm = torch.linalg.vector_norm(weight.flatten(1), dim=1).clamp_min(_EPS)
+                mean_s, mean_s2, _, _ = _neuron_stats(self.spec.slope(u), norm, self.spec.channel_dim % u.dim())
             self.update_stats(mean_s, mean_s2)
         return u
 
@@ -325,6 +491,8 @@ class RecurrentProbe(NeuronProbe):
         self.param_names = [n for n, _ in module.named_parameters(recurse=False)]
         if not self.cell and getattr(module, "proj_size", 0):
             raise NotImplementedError("LSTM with proj_size")
+        if self.rule.separate_step:
+            self._init_separate_step(dict(module.named_parameters(recurse=False)))
         # One-layer templates run the lower layers of a stacked module again (their outputs are not
         # returned by the module). Kept in a list: not a registered submodule, no state_dict entry.
         self._templates: List[nn.Module] = []
@@ -418,6 +586,9 @@ class RecurrentProbe(NeuronProbe):
         self.update_stats(torch.cat(s_parts), s2_sum / n_total)
         if not active:
             return out
+        if self.rule.separate_step:
+            self._collect(grads, {n: params[n] for n in grads})
+            return out
         names = [n for n in self.param_names if n in grads]
         leaves, spec = tree_flatten(out)
         tensors = [l for l in leaves if isinstance(l, Tensor)]
@@ -453,6 +624,29 @@ def _detach(v: Any) -> Any:
 def probes_of(model: nn.Module) -> Dict[str, NeuronProbe]:
     """All probes in ``model`` (recursing into submodules, fixed-point bodies included), by path."""
     return {name: m for name, m in model.named_modules() if isinstance(m, NeuronProbe)}
+
+
+def sal_step(model: nn.Module) -> None:
+    """Apply and clear the SAL updates collected by probes built with ``SALConfig(separate_step=True)``.
+
+    Call it after ``optimizer.step()`` (or let :func:`attach_sal_step` do it). Probes without
+    ``separate_step`` have nothing to apply (their update went through ``.grad``).
+    """
+    for probe in probes_of(model).values():
+        probe.apply_separate_step()
+
+
+def attach_sal_step(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Run :func:`sal_step` after every ``optimizer.step()``; returns the hook's removable handle.
+
+    Example::
+
+        model = instrument(net, (x,), SALConfig(eta=1e-3, separate_step=True))
+        opt = torch.optim.Adam(model.parameters())
+        attach_sal_step(model, opt)
+        ...  # loss.backward(); clip_grad_norm_(model.parameters(), 1.0); opt.step()  (SAL unclipped)
+    """
+    return optimizer.register_step_post_hook(lambda opt, args, kwargs: sal_step(model))
 
 
 def __getattr__(name: str) -> Any:
