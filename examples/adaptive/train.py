@@ -1,0 +1,185 @@
+"""One seeded training run of the adaptive-depth experiments, and its evaluation.
+
+A run is described by a :class:`Run` (variant, depth, wormhole settings, costs) and produces a
+dict of plain numbers: accuracy overall and per difficulty level, mean and per-level iterations,
+Spearman rho(difficulty, iterations), steps that did not converge, and wall-clock per epoch.
+
+Variants:
+
+* ``plain``: the original feedforward model;
+* ``tied``: the same cycle unrolled ``K`` times with shared weights (backprop through the unroll);
+* ``worm``: the original model after :func:`fxwormhole.transform` with one wormhole; the fixed
+  point is solved per sample to ``tol`` and differentiated implicitly. Optional costs:
+
+  - ``fb``: ``lam_fb * mean_b ||z*_b|| / ||x_b||`` (the injected feedback, in the residual's units);
+  - ``jac``: ``lam_jac * mean_b ||J_T(z*_b) v||^2`` (contraction regulariser, see probe.py);
+  - ``ponder``: ``lam_ponder * mean_b iterations_b * ||z*_b|| / ||x_b||`` (feedback cost weighted by
+    the iterations each sample actually spent).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+import fxwormhole
+from fxwormhole import WormholeConfig
+
+from models import WORMHOLE, ConvAdder, TiedAdder
+from probe import TERMS, CycleProbe, penalty
+from tasks import Addition
+
+EPOCH_STEPS = 100  # one "epoch" = 100 steps of ``batch`` fresh samples
+
+
+@dataclass
+class Run:
+    variant: str = "worm"          # plain | tied | worm
+    K: int = 1                     # tied depth
+    seed: int = 0
+    steps: int = 3000
+    batch: int = 64
+    lr: float = 3e-3
+    channels: int = 32
+    bits: int = 11
+    # wormhole (variant "worm")
+    gate: str = "input"
+    gate_init: float = -2.0
+    proj_std: float = 0.1
+    tol: float = 1e-3
+    max_iter: int = 30
+    solver: str = "picard"
+    spectral_norm: bool = False
+    gate_cap: Optional[float] = None
+    # costs
+    lam_fb: float = 0.0
+    lam_jac: float = 0.0
+    lam_ponder: float = 0.0
+    lam_first: float = 0.0
+    clip: float = 0.0              # gradient-norm clipping (0: none)
+    n_test_per_level: int = 100
+    n_natural: int = 2000          # test samples from the natural distribution (random numbers)
+    save: str = ""                 # write the trained state_dict here
+    tag: str = ""
+
+    def costs(self) -> dict:
+        return {name: getattr(self, f"lam_{name}") for name in TERMS}
+
+    def label(self) -> str:
+        if self.variant == "tied":
+            return f"tied K={self.K}"
+        if self.variant == "plain":
+            return "plain"
+        parts = ["worm"]
+        if self.spectral_norm:
+            parts.append("sn")
+        if self.gate_cap:
+            parts.append(f"cap{self.gate_cap:g}")
+        if self.clip:
+            parts.append(f"clip{self.clip:g}")
+        for k, w in self.costs().items():
+            if w:
+                parts.append(f"{k}{w:g}")
+        return " ".join(parts) + (f" {self.tag}" if self.tag else "")
+
+
+def build(run: Run, task: Addition, example: torch.Tensor) -> torch.nn.Module:
+    if run.variant == "plain":
+        return ConvAdder(task.in_channels, run.channels)
+    if run.variant == "tied":
+        return TiedAdder(run.K, task.in_channels, run.channels, run.gate_init, run.proj_std)
+    cfg = WormholeConfig(wormholes=[WORMHOLE], gate=run.gate, gate_init=run.gate_init, proj_init="normal",
+                         proj_std=run.proj_std, solver=run.solver, tol=run.tol, max_iter=run.max_iter,
+                         on_fail="ignore", spectral_norm=run.spectral_norm, gate_cap=run.gate_cap)
+    return fxwormhole.transform(ConvAdder(task.in_channels, run.channels), (example,), cfg)
+
+
+def iterations_of(run: Run, net: torch.nn.Module, probe: Optional[CycleProbe], n: int) -> torch.Tensor:
+    if probe is None:
+        return torch.full((n,), float(run.K if run.variant == "tied" else 1))
+    return probe.iterations.float()
+
+
+def train(run: Run) -> dict:
+    torch.manual_seed(run.seed)
+    task = Addition(run.bits)
+    rng = np.random.default_rng(run.seed)
+    x_test, y_test, d_test = task.sample(run.n_test_per_level * len(task.levels), np.random.default_rng(10_000), per_level=True)
+    natural = task.natural(run.n_natural, np.random.default_rng(20_000))
+    net = build(run, task, x_test[:4])
+    probe = CycleProbe(net) if run.variant == "worm" else None
+    opt = torch.optim.Adam(net.parameters(), lr=run.lr)
+    step_s, train_it, bad_steps, first_bad, history, bad_bwd = [], [], 0, None, [], 0
+    net.train()
+    for step in range(run.steps):
+        x, y, _ = task.sample(run.batch, rng)
+        t0 = time.perf_counter()
+        loss = task.loss(net(x), y)
+        if probe is not None:
+            it = probe.iterations
+            if not probe.converged.all():
+                bad_steps += 1
+                first_bad = step if first_bad is None else first_bad
+            train_it.append(float(it.float().mean()))
+            loss = loss + penalty(probe, run.costs())
+        opt.zero_grad()
+        loss.backward()
+        if probe is not None and not probe.backward_converged.all():
+            bad_bwd += 1
+        if run.clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), run.clip)
+        opt.step()
+        step_s.append(time.perf_counter() - t0)
+        if step % 20 == 0:
+            history.append((step, loss.item(), train_it[-1] if train_it else None,
+                            float((~probe.converged).float().mean()) if probe else 0.0))
+    if run.save:
+        torch.save(net.state_dict(), run.save)
+    return evaluate(run, net, probe, task, x_test, y_test, d_test) | evaluate_natural(run, net, probe, task, *natural) | {
+        "s_per_epoch": float(np.median(step_s)) * EPOCH_STEPS, "train_s": float(np.sum(step_s)),
+        "bad_steps": bad_steps, "bad_backward_steps": bad_bwd, "first_bad_step": first_bad, "history": history,
+        "train_it_last": float(np.mean(train_it[-100:])) if train_it else float(run.K if run.variant == "tied" else 1),
+    }
+
+
+def evaluate(run: Run, net, probe, task, x, y, d) -> dict:
+    net.eval()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        logits = net(x)
+        eval_s = time.perf_counter() - t0
+        it = iterations_of(run, net, probe, len(y))
+        status_ok = probe.converged.float().mean().item() if probe else 1.0
+        rate = probe.contraction_rate() if probe is not None else None
+    correct = task.correct(logits, y).float()
+    levels = task.levels
+    rho = _rho(d, it)
+    out = asdict(run) | {
+        "label": run.label(), "acc": float(correct.mean()),
+        "acc_lvl": [float(correct[d == l].mean()) for l in levels],
+        "it_mean": float(it.mean()), "it_lvl": [float(it[d == l].mean()) for l in levels],
+        "rho": rho, "rho_run": _rho(task.run_length(x), it), "converged_frac": status_ok, "eval_s": eval_s,
+    }
+    if rate is not None:
+        out["rate_lvl"] = [float(rate[d == l].mean()) for l in levels]
+    net.train()
+    return out
+
+
+def _rho(d: torch.Tensor, it: torch.Tensor) -> float:
+    return float(spearmanr(d.numpy(), it.numpy()).correlation) if it.std() > 0 else float("nan")
+
+
+def evaluate_natural(run: Run, net, probe, task, x, y, d) -> dict:
+    """Accuracy and iterations on uniformly random numbers (long carry chains are rare)."""
+    net.eval()
+    with torch.no_grad():
+        correct = task.correct(net(x), y).float()
+        it = iterations_of(run, net, probe, len(y))
+    net.train()
+    return {"nat_acc": float(correct.mean()), "nat_it": float(it.mean()), "nat_rho": _rho(d, it)}
