@@ -5,15 +5,20 @@ integer level per sample. ``test_set`` holds the same number of samples at every
 per-level figures are not dominated by the common levels.
 
 * :class:`Addition`: add two binary numbers (least significant bit first), one sum bit per
-  position. A carry starts where both bits are 1 (*generate*) and travels up through the positions
-  where exactly one bit is 1 (*propagate*). The difficulty is the longest carry chain: how many
-  positions one carry travels (0 when nothing generates). A network that answers "no carry" unless
-  one has reached it needs just that much depth, and no network needs less: the end of a chain
-  cannot see its generate. A convolution of kernel 3 moves information one position per layer, so a
-  weight-tied body of two such layers run K times reaches about ``2K + 1`` positions.
-  ``run_length`` gives a second measure, the longest run of propagating positions (the distance a
-  network needs when it wants *every* carry, present or absent, proven); which of the two a
-  trained network follows is a property of what it learned, so the experiments report both.
+  position. A position *propagates* when exactly one of its bits is 1; the carry into position
+  ``i`` is decided by the nearest position below ``i`` that does not propagate (it *generates* a
+  carry when both bits are 1, *kills* it when both are 0; the low end kills). The level of a
+  sample is the longest run of propagating positions: how far a network must look before every
+  carry is certain. The position before a run generates or kills with probability 1/2 whatever the
+  run's length, so no learned prior answers a long run: a fixed-depth network needs depth for it.
+  A convolution of kernel 3 moves information one position per layer, so a weight-tied body of two
+  such layers run K times reaches about ``2K + 1`` positions.
+
+  ``carry_chain`` is the second measure: the most positions one carry travels (0 when nothing
+  generates). A network with per-sample halting can answer "no carry" wherever no carry has
+  arrived and stop when no carry is still moving, so the chain, not the run, is the least depth
+  such a network needs; a fixed-depth network has no such test and needs the run. The
+  experiments report rho against both.
 * :class:`NoisyDigits`: scikit-learn's 8x8 digits corrupted by level ``d`` in {0, .25, .5, .75, 1}
   (Gaussian noise of std ``0.5 d`` plus each pixel zeroed with probability ``0.3 d``), the
   prototype's task. Depth does not help there (tied K=1 is as good as K=3 or 6); it is used to
@@ -59,8 +64,8 @@ class Addition:
     """``a + b`` for ``bits``-bit numbers, written on ``bits + 1`` positions (LSB first).
 
     Input ``[B, 2, bits + 1]`` with bits coded as -1/+1 (0 is the convolution's padding, so the
-    ends are visible); target ``[B, bits + 1]`` in {0, 1}; difficulty = :func:`longest_carry`,
-    0..``bits``.
+    ends are visible); target ``[B, bits + 1]`` in {0, 1}; level = the longest run of
+    propagating positions, 0..``bits``.
     """
 
     name = "addition"
@@ -90,7 +95,7 @@ class Addition:
         pad = np.zeros((len(a), 1), dtype=bool)
         bits = np.stack([np.concatenate([a, pad], 1), np.concatenate([b, pad], 1)], 1)
         x = np.where(bits, 1.0, -1.0)
-        d = longest_carry(a, b)
+        d = longest_run(a != b)
         return (torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32),
                 torch.tensor(d, dtype=torch.int64))
 
@@ -105,7 +110,7 @@ class Addition:
             target = np.bincount(rng.integers(0, len(self.levels), n), minlength=len(self.levels))
         while (counts < target).any():
             a, b = self._candidates(max(4 * n, 4096), rng)
-            d = longest_carry(a, b)
+            d = longest_run(a != b)
             for lvl in np.nonzero(counts < target)[0]:
                 idx = np.nonzero(d == lvl)[0][: target[lvl] - counts[lvl]]
                 picked_a.append(a[idx]); picked_b.append(b[idx])
@@ -122,10 +127,10 @@ class Addition:
         return self._encode(a, b)
 
     @staticmethod
-    def run_length(x: Tensor) -> Tensor:
-        """The second difficulty measure: longest run of propagating positions, per sample."""
-        bits = (x > 0).numpy()
-        return torch.tensor(longest_run(bits[:, 0] != bits[:, 1]))
+    def carry_chain(x: Tensor) -> Tensor:
+        """The second difficulty measure: the longest carry chain (:func:`longest_carry`) per sample."""
+        bits = (x[:, :, :-1] > 0).numpy()
+        return torch.tensor(longest_carry(bits[:, 0], bits[:, 1]))
 
     @staticmethod
     def correct(logits: Tensor, y: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 from scipy.stats import spearmanr
 
 import fxwormhole
-from fxwormhole import WormholeConfig
+from fxwormhole import GradConfig, WormholeConfig
 
 from models import WORMHOLE, ConvAdder, TiedAdder
 from probe import TERMS, CycleProbe, penalty
@@ -55,6 +55,8 @@ class Run:
     max_iter: int = 30
     solver: str = "picard"
     spectral_norm: bool = False
+    grad: str = "implicit"          # implicit | jfb | phantom
+    grad_tol: float = 1e-6          # adjoint tolerance (implicit); the library's default is 1e-6
     gate_cap: Optional[float] = None
     # costs
     lam_fb: float = 0.0
@@ -82,6 +84,8 @@ class Run:
             parts.append(f"cap{self.gate_cap:g}")
         if self.clip:
             parts.append(f"clip{self.clip:g}")
+        if self.grad != "implicit" or self.grad_tol != 1e-6:
+            parts.append(self.grad if self.grad != "implicit" else f"gtol{self.grad_tol:g}")
         for k, w in self.costs().items():
             if w:
                 parts.append(f"{k}{w:g}")
@@ -95,7 +99,8 @@ def build(run: Run, task: Addition, example: torch.Tensor) -> torch.nn.Module:
         return TiedAdder(run.K, task.in_channels, run.channels, run.gate_init, run.proj_std)
     cfg = WormholeConfig(wormholes=[WORMHOLE], gate=run.gate, gate_init=run.gate_init, proj_init="normal",
                          proj_std=run.proj_std, solver=run.solver, tol=run.tol, max_iter=run.max_iter,
-                         on_fail="ignore", spectral_norm=run.spectral_norm, gate_cap=run.gate_cap)
+                         on_fail="ignore", spectral_norm=run.spectral_norm, gate_cap=run.gate_cap,
+                         grad=GradConfig(mode=run.grad, tol=run.grad_tol))
     return fxwormhole.transform(ConvAdder(task.in_channels, run.channels), (example,), cfg)
 
 
@@ -105,45 +110,62 @@ def iterations_of(run: Run, net: torch.nn.Module, probe: Optional[CycleProbe], n
     return probe.iterations.float()
 
 
+class Trainer:
+    """A model of ``run`` with its probe and optimiser; :meth:`step` is one training step."""
+
+    def __init__(self, run: Run, task: Addition, example: torch.Tensor) -> None:
+        torch.manual_seed(run.seed)
+        self.run, self.task = run, task
+        self.net = build(run, task, example)
+        self.probe = CycleProbe(self.net) if run.variant == "worm" else None
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=run.lr)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """One optimiser step; returns the loss and, for wormholes, whether every forward and
+        adjoint solve converged and the mean iterations."""
+        net, probe, run = self.net, self.probe, self.run
+        net.train()
+        loss = self.task.loss(net(x), y)
+        info = {}
+        if probe is not None:
+            info = {"converged": bool(probe.converged.all()), "it": float(probe.iterations.mean())}
+            loss = loss + penalty(probe, run.costs())
+        self.opt.zero_grad()
+        loss.backward()
+        if probe is not None:
+            info["backward_converged"] = bool(probe.backward_converged.all())
+        if run.clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), run.clip)
+        self.opt.step()
+        return info | {"loss": loss.item()}
+
+
 def train(run: Run) -> dict:
-    torch.manual_seed(run.seed)
     task = Addition(run.bits)
     rng = np.random.default_rng(run.seed)
     x_test, y_test, d_test = task.sample(run.n_test_per_level * len(task.levels), np.random.default_rng(10_000), per_level=True)
     natural = task.natural(run.n_natural, np.random.default_rng(20_000))
-    net = build(run, task, x_test[:4])
-    probe = CycleProbe(net) if run.variant == "worm" else None
-    opt = torch.optim.Adam(net.parameters(), lr=run.lr)
-    step_s, train_it, bad_steps, first_bad, history, bad_bwd = [], [], 0, None, [], 0
-    net.train()
+    trainer = Trainer(run, task, x_test[:4])
+    step_s, infos, history = [], [], []
     for step in range(run.steps):
         x, y, _ = task.sample(run.batch, rng)
         t0 = time.perf_counter()
-        loss = task.loss(net(x), y)
-        if probe is not None:
-            it = probe.iterations
-            if not probe.converged.all():
-                bad_steps += 1
-                first_bad = step if first_bad is None else first_bad
-            train_it.append(float(it.float().mean()))
-            loss = loss + penalty(probe, run.costs())
-        opt.zero_grad()
-        loss.backward()
-        if probe is not None and not probe.backward_converged.all():
-            bad_bwd += 1
-        if run.clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), run.clip)
-        opt.step()
+        info = trainer.step(x, y)
         step_s.append(time.perf_counter() - t0)
+        infos.append(info)
         if step % 20 == 0:
-            history.append((step, loss.item(), train_it[-1] if train_it else None,
-                            float((~probe.converged).float().mean()) if probe else 0.0))
+            history.append((step, info["loss"], info.get("it")))
     if run.save:
-        torch.save(net.state_dict(), run.save)
+        torch.save(trainer.net.state_dict(), run.save)
+    bad = [i for i, info in enumerate(infos) if not info.get("converged", True)]
+    its = [info["it"] for info in infos if "it" in info]
+    net, probe = trainer.net, trainer.probe
     return evaluate(run, net, probe, task, x_test, y_test, d_test) | evaluate_natural(run, net, probe, task, *natural) | {
         "s_per_epoch": float(np.median(step_s)) * EPOCH_STEPS, "train_s": float(np.sum(step_s)),
-        "bad_steps": bad_steps, "bad_backward_steps": bad_bwd, "first_bad_step": first_bad, "history": history,
-        "train_it_last": float(np.mean(train_it[-100:])) if train_it else float(run.K if run.variant == "tied" else 1),
+        "bad_steps": len(bad), "first_bad_step": bad[0] if bad else None,
+        "bad_backward_steps": sum(1 for info in infos if not info.get("backward_converged", True)),
+        "history": history,
+        "train_it_last": float(np.mean(its[-100:])) if its else float(run.K if run.variant == "tied" else 1),
     }
 
 
@@ -163,7 +185,7 @@ def evaluate(run: Run, net, probe, task, x, y, d) -> dict:
         "label": run.label(), "acc": float(correct.mean()),
         "acc_lvl": [float(correct[d == l].mean()) for l in levels],
         "it_mean": float(it.mean()), "it_lvl": [float(it[d == l].mean()) for l in levels],
-        "rho": rho, "rho_run": _rho(task.run_length(x), it), "converged_frac": status_ok, "eval_s": eval_s,
+        "rho": rho, "rho_carry": _rho(task.carry_chain(x), it), "converged_frac": status_ok, "eval_s": eval_s,
     }
     if rate is not None:
         out["rate_lvl"] = [float(rate[d == l].mean()) for l in levels]
@@ -182,4 +204,5 @@ def evaluate_natural(run: Run, net, probe, task, x, y, d) -> dict:
         correct = task.correct(net(x), y).float()
         it = iterations_of(run, net, probe, len(y))
     net.train()
-    return {"nat_acc": float(correct.mean()), "nat_it": float(it.mean()), "nat_rho": _rho(d, it)}
+    return {"nat_acc": float(correct.mean()), "nat_it": float(it.mean()), "nat_rho": _rho(d, it),
+            "nat_rho_carry": _rho(task.carry_chain(x), it)}
