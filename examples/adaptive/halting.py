@@ -116,3 +116,50 @@ def solve_with_halting(probe: CycleProbe, call: Call, head: HaltingHead, thresho
                 break
             rows, z = rows[keep], z_next[keep]
         return out, iters
+
+
+def main(argv=None) -> None:
+    """Fit a halting head on a model saved by ``experiment.py`` and compare it with the residual test."""
+    import argparse
+    import sys
+    from dataclasses import replace
+
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from experiment import WORM, slug
+    from tasks import Addition
+    from train import build
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--out", default="adaptive_out", help="experiment.py's output folder")
+    ap.add_argument("--lam-first", type=float, default=1.0, help="which wormhole model (its compute-cost weight)")
+    ap.add_argument("--steps", type=int, default=300)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    run = replace(WORM, lam_first=a.lam_first)
+    task = Addition(run.bits)
+    sets = {"strat": task.sample(1200, np.random.default_rng(10_000), per_level=True),
+            "nat": task.natural(2000, np.random.default_rng(20_000))}
+    net = build(run, task, sets["strat"][0][:4])
+    net.load_state_dict(torch.load(f"{a.out}/models/{slug(run)}.pt"))
+    probe = CycleProbe(net)
+    readout = lambda h: net.head(h).squeeze(1)
+    rng = np.random.default_rng(5)
+    head = fit_halting(net, probe, readout, lambda n: task.sample(n, rng)[0], run.channels, steps=a.steps)
+    net.eval()
+    for name, (x, y, d) in sets.items():
+        with torch.no_grad():
+            acc = float(task.correct(net(x), y).float().mean())
+        it = probe.iterations
+        print(f"{name:<5} residual test (library): acc {100 * acc:.1f} %  mean it {float(it.mean()):.2f}  rho {spearmanr(d, it).correlation:.2f}")
+        for th in (0.5, 0.9, 0.99):
+            h, it = solve_with_halting(probe, probe.calls[0], head, th, run.tol, run.max_iter)
+            acc = float(task.correct(readout(h), y).float().mean())
+            rho = spearmanr(d, it).correlation if it.float().std() > 0 else float("nan")
+            print(f"      learned halting p > {th}: acc {100 * acc:.1f} %  mean it {float(it.float().mean()):.2f}  rho {rho:.2f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
