@@ -1,143 +1,175 @@
-"""Benchmark: explicit recurrent modules (and closed temporal wormholes) vs nn.LSTM / nn.GRU.
+"""Benchmark: a training step of stacked LSTM/GRU models with temporal wormholes vs nn.LSTM / nn.GRU.
 
-For each cell kind and sequence length, forward+backward of
+Model: ``rnn(32 -> H, 2 layers, batch_first)`` then ``Linear(H, 10)`` on the last step,
+cross-entropy, Adam (lr 1e-3), sequence length T = 50, batch 64. Variants, per kind and H:
 
-* ``torch``     -- the original ``nn.LSTM`` / ``nn.GRU`` (ATen's fused CPU kernels),
-* ``explicit``  -- ``ExplicitLSTM`` / ``ExplicitGRU`` (Python time loop over an eager cell),
-* ``temporal``  -- the explicit module with temporal wormholes, gates closed (one FixedPoint
-  solve per step, one evaluation each),
-* ``compiled``  -- ``explicit.compile_step()`` (inductor; the cell is compiled once),
+* ``torch``     -- ``nn.LSTM`` / ``nn.GRU`` (ATen's fused CPU kernels): the reference;
+* ``explicit``  -- ``ExplicitLSTM`` / ``ExplicitGRU``, no wormhole (a Python time loop);
+* ``open``      -- temporal wormhole layer1 -> layer0, input gate, gate_init -1, projection
+  std 0.1, Picard, tol 1e-4 (2 to 3 iterations per step);
+* ``closed``    -- temporal wormhole at zero projection (one evaluation per step; its
+  parameters get gradients but are not stepped, so the projection stays zero);
+* ``compiled``  -- ``open`` after ``compile_step()`` (the runtime's per-iteration functions
+  compiled once; ``--no-compiled`` skips it);
+* ``generic``   -- ``open`` on the generic one-FixedPoint-per-step path (``--generic``; slow).
 
-Timing alternates the variants in one process (median of ``--repeats`` rounds) so that machine
-load drifts hit them alike. Peak memory: a fresh subprocess per (kind, T, variant) builds the model
-and inputs, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs one
-forward+backward and reports ``VmHWM - VmRSS_before``: the resident-set peak of that call
-(allocator slack included; the compiled variant's would be the compiler's own and is not measured). Compile time is the first compiled forward+backward minus the
-median compiled one.
+Timing: all variants live in one process, each gets two warm-up steps, then ``--rounds`` rounds of
+``--steps`` training steps per variant, the order rotated every round; each round starts from the
+state after the warm-up (parameters and Adam state restored), so the wormholes open no further from
+round to round and the iteration counts stay those of the start of training; the table gives the median
+of the per-round means and its ratio to ``torch``, in process CPU time (``cpu ms``: what a step
+costs, robust to other jobs on a shared machine) and in wall time. ``fwd/adj it`` are the mean forward / adjoint
+iterations per time step; ``reads/step`` the solve loop's host reads per time step (forward +
+backward). ``compile s`` is the compiled variant's first step minus its median step.
 
-    python bench/bench_recurrent.py [--lengths 100 300] [--repeats 5] [--threads 1]
+    python bench/bench_recurrent.py [--hidden 32 128] [--kinds lstm gru] [--rounds 8] [--steps 2] [--generic]
 """
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
+from typing import Callable, Dict, List
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxwormhole.config import WormholeConfig
+from fxwormhole.runtime import temporal_solve
 from fxwormhole.runtime.recurrent import add_temporal_wormhole, explicit_from_module
 
-BATCH, HIDDEN, INPUT = 32, 128, 32
-KINDS = {"lstm": nn.LSTM, "gru": nn.GRU}
-EAGER = ("torch", "explicit", "temporal")
+INPUT, CLASSES, LAYERS = 32, 10, 2
+TORCH = {"lstm": nn.LSTM, "gru": nn.GRU}
+OPEN = WormholeConfig(gate="input", gate_init=-1.0, proj_init="normal", proj_std=0.1, solver="picard", tol=1e-4)
+CLOSED = WormholeConfig(solver="picard", tol=1e-4)
 
 
-def build(kind: str, variant: str) -> nn.Module:
+class Net(nn.Module):
+    def __init__(self, rnn: nn.Module, hidden: int) -> None:
+        super().__init__()
+        self.rnn, self.head = rnn, nn.Linear(hidden, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def build(kind: str, hidden: int, variant: str) -> tuple:
     torch.manual_seed(0)
-    base = KINDS[kind](INPUT, HIDDEN)
+    base = TORCH[kind](INPUT, hidden, LAYERS, batch_first=True)
     if variant == "torch":
-        return base
-    if variant == "temporal":
-        return add_temporal_wormhole(base, WormholeConfig())
-    mod = explicit_from_module(base)
-    return mod.compile_step() if variant == "compiled" else mod
-
-
-def fwd_bwd(mod: nn.Module, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    out = mod(x)[0]
-    out.pow(2).mean().backward()
-    return time.perf_counter() - start
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's resident-set high-water mark (VmHWM) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def worker(kind: str, length: int, variant: str) -> None:
-    """Peak-RSS probe, run in a fresh process: prints {"peak_mib": ..., "probe": ...}.
-
-    The high-water mark is reset after building the model and inputs, so that the import-time
-    peak does not hide the forward+backward's; without /proc, ru_maxrss (which cannot be reset).
-    """
-    mod = build(kind, variant)
-    x = torch.randn(length, BATCH, INPUT)
-    if reset_peak_rss():
-        before = _status_kib("VmRSS")
-        fwd_bwd(mod, x)
-        peak, probe = _status_kib("VmHWM") - before, "VmHWM"
+        rnn = base
+    elif variant == "explicit":
+        rnn = explicit_from_module(base)
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fwd_bwd(mod, x)
-        peak, probe = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, "ru_maxrss"
-    print(json.dumps({"peak_mib": peak / 1024, "probe": probe}))
+        rnn = add_temporal_wormhole(base, CLOSED if variant == "closed" else OPEN)
+        if variant == "generic":
+            rnn._temporal.runtime = "generic"
+        if variant == "compiled":
+            rnn.compile_step()
+    net = Net(rnn, hidden)
+    frozen = {id(p) for n, p in net.named_parameters() if variant == "closed" and "temporal_wormholes" in n}
+    opt = torch.optim.Adam([p for p in net.parameters() if id(p) not in frozen], lr=1e-3)
+    return net, opt
 
 
-def peak_memory(kind: str, length: int, variant: str, threads: int) -> float:
-    cmd = [sys.executable, __file__, "--worker", kind, str(length), variant, "--threads", str(threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+def train_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
 
 
-def bench(kind: str, length: int, repeats: int) -> dict:
-    x = torch.randn(length, BATCH, INPUT)
-    mods = {v: build(kind, v) for v in (*EAGER, "compiled")}
-    for v in EAGER:
-        fwd_bwd(mods[v], x)  # warm-up
-    first_compiled = fwd_bwd(mods["compiled"], x)  # compiles the cell's forward and backward
-    times: dict = {v: [] for v in mods}
-    for _ in range(repeats):
-        for v, mod in mods.items():
-            mod.zero_grad(set_to_none=True)
-            times[v].append(fwd_bwd(mod, x))
-    med = {v: statistics.median(t) for v, t in times.items()}
-    return {"median_s": med, "compile_s": first_compiled - med["compiled"]}
+class _Reads:
+    """Counts the solve loop's host reads."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._real: Callable = temporal_solve._read_counts
+
+        def counted(acc):
+            self.n += 1
+            return self._real(acc)
+
+        temporal_solve._read_counts = counted
+
+
+def bench(kind: str, hidden: int, variants: List[str], rounds: int, steps: int, T: int, batch: int, reads: _Reads) -> Dict[str, dict]:
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, T, INPUT), torch.randint(0, CLASSES, (batch,))
+    models = {v: build(kind, hidden, v) for v in variants}
+    first: Dict[str, float] = {}
+    start: Dict[str, tuple] = {}
+    for v, (net, opt) in models.items():
+        t0 = time.perf_counter()
+        train_step(net, opt, x, y)
+        first[v] = time.perf_counter() - t0
+        train_step(net, opt, x, y)
+        start[v] = (copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()))
+    times: Dict[str, List[float]] = {v: [] for v in variants}
+    cpu: Dict[str, List[float]] = {v: [] for v in variants}
+    its: Dict[str, List[tuple]] = {v: [] for v in variants}
+    nreads: Dict[str, int] = {v: 0 for v in variants}
+    for r in range(rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            net, opt = models[v]
+            net.load_state_dict(start[v][0])  # every round trains from the same point: the
+            opt.load_state_dict(start[v][1])  # iteration counts do not drift with the number of rounds
+            before = reads.n
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                train_step(net, opt, x, y)
+            times[v].append((time.perf_counter() - t0) / steps)
+            cpu[v].append((time.process_time() - c0) / steps)
+            nreads[v] += reads.n - before
+            st = getattr(net.rnn, "stats", None)
+            if st is not None:
+                its[v].append((float(st.iterations.float().mean()), float(st.backward_iterations.float().mean())))
+    out = {}
+    for v in variants:
+        med = statistics.median(times[v])
+        fwd = statistics.mean(i[0] for i in its[v]) if its[v] else None
+        bwd = statistics.mean(i[1] for i in its[v]) if its[v] else None
+        out[v] = dict(ms=med * 1e3, cpu=statistics.median(cpu[v]) * 1e3, fwd=fwd, bwd=bwd,
+                      reads=nreads[v] / (rounds * steps * T), compile=first[v] - med)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[100, 300])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--kinds", nargs="+", default=["lstm", "gru"], choices=sorted(TORCH))
+    ap.add_argument("--rounds", "--repeats", type=int, default=16, help="alternating rounds (--repeats: the old name)")
+    ap.add_argument("--steps", type=int, default=1, help="training steps per variant and round")
+    ap.add_argument("--T", "--lengths", type=int, nargs="+", default=[50], help="sequence length(s)")
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--worker", nargs=3, metavar=("KIND", "T", "VARIANT"))
+    ap.add_argument("--generic", action="store_true", help="also time the generic one-FixedPoint-per-step path")
+    ap.add_argument("--no-compiled", action="store_true", help="skip the compiled variant")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.worker:
-        worker(args.worker[0], int(args.worker[1]), args.worker[2])
-        return
-    print(f"batch={BATCH} hidden={HIDDEN} input={INPUT} threads={args.threads} repeats={args.repeats} "
-          f"torch={torch.__version__}")
-    header = f"{'kind':5} {'T':>4} {'variant':9} {'fwd+bwd ms':>11} {'x torch':>8} {'peak MiB':>9} {'compile s':>10}"
+    variants = ["torch", "explicit", "open", "closed"] + ([] if args.no_compiled else ["compiled"])
+    variants += ["generic"] if args.generic else []
+    reads = _Reads()
+    print(f"T={','.join(map(str, args.T))} batch={args.batch} input={INPUT} layers={LAYERS} threads={args.threads} rounds={args.rounds}x{args.steps} "
+          f"torch={torch.__version__} load={' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    header = (f"{'kind':4} {'T':>4} {'H':>4} {'variant':9} {'cpu ms':>8} {'x torch':>8} {'wall ms':>8} {'x torch':>8} "
+              f"{'fwd/adj it':>11} {'reads/step':>10} {'compile s':>9}")
     print(header)
     print("-" * len(header))
-    for kind in KINDS:
-        for length in args.lengths:
-            torch._dynamo.reset()
-            res = bench(kind, length, args.repeats)
-            base = res["median_s"]["torch"]
-            for v in (*EAGER, "compiled"):
-                t = res["median_s"][v]
-                mem = f"{peak_memory(kind, length, v, args.threads):9.1f}" if v in EAGER else f"{'n/a':>9}"
-                comp = f"{res['compile_s']:10.1f}" if v == "compiled" else f"{'':>10}"
-                print(f"{kind:5} {length:4d} {v:9} {t * 1e3:11.1f} {t / base:8.2f} {mem} {comp}", flush=True)
+    for kind, length, hidden in ((k, t, h) for k in args.kinds for t in args.T for h in args.hidden):
+        res = bench(kind, hidden, variants, args.rounds, args.steps, length, args.batch, reads)
+        base, base_cpu = res["torch"]["ms"], res["torch"]["cpu"]
+        for v in variants:
+            r = res[v]
+            it = f"{r['fwd']:.2f}/{r['bwd']:.2f}" if r["fwd"] is not None else "-"
+            rd = f"{r['reads']:.2f}" if r["fwd"] is not None and v != "generic" else "-"
+            comp = f"{r['compile']:.1f}" if v == "compiled" else ""
+            print(f"{kind:4} {length:4d} {hidden:4d} {v:9} {r['cpu']:8.2f} {r['cpu'] / base_cpu:8.2f} {r['ms']:8.2f} "
+                  f"{r['ms'] / base:8.2f} {it:>11} {rd:>10} {comp:>9}", flush=True)
+    print(f"load at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 import fxwormhole
 from fxwormhole import SALConfig, WormholeConfig
-from fxwormhole.demo import DEMO_WORMHOLES, TrainLog, per_sample_iterations, progress, pyplot
+from fxwormhole.cli.demo import DEMO_WORMHOLES, TrainLog, per_sample_iterations, progress, pyplot
 from fxwormhole.runtime.recurrent import add_temporal_wormhole
 
 from tasks import Task

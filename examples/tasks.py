@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxwormhole.demo import digits_sequences
+from fxwormhole.cli.demo import digits_sequences
 
 Batch = Tuple[Tensor, Tensor, Optional[Tensor]]
 

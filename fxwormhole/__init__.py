@@ -9,14 +9,16 @@ Public surface (imported lazily so that ``import fxwormhole`` stays cheap)::
     fxwormhole.FixedPoint(body, ...)                     -> nn.Module solving z = body(z, *inputs)
     fxwormhole.compile(model) / fxwormhole.export(model, example_inputs, path)
 
-Functions whose names are also submodule names (``capture``, ``instrument``, ``compile``,
-``export``) are imported eagerly: importing a submodule binds the package attribute to the
-module, so a lazy function of the same name would stop being callable once anything imported
-``fxwormhole.capture``.
+Nothing here imports torch, so ``fxwormhole --help`` answers at once. Functions whose names are
+also submodule names (``capture``, ``instrument``, ``compile``, ``export``) need care: importing a
+submodule binds the package attribute to the module, which would hide the function of the same
+name. The package's module class keeps the function there instead (:class:`_Package`).
 """
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from .config import GradConfig, SALConfig, SolverConfig, WormholeConfig
@@ -27,23 +29,35 @@ from .errors import (
     ExportError,
     FxWormholeError,
     PlacementError,
+    SaveError,
+    VerificationError,
+    LoadError,
 )
-
-from .capture import capture
-from .compile import compile  # noqa: A001 - the public name; torch.compile is unaffected
-from .export import export
-from .instrument import SAL, instrument, sensitivity_report
 
 __version__ = "0.1.0"
 
+#: submodules that define a function of their own name: ``fxwormhole.compile`` is the function
+_FUNCTION_MODULES = ("capture", "compile", "export", "instrument")
+
 # name -> module that defines it
 _LAZY = {
+    "capture": "fxwormhole.capture",
+    "compile": "fxwormhole.compile",  # the public name; torch.compile is unaffected
+    "export": "fxwormhole.export",
+    "instrument": "fxwormhole.instrument",
+    "sensitivity_report": "fxwormhole.instrument",
+    "SAL": "fxwormhole.instrument",
     "layer_table": "fxwormhole.analysis",
     "FixedPoint": "fxwormhole.runtime.fixed_point",
     "fixed_point": "fxwormhole.runtime.fixed_point",
     "FixedPointStats": "fxwormhole.runtime.stats",
     "register_solver": "fxwormhole.runtime.solvers",
     "transform": "fxwormhole.api",
+    "save": "fxwormhole.persistence",
+    "load": "fxwormhole.persistence",
+    "load_optimizer": "fxwormhole.persistence",
+    "report": "fxwormhole.stats_report",
+    "StatsLogger": "fxwormhole.stats_logger",
 }
 
 __all__ = [
@@ -57,12 +71,9 @@ __all__ = [
     "PlacementError",
     "ConvergenceError",
     "ExportError",
-    "capture",
-    "compile",
-    "export",
-    "instrument",
-    "sensitivity_report",
-    "SAL",
+    "SaveError",
+    "VerificationError",
+    "LoadError",
     *_LAZY,
 ]
 
@@ -84,3 +95,16 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+
+
+class _Package(types.ModuleType):
+    """The package's module type: when the import system binds a submodule named like its function
+    (``import fxwormhole.capture`` sets ``fxwormhole.capture = <module>``), bind the function."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FUNCTION_MODULES and isinstance(value, types.ModuleType) and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -5,7 +5,7 @@ Everything here works on graphs from both front ends of :func:`fxwormhole.captur
 
 Vocabulary:
 
-* **layer**: a ``call_module`` node whose module is one of :data:`fxwormhole.capture.LAYER_TYPES`.
+* **layer**: a ``call_module`` node whose module is one of :data:`LAYER_TYPES`.
   A module called several times (weight sharing, an unrolled time loop) gives one layer per call,
   all with the same ``name``.
 * **main path**: the nodes every input->output path passes through: the dominators of the output
@@ -24,17 +24,22 @@ from typing import Any, Iterable, Sequence
 import networkx as nx
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from ._text import text_table
-from .capture import LAYER_TYPES
+# activations are recognised from the one table in fxwormhole.passes.activations (re-exported here)
+from .passes.activations import ACTIVATIONS, ActivationForm, activation_params, classify_activation  # noqa: F401
 
 __all__ = [
-    "Layer", "Region", "to_networkx", "is_shape_node", "classify_activation", "activation_params", "layer_kind",
+    "LAYER_TYPES", "ACTIVATIONS", "ActivationForm", "Layer", "Region", "to_networkx", "is_shape_node", "classify_activation", "activation_params", "layer_kind",
     "layer_table", "main_path", "output_layers", "candidate_spans", "module_regions",
-    "strongly_connected_components", "find_cycles", "format_layer_table",
+    "format_layer_table",
 ]
+
+#: modules the toolkit treats as one layer (a "neuron layer" with weights).
+LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase, nn.RNNCellBase,
+)
 
 # ------------------------------------------------------------------------------------------------
 # data
@@ -122,122 +127,6 @@ def _node_kind(node: fx.Node, mods: dict[str, nn.Module]) -> str | None:
     if node.op == "call_module" and isinstance(mods.get(node.target), LAYER_TYPES):
         return layer_kind(mods[node.target])
     return classify_activation(None, node, mods=mods)
-
-
-def strongly_connected_components(g: nx.DiGraph) -> list[set]:
-    """The SCCs that form cycles (more than one node, or a self-loop), largest first."""
-    comps = [c for c in nx.strongly_connected_components(g)
-             if len(c) > 1 or any(g.has_edge(n, n) for n in c)]
-    return sorted(comps, key=len, reverse=True)
-
-
-def find_cycles(g: nx.DiGraph, limit: int = 100) -> list[list]:
-    """Up to ``limit`` simple cycles of ``g`` (node lists), shortest first."""
-    out = []
-    for cyc in nx.simple_cycles(g):
-        out.append(cyc)
-        if len(out) >= limit:
-            break
-    return sorted(out, key=len)
-
-
-# ------------------------------------------------------------------------------------------------
-# activations
-
-# canonical name -> names of params (in the aten/functional positional order after the input)
-_ACT_PARAMS: dict[str, tuple[str, ...]] = {
-    "gelu": ("approximate",), "leaky_relu": ("negative_slope",), "elu": ("alpha",),
-    "celu": ("alpha",), "hardtanh": ("min_val", "max_val"), "softplus": ("beta", "threshold"),
-}
-_ACT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gelu": {"approximate": "none"}, "leaky_relu": {"negative_slope": 0.01}, "elu": {"alpha": 1.0},
-    "celu": {"alpha": 1.0}, "hardtanh": {"min_val": -1.0, "max_val": 1.0},
-    "softplus": {"beta": 1.0, "threshold": 20.0},
-}
-
-_MODULE_ACTS: dict[type, str] = {
-    nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu",
-    nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Softsign: "softsign", nn.Hardtanh: "hardtanh",
-    nn.Softplus: "softplus", nn.Mish: "mish", nn.Hardsigmoid: "hardsigmoid",
-    nn.Hardswish: "hardswish", nn.SELU: "selu", nn.CELU: "celu", nn.LogSigmoid: "logsigmoid",
-    nn.Tanhshrink: "tanhshrink",
-}  # nn.ReLU6 is an nn.Hardtanh subclass: "hardtanh" with (0, 6)
-
-_FUNCTION_ACTS: dict[Any, str] = {
-    torch.tanh: "tanh", torch.sigmoid: "sigmoid", torch.relu: "relu", F.relu: "relu",
-    F.tanh: "tanh", F.sigmoid: "sigmoid", F.gelu: "gelu", F.silu: "silu", F.elu: "elu",
-    F.leaky_relu: "leaky_relu", F.softsign: "softsign", F.hardtanh: "hardtanh", F.relu6: "relu6",
-    F.softplus: "softplus", F.mish: "mish", F.hardsigmoid: "hardsigmoid", F.hardswish: "hardswish",
-    F.selu: "selu", F.celu: "celu", F.logsigmoid: "logsigmoid", F.tanhshrink: "tanhshrink",
-    torch.selu: "selu", torch.celu: "celu", torch.relu_: "relu", torch.tanh_: "tanh",
-    torch.sigmoid_: "sigmoid",
-}
-
-_METHOD_ACTS = {"tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
-                "relu": "relu", "relu_": "relu"}
-
-# aten op names (overload packet) -> canonical
-_ATEN_ACTS = {
-    "tanh": "tanh", "sigmoid": "sigmoid", "relu": "relu", "gelu": "gelu", "silu": "silu", "elu": "elu",
-    "leaky_relu": "leaky_relu", "hardtanh": "hardtanh", "relu6": "relu6", "softplus": "softplus",
-    "mish": "mish", "hardsigmoid": "hardsigmoid", "hardswish": "hardswish", "selu": "selu",
-    "celu": "celu", "log_sigmoid": "logsigmoid",
-}
-
-
-def classify_activation(gm: fx.GraphModule | None, node: fx.Node, *, mods: dict | None = None) -> str | None:
-    """The canonical elementwise activation ``node`` computes, or None.
-
-    Recognises ``call_module`` (nn.Tanh, nn.LeakyReLU, ...), ``call_function`` (torch.tanh,
-    F.relu, F.leaky_relu, aten.relu.default, ...) and ``call_method`` ("tanh", "relu_", ...).
-    ReLU6 is reported as ``"hardtanh"`` with ``min_val=0, max_val=6`` (see :func:`activation_params`)
-    so both front ends agree.
-    """
-    name = _raw_activation(gm, node, mods)
-    return "hardtanh" if name == "relu6" else name
-
-
-def _raw_activation(gm, node: fx.Node, mods) -> str | None:
-    if node.op == "call_module":
-        mods = mods if mods is not None else (dict(gm.named_modules()) if gm is not None else {})
-        mod = mods.get(node.target)
-        if isinstance(mod, nn.ReLU6):
-            return "relu6"
-        return next((v for k, v in _MODULE_ACTS.items() if type(mod) is k), None) or \
-            next((v for k, v in _MODULE_ACTS.items() if isinstance(mod, k)), None)
-    if node.op == "call_method":
-        return _METHOD_ACTS.get(node.target)
-    if node.op != "call_function":
-        return None
-    if isinstance(node.target, torch._ops.OpOverload):
-        base = node.target._schema.name.split("::")[-1].rstrip("_")
-        return _ATEN_ACTS.get(base)
-    try:
-        return _FUNCTION_ACTS.get(node.target)
-    except TypeError:  # unhashable target
-        return None
-
-
-def activation_params(gm: fx.GraphModule | None, node: fx.Node, *, mods: dict | None = None) -> dict[str, Any]:
-    """Parameters of the activation at ``node`` (e.g. ``{"negative_slope": 0.2}``), defaults filled in."""
-    raw = _raw_activation(gm, node, mods)
-    if raw is None:
-        return {}
-    if raw == "relu6":
-        return {"min_val": 0.0, "max_val": 6.0}
-    names = _ACT_PARAMS.get(raw, ())
-    params = dict(_ACT_DEFAULTS.get(raw, {}))
-    if node.op == "call_module":
-        mods = mods if mods is not None else dict(gm.named_modules())
-        mod = mods[node.target]
-        params.update({k: getattr(mod, k) for k in names if hasattr(mod, k)})
-        return params
-    for i, k in enumerate(names):
-        if len(node.args) > i + 1:
-            params[k] = node.args[i + 1]
-        elif k in node.kwargs:
-            params[k] = node.kwargs[k]
-    return params
 
 
 # ------------------------------------------------------------------------------------------------

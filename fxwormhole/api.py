@@ -1,19 +1,19 @@
 """The front door: ``fxwormhole.transform(model, example_inputs, config)``."""
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .capture import capture
+from .capture import capture_graph
 from .config import SALConfig, WormholeConfig
 from .errors import ConfigError
 from .passes._common import run_passes
-from .passes.insert_wormholes import InsertWormholes
-from .passes.plan_wormholes import PlanWormholes
-from .passes.wrap_fixed_points import WrapFixedPoints
+from .passes.meta import update_graph
+from .passes.pipeline import transform_passes
+from .passes.verify import PipelineCheck
+from .transform_record import TransformRecord
 from .transformed import TransformedModule
 
 __all__ = ["transform"]
@@ -37,13 +37,16 @@ def transform(
     *,
     sal: SALConfig | None = None,
     front_end: str = "auto",
+    verify: bool = True,
 ) -> TransformedModule:
     """Rewrite ``model`` with gated wormholes wrapped in fixed-point nodes.
 
-    The model is captured (``torch.fx.symbolic_trace``, else ``torch.export``), wormholes are
-    planned, inserted and fused into :class:`~fxwormhole.runtime.fixed_point.FixedPoint` nodes;
-    recurrent modules (``nn.RNN/LSTM/GRU``) become explicit per-step modules with temporal
-    wormholes; with ``sal`` every neuron also gets a sensitivity probe.
+    The model is captured (``torch.fx.symbolic_trace``, else ``torch.export``) and one list of passes
+    rewrites it (:func:`fxwormhole.passes.pipeline.transform_passes`): recurrent modules
+    (``nn.RNN/LSTM/GRU``) become explicit per-step modules with temporal wormholes; feed-forward
+    wormholes are planned, inserted and fused into
+    :class:`~fxwormhole.runtime.fixed_point.FixedPoint` nodes; with ``sal`` every neuron also gets a
+    sensitivity probe.
 
     The user's model is not modified. At initialisation (gates closed, projections zero) the result
     computes exactly what ``model`` computes, and ``model.state_dict()`` loads into it (only the
@@ -58,6 +61,11 @@ def transform(
         sal: instrument every neuron with sensitivity probes and SAL (see
             :func:`fxwormhole.instrument`).
         front_end: ``"auto"``, ``"symbolic_trace"`` or ``"export"``.
+        verify: check the rewrite (default on): after every pass the graph, run on the example
+            inputs with every wormhole's injection forced to zero, must equal the model as captured
+            (relative 1e-5). A difference raises :class:`~fxwormhole.errors.VerificationError`
+            naming the pass and the first diverging node. It costs one forward of the example
+            inputs per pass that changed the graph and changes no state; ``False`` skips it.
 
     Returns:
         A :class:`~fxwormhole.transformed.TransformedModule`: an ordinary ``nn.Module`` with
@@ -83,45 +91,11 @@ def transform(
     get_solver(config.grad.solver)
     inputs = _as_tuple(example_inputs)
 
-    gm = capture(model, inputs, front_end=front_end)
-    gm, feedforward = _rewrite_recurrent(gm, config)
-    if feedforward is not None:
-        gm = run_passes(gm, [PlanWormholes(feedforward), InsertWormholes(feedforward), WrapFixedPoints(feedforward, inputs)])
-    if sal is not None:
-        from .instrument import instrument_graph
-
-        gm = instrument_graph(gm, sal)
+    captured = capture_graph(model, inputs, front_end=front_end)
+    gm = run_passes(captured.graph_module, transform_passes(captured, config, inputs, sal=sal),
+                    check=PipelineCheck(inputs, verify=verify))
     result = TransformedModule(gm, gm.graph)
     result.meta = dict(gm.meta)
+    update_graph(result, transform=TransformRecord.of(model, inputs, config, sal))  # for fxwormhole.save/load
     result.train(model.training)
     return result
-
-
-def _recurrent_modules(gm) -> dict[str, nn.Module]:
-    from .runtime.recurrent import ExplicitRecurrent
-
-    kinds = (nn.RNN, nn.LSTM, nn.GRU, ExplicitRecurrent)
-    return {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes
-            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kinds)}
-
-
-def _rewrite_recurrent(gm, config: WormholeConfig):
-    """Decompose nn.RNN/LSTM/GRU into explicit steps and give them temporal wormholes.
-
-    Returns the GraphModule and the config left for the feedforward passes: under a policy
-    (``"auto"``/``"every:K"``) a model with recurrent modules gets temporal wormholes only; explicit
-    pairs that name recurrent layers (``"rnn.layer1"``) are placed here and removed from the rest.
-    """
-    if not _recurrent_modules(gm):
-        return gm, config
-    from .passes.recurrent import DecomposeRecurrent
-    from .passes.temporal_wormhole import TemporalWormholes
-    from .runtime.recurrent import resolve_temporal_pairs
-
-    gm = run_passes(gm, [DecomposeRecurrent(), TemporalWormholes(config)])
-    if isinstance(config.wormholes, str):
-        return gm, None
-    modules = _recurrent_modules(gm)
-    remaining = [pair for pair in config.wormholes
-                 if not any(resolve_temporal_pairs(m, [pair], path) for path, m in modules.items())]
-    return gm, (replace(config, wormholes=remaining) if remaining else None)

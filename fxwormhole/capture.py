@@ -9,11 +9,11 @@ Two front ends, tried in this order by ``front_end="auto"``:
 2. ``torch.export.export(model, args, kwargs, strict=False).module()``, which follows any Python
    that does not branch on data (loops over ``x.shape[1]``, kwargs-editing decorators, ...).
 
-Export graphs are ATen-level: a layer is ``aten.linear(x, get_attr weight, get_attr bias)``. They
-are *normalised* so both front ends look alike to the passes: every ATen layer op whose weights
-are exactly the parameters of an ``nn.Linear``/``ConvNd``/RNN module of the model becomes one
-``call_module`` node targeting that module's path, with the (deep-copied) module installed there,
-so state_dict keys do not change. Finally FakeTensorProp writes ``meta["val"]`` on every node.
+Then FakeTensorProp writes ``meta["val"]`` on every node (:func:`propagate_shapes`). That is all
+:func:`capture_graph` does; :func:`capture` also runs
+:class:`~fxwormhole.passes.normalise_export.NormaliseExport` on export graphs, so that both front ends
+hold the model's layers as ``call_module`` nodes (``fxwormhole.transform`` runs that pass as the first
+of its pipeline instead).
 """
 from __future__ import annotations
 
@@ -22,27 +22,28 @@ import copy
 import inspect
 import io
 import logging
-import os
-import traceback
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from ._text import capture_failure_message, describe_failure
+from .analysis import LAYER_TYPES
 from .errors import CaptureError, ConfigError
+from .passes._common import run_passes
+from .passes.meta import KEY, GraphRecord, graph_record
+from .passes.pipeline import capture_passes
 
-__all__ = ["capture", "LayerTracer", "LAYER_TYPES", "FRONT_ENDS", "propagate_shapes", "placeholder_values"]
+__all__ = ["capture", "capture_graph", "Captured", "LayerTracer", "LAYER_TYPES", "FRONT_ENDS", "propagate_shapes",
+           "placeholder_values"]
 
 log = logging.getLogger("fxwormhole")
 
 FRONT_ENDS = ("auto", "symbolic_trace", "export")
 
-#: modules the toolkit treats as one layer (a "neuron layer" with weights).
-LAYER_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase, nn.RNNCellBase,
-)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -65,7 +66,20 @@ class LayerTracer(fx.Tracer):
 
 
 # ------------------------------------------------------------------------------------------------
-# public entry point
+# public entry points
+
+
+@dataclass
+class Captured:
+    """What a front end produced: the graph (with shapes and its :class:`GraphRecord`) and the deep
+    copy of the model it traced, whose modules the normalise pass installs into an export graph."""
+
+    graph_module: fx.GraphModule
+    source: nn.Module
+
+    @property
+    def front_end(self) -> str:
+        return graph_record(self.graph_module).front_end  # type: ignore[return-value]
 
 
 def capture(
@@ -79,9 +93,10 @@ def capture(
 
     The model is deep-copied first and never mutated. The returned GraphModule computes the same
     outputs, holds the model's layers as ``call_module`` nodes (``node.target`` is the module path
-    in ``model.named_modules()``), has ``meta["val"]`` on every node and
-    ``gm.meta["fxwormhole"] = {"front_end", "input_shapes", "attempts", "training", "normalised"}``.
-    Its ``state_dict()`` loads into ``model`` (same keys for every parameter the forward uses).
+    in ``model.named_modules()``), has ``meta["val"]`` on every node and a
+    :class:`~fxwormhole.passes.meta.GraphRecord` in ``gm.meta["fxwormhole"]`` (``front_end``,
+    ``input_shapes``, ``attempts``, ``training``, ``normalised``). Its ``state_dict()`` loads into
+    ``model`` (same keys for every parameter the forward uses).
 
     Args:
         model: the module to capture.
@@ -95,6 +110,18 @@ def capture(
         CaptureError: no front end could capture the model; the message names the failing line
             or op of each front end tried and what to change.
     """
+    captured = capture_graph(model, example_inputs, kwargs=kwargs, front_end=front_end)
+    return run_passes(captured.graph_module, capture_passes(captured))
+
+
+def capture_graph(
+    model: nn.Module,
+    example_inputs: tuple | torch.Tensor,
+    *,
+    kwargs: dict | None = None,
+    front_end: str = "auto",
+) -> Captured:
+    """The front end's graph, with ``meta["val"]`` on every node, not rewritten (see :func:`capture`)."""
     if front_end not in FRONT_ENDS:
         raise ConfigError(f"capture(front_end={front_end!r}) is invalid: expected one of {FRONT_ENDS}")
     if not isinstance(model, nn.Module):
@@ -109,7 +136,7 @@ def capture(
         try:
             gm = _FRONT_ENDS[name](work, args, kwargs)
         except Exception as exc:  # each front end fails in its own way; report them all
-            attempts[name] = _describe_failure(exc)
+            attempts[name] = describe_failure(exc)
             log.debug("capture: %s failed: %s", name, attempts[name])
             continue
         gm.training = model.training
@@ -124,18 +151,12 @@ def capture(
         except Exception as exc:  # the trace is shape-agnostic: wrong shapes surface only here
             raise CaptureError(
                 f"{type(model).__name__}: the example inputs do not fit the model: running the captured graph on "
-                f"them failed with {_describe_failure(exc)}; pass example_inputs that model(*example_inputs) "
+                f"them failed with {describe_failure(exc)}; pass example_inputs that model(*example_inputs) "
                 f"accepts (check their number, shapes and dtypes)") from exc
-        gm.meta["fxwormhole"] = {
-            "front_end": name,
-            "input_shapes": [tuple(t.shape) for t in _tensors(args, kwargs)],
-            "attempts": attempts,
-            "training": model.training,
-            "normalised": gm.meta.get("_fxw_normalised", 0),
-        }
-        gm.meta.pop("_fxw_normalised", None)
-        return gm
-    raise CaptureError(_capture_error_message(type(model).__name__, attempts))
+        gm.meta[KEY] = GraphRecord(front_end=name, input_shapes=tuple(tuple(t.shape) for t in _tensors(args, kwargs)),
+                                   attempts=attempts, training=model.training, normalised=0)
+        return Captured(gm, work)
+    raise CaptureError(capture_failure_message(type(model).__name__, attempts))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,12 +171,26 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
         raise TypeError("forward takes *args/**kwargs, which symbolic_trace cannot bind to placeholders")
     # Tensors become placeholders; everything else (None, flags, sizes) is specialised.
     concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+    before = _state_versions(model)
     graph = LayerTracer().trace(model, concrete_args=concrete or None)
+    mutated = [name for name, version in _state_versions(model).items() if before.get(name) != version]
+    if mutated:
+        # The tracer ran `self.calls.add_(1)` once on the real tensor and recorded nothing: the graph
+        # would neither update the buffer nor (unused by any node) keep it in its state_dict.
+        raise TypeError(f"forward mutates {', '.join(repr(n) for n in mutated[:5])} in place, which symbolic_trace "
+                        f"cannot record (it runs once at trace time)")
     for node in graph.nodes:  # fx renames specialised args `h` -> `h_1`; keep the user's names
         if node.op == "placeholder" and node.target.endswith("_1") and node.target[:-2] in concrete:
             node.target = node.target[:-2]
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     return gm
+
+
+def _state_versions(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Identity and version counter of every parameter and buffer: in-place writes bump the version,
+    rebinding (``self.n = self.n + 1``) changes the identity."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {name: (id(t), t._version) for name, t in tensors}
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
@@ -166,7 +201,6 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
         ep = torch.export.export(model, args, kwargs or None, strict=False,
                                  dynamic_shapes=_batch_dynamic(model, args, kwargs))
     egm = ep.module()
-    n = _normalise_export_layers(egm, model)
     if isinstance(getattr(egm, "_guards_fn", None), nn.Module):
         # export's guard (refusing, e.g., a sequence length the export specialised) is a closure
         # that cannot be pickled: enforce the same contract with a module that can
@@ -178,7 +212,6 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     # Re-wrap as a plain GraphModule: ep.module() refuses .train()/.eval(), which passes need.
     gm = fx.GraphModule(egm, egm.graph, class_name=type(model).__name__)
     gm.meta.update(egm.meta)
-    gm.meta["_fxw_normalised"] = n
     return gm
 
 
@@ -272,296 +305,24 @@ def placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict | None = No
 def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> None:
     """Write ``meta["val"]`` (a FakeTensor) on every node by running FakeTensorProp.
 
-    Passes call this again after every rewrite (``subgraph_rewriter`` leaves empty meta).
+    Capture runs it once; the passes write ``meta["val"]`` on every node they add (the pipeline
+    check verifies it), so nothing re-runs it. Buffers the fake run would touch are restored.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    from .passes._common import state_preserved
+
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     values = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in placeholder_values(gm, args, kwargs)]
-    with mode:
+    # Real buffers enter the fake run: BatchNorm's ``num_batches_tracked += 1`` would really happen.
+    with state_preserved(gm), mode:
         FakeTensorProp(gm, mode).run(*values, enable_io_processing=False)
+    for node in gm.graph.nodes:  # nodes that return nothing (export's input guard) get no value
+        if node.op != "output":
+            node.meta.setdefault("val", None)
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     leaves = torch.utils._pytree.tree_leaves((args, kwargs))
     return [t for t in leaves if isinstance(t, torch.Tensor)]
-
-
-# ------------------------------------------------------------------------------------------------
-# normalising export graphs: ATen layer ops -> call_module
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _attr(node: Any) -> str | None:
-    """The attribute path of a ``get_attr`` node (None for anything else)."""
-    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
-
-
-def _owner(path: str | None) -> str | None:
-    return None if path is None or "." not in path else path.rsplit(".", 1)[0]
-
-
-def _tuple(v: Any, n: int) -> tuple:
-    if isinstance(v, (list, tuple)):
-        v = tuple(int(x) for x in v)
-        return v * n if len(v) == 1 else v
-    return (int(v),) * n
-
-
-def _match_linear(node: fx.Node, model: nn.Module) -> str | None:
-    w, b = _attr(_arg(node, 1, "weight", None)), _arg(node, 2, "bias", None)
-    return _match_weight_bias(model, w, b, nn.Linear)
-
-
-def _match_weight_bias(model: nn.Module, w: str | None, b: Any, cls: type) -> str | None:
-    path = _owner(w)
-    mod = _get(model, path)
-    if not isinstance(mod, cls) or w != f"{path}.weight":
-        return None
-    if (mod.bias is None) != (b is None):
-        return None
-    if b is not None and _attr(b) != f"{path}.bias":
-        return None
-    return path
-
-
-def _match_conv(node: fx.Node, model: nn.Module) -> str | None:
-    target = node.target
-    name = getattr(target, "_schema", None) and target._schema.name  # e.g. "aten::conv2d"
-    w, b = _attr(_arg(node, 1, "weight", None)), _arg(node, 2, "bias", None)
-    nd = {"aten::conv1d": 1, "aten::conv2d": 2, "aten::conv3d": 3}.get(name)
-    if name == "aten::convolution":
-        if _arg(node, 6, "transposed", False):
-            return None
-        wval = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
-        nd = None if wval is None else wval.dim() - 2
-    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}.get(nd)
-    path = _match_weight_bias(model, w, b, cls) if cls else None
-    if path is None:
-        return None
-    mod = _get(model, path)
-    if mod.padding_mode != "zeros":
-        return None  # the module pads by itself, then calls conv with padding 0: not one op
-    stride = _tuple(_arg(node, 3, "stride", 1), nd)
-    padding = _arg(node, 4, "padding", 0)
-    if name == "aten::convolution":
-        dilation, groups = _tuple(_arg(node, 5, "dilation", 1), nd), int(_arg(node, 8, "groups", 1))
-    else:
-        dilation, groups = _tuple(_arg(node, 5, "dilation", 1), nd), int(_arg(node, 6, "groups", 1))
-    pad_ok = padding == mod.padding if isinstance(padding, str) or isinstance(mod.padding, str) else _tuple(padding, nd) == tuple(mod.padding)
-    if stride != tuple(mod.stride) or dilation != tuple(mod.dilation) or groups != mod.groups or not pad_ok:
-        return None
-    return path
-
-
-_RNN_OPS = {"aten::lstm": (nn.LSTM, None), "aten::gru": (nn.GRU, None),
-            "aten::rnn_tanh": (nn.RNN, "tanh"), "aten::rnn_relu": (nn.RNN, "relu")}
-_CELL_OPS = {"aten::lstm_cell": (nn.LSTMCell, None), "aten::gru_cell": (nn.GRUCell, None),
-             "aten::rnn_tanh_cell": (nn.RNNCell, "tanh"), "aten::rnn_relu_cell": (nn.RNNCell, "relu")}
-
-
-def _match_rnn(node: fx.Node, model: nn.Module) -> str | None:
-    if node.target._overloadname != "input":
-        return None  # the "data" overload is the PackedSequence path
-    cls, nonlin = _RNN_OPS[node.target._schema.name]
-    params = node.args[2]
-    paths = [_attr(p) for p in params]
-    path = _owner(paths[0]) if paths else None
-    mod = _get(model, path)
-    if not isinstance(mod, cls) or (nonlin and mod.nonlinearity != nonlin):
-        return None
-    has_biases, num_layers, dropout, _train, bidirectional, batch_first = node.args[3:9]
-    ok = (paths == [f"{path}.{n}" for n in mod._flat_weights_names] and has_biases == mod.bias
-          and num_layers == mod.num_layers and float(dropout) == float(mod.dropout)
-          and bidirectional == mod.bidirectional and batch_first == mod.batch_first)
-    return path if ok else None
-
-
-def _match_cell(node: fx.Node, model: nn.Module) -> str | None:
-    cls, nonlin = _CELL_OPS[node.target._schema.name]
-    w_ih, w_hh = _attr(node.args[2]), _attr(node.args[3])
-    b_ih, b_hh = _arg(node, 4, "b_ih", None), _arg(node, 5, "b_hh", None)
-    path = _owner(w_ih)
-    mod = _get(model, path)
-    if not isinstance(mod, cls) or (nonlin and mod.nonlinearity != nonlin):
-        return None
-    ok = w_ih == f"{path}.weight_ih" and w_hh == f"{path}.weight_hh" and (b_ih is None) == (not mod.bias)
-    if ok and mod.bias:
-        ok = _attr(b_ih) == f"{path}.bias_ih" and _attr(b_hh) == f"{path}.bias_hh"
-    return path if ok else None
-
-
-def _get(model: nn.Module, path: str | None) -> nn.Module | None:
-    if path is None:
-        return None
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-_ZEROS = {"aten::zeros", "aten::new_zeros", "aten::zeros_like"}
-
-
-def _is_fresh_zeros(n: Any, user: fx.Node) -> bool:
-    """A zero initial state created only for this op (the module would create it for hx=None)."""
-    if not isinstance(n, fx.Node) or n.op != "call_function" or set(n.users) != {user}:
-        return False
-    return getattr(getattr(n.target, "_schema", None), "name", None) in _ZEROS
-
-
-def _normalise_export_layers(gm: fx.GraphModule, model: nn.Module) -> int:
-    """Replace ATen layer ops that are exactly a module call by ``call_module`` nodes. Returns the count."""
-    count, dead = 0, []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or not hasattr(node.target, "_schema"):
-            continue
-        op = node.target._schema.name
-        try:
-            if op == "aten::linear":
-                path, call_args = _match_linear(node, model), (node.args[0],)
-            elif op in ("aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::convolution"):
-                path, call_args = _match_conv(node, model), (node.args[0],)
-            elif op in _RNN_OPS:
-                path, call_args = _match_rnn(node, model), _rnn_call_args(node)
-            elif op in _CELL_OPS:
-                path, call_args = _match_cell(node, model), _cell_call_args(node)
-            else:
-                continue
-        except (AttributeError, IndexError, TypeError, ValueError) as exc:  # unusual op form: leave it as ATen
-            log.debug("capture: not normalising %s (%s): %s", node.name, op, exc)
-            continue
-        if path is None:
-            continue
-        _install(gm, path, model.get_submodule(path))
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(path, call_args)
-        new.meta = {k: v for k, v in node.meta.items() if k != "val"}
-        new.meta["fxwormhole"] = {"normalised_from": str(node.target)}
-        if op == "aten::lstm":  # aten returns (out, h, c); nn.LSTM returns (out, (h, c))
-            _rewire_lstm_outputs(gm, node, new)
-        else:
-            node.replace_all_uses_with(new)
-        dead.append(node)
-        count += 1
-    for node in dead:
-        inputs = list(node.all_input_nodes)
-        gm.graph.erase_node(node)
-        for i in inputs:
-            if not i.users and (i.op == "get_attr" or _schema_name(i) in _ZEROS):
-                gm.graph.erase_node(i)
-    for node in list(gm.graph.nodes):  # weights now read by the modules themselves
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
-    gm.recompile()
-    return count
-
-
-def _schema_name(n: fx.Node) -> str | None:
-    return getattr(getattr(n.target, "_schema", None), "name", None)
-
-
-def _rnn_call_args(node: fx.Node) -> tuple:
-    x, hx = node.args[0], node.args[1]
-    hx = list(hx) if isinstance(hx, (list, tuple)) else [hx]
-    if all(_is_fresh_zeros(h, node) for h in hx):
-        return (x,)
-    return (x, tuple(hx)) if node.target._schema.name == "aten::lstm" else (x, hx[0])
-
-
-def _cell_call_args(node: fx.Node) -> tuple:
-    x, hx = node.args[0], node.args[1]
-    hx_list = list(hx) if isinstance(hx, (list, tuple)) else [hx]
-    if all(_is_fresh_zeros(h, node) for h in hx_list):
-        return (x,)
-    return (x, tuple(hx_list)) if isinstance(hx, (list, tuple)) else (x, hx)
-
-
-def _rewire_lstm_outputs(gm: fx.GraphModule, node: fx.Node, new: fx.Node) -> None:
-    import operator
-
-    users = list(node.users)
-    if not all(u.op == "call_function" and u.target is operator.getitem for u in users):
-        raise ValueError("aten.lstm result used other than through getitem")
-    state = None
-    for u in users:
-        i = u.args[1]
-        if i == 0:
-            u.args = (new, 0)
-            continue
-        if state is None:
-            with gm.graph.inserting_after(new):
-                state = gm.graph.call_function(operator.getitem, (new, 1))
-            state.meta = {k: v for k, v in new.meta.items() if k != "fxwormhole"}
-        u.args = (state, i - 1)
-
-
-def _install(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    """Put the user's (copied) module at ``path`` of ``gm``, replacing export's plain holder."""
-    parent_path, _, name = path.rpartition(".")
-    parent = gm.get_submodule(parent_path) if parent_path else gm
-    current = getattr(parent, name, None)
-    if current is module:
-        return
-    if isinstance(current, nn.Module) and not isinstance(current, LAYER_TYPES):
-        # keep anything export hung below the holder that the module does not own
-        for child_name, child in current.named_children():
-            if not hasattr(module, child_name):
-                module.add_module(child_name, child)
-    setattr(parent, name, module)
-    if isinstance(module, nn.RNNBase):
-        module._init_flat_weights()  # point the cached weight list at the module's own parameters
-
-
-# ------------------------------------------------------------------------------------------------
-# error reporting
-
-
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_THIS_FILE = os.path.abspath(__file__)
-
-
-def _describe_failure(exc: BaseException) -> str:
-    """``ExcType: first line (at file:line in fn: `code`)`` naming the user's line if there is one."""
-    first = next((ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()), "")
-    if len(first) > 240:
-        first = first[:237] + "..."
-    where = _user_frame(exc)
-    msg = f"{type(exc).__name__}: {first}"
-    return f"{msg} (at {where})" if where else msg
-
-
-def _user_frame(exc: BaseException) -> str | None:
-    frames = traceback.extract_tb(exc.__traceback__)
-    for fr in reversed(frames):
-        if fr.filename.startswith("<"):
-            continue
-        f = os.path.abspath(fr.filename)
-        if f.startswith(_TORCH_DIR) or f == _THIS_FILE or "site-packages" in f:
-            continue
-        code = (fr.line or "").strip()
-        return f"{fr.filename}:{fr.lineno} in {fr.name}: `{code}`"
-    return None
-
-
-_ARITY = ("missing a required argument", "too many positional arguments", "got an unexpected keyword argument")
-
-
-def _capture_error_message(model_name: str, attempts: dict[str, str]) -> str:
-    tried = "; ".join(f"{name} failed with {why}" for name, why in attempts.items())
-    if attempts and all(any(a in why for a in _ARITY) for why in attempts.values()):
-        return (f"could not capture {model_name}: {tried}. What to do: example_inputs must hold one tensor per "
-                f"positional argument of {model_name}.forward, in order (a single tensor or a tuple).")
-    return (
-        f"could not capture {model_name}: {tried}. "
-        "What to do: remove data-dependent Python control flow from forward (an `if`/`break` on a "
-        "tensor value), e.g. use torch.where or torch.cond instead of `if`, a fixed number of loop "
-        "steps instead of `break`; or pass front_end='symbolic_trace' / front_end='export' "
-        "(CLI: --front-end) to see one front end's error alone."
-    )

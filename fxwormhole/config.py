@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence, Tuple, Union
 
 from .errors import ConfigError
+from .policy import parse_policy
 
 __all__ = ["SolverConfig", "GradConfig", "WormholeConfig", "SALConfig", "coerce_solver", "coerce_grad"]
 
@@ -172,20 +173,9 @@ class WormholeConfig:
 
     def __post_init__(self) -> None:
         c = type(self).__name__
-        w = self.wormholes
-        if isinstance(w, str):
-            ok = w == "auto" or (w.startswith("every:") and w[6:].isdigit() and int(w[6:]) >= 1)
-            _check(ok, c, "wormholes", w, "'auto', 'every:K' (K >= 1) or a list of (src, dst) pairs")
-        else:
-            try:
-                pairs = tuple(tuple(p) for p in w)
-            except TypeError:
-                pairs = None
-            ok = pairs is not None and len(pairs) > 0 and all(
-                len(p) == 2 and all(isinstance(s, str) and s for s in p) for p in pairs
-            )
-            _check(ok, c, "wormholes", w, "'auto', 'every:K' or a non-empty list of (src, dst) name pairs")
-            object.__setattr__(self, "wormholes", pairs)
+        policy = parse_policy(self.wormholes, c)  # the grammar lives in one place: fxwormhole.policy
+        if not policy.automatic:
+            object.__setattr__(self, "wormholes", policy.pairs)
         _check(self.gate in GATE_KINDS, c, "gate", self.gate, f"one of {GATE_KINDS}")
         _check(isinstance(self.gate_init, (int, float)) and math.isfinite(self.gate_init), c, "gate_init", self.gate_init, "a finite float")
         _check(self.proj_init in ("zero", "normal"), c, "proj_init", self.proj_init, "'zero' or 'normal'")

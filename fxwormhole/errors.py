@@ -12,6 +12,9 @@ __all__ = [
     "PlacementError",
     "ConvergenceError",
     "ExportError",
+    "SaveError",
+    "VerificationError",
+    "LoadError",
 ]
 
 
@@ -37,3 +40,31 @@ class ConvergenceError(FxWormholeError):
 
 class ExportError(FxWormholeError):
     """Export failed, or an exported (inference-only) artifact was used for training."""
+
+
+class SaveError(FxWormholeError, OSError):
+    """Writing a file failed (disk full, no permission, missing directory, ...); the file that was
+    at the path before is unchanged and no temporary file is left behind."""
+
+
+class VerificationError(FxWormholeError):
+    """The rewritten model does not compute what the original computes at initialisation.
+
+    Raised by the self-check of :func:`fxwormhole.transform` / :func:`fxwormhole.instrument`
+    (``verify=True``, the default). It is a defect of fxwormhole, not of the model: the message names
+    the pass after which the outputs diverged, the first fx node whose value differs and its module
+    path. Attributes: ``pass_name``, ``node``, ``module_path``, ``error`` (max absolute difference)
+    and ``scale`` (max absolute value of the original's tensor).
+    """
+
+    def __init__(self, message: str, *, pass_name: str | None = None, node: str | None = None,
+                 module_path: str | None = None, error: float = float("nan"), scale: float = float("nan")):
+        super().__init__(message)
+        self.pass_name, self.node, self.module_path = pass_name, node, module_path
+        self.error, self.scale = error, scale
+
+
+class LoadError(FxWormholeError):
+    """A folder written by :func:`fxwormhole.save` cannot be loaded: a file is missing or damaged, or
+    the model passed to :func:`fxwormhole.load` does not rebuild the saved one (the message names the
+    file and what to do)."""

@@ -13,24 +13,36 @@ does not require grad (shared/research/torch-tooling.md sections 3.3 and 4). :fu
 wrapper that refuses every attempt to train; train the TransformedModule and export again.
 
 With ``dynamic_batch=True`` dimension 0 of every tensor input is one symbolic batch size.
+
+Files are written atomically (:mod:`fxwormhole._atomic`): a failure leaves an existing file at the
+path unchanged. Every artifact carries SHA-256 checksums of its weights and program (a ``.pt2``:
+one per archive record, in ``extra/fxwormhole.json``; an ``.onnx``: weights and graph, in the
+model's ``metadata_props``) and :func:`load` verifies them, so a damaged or modified file is refused
+instead of computing wrong numbers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import warnings
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from ._atomic import atomic_write, check_target
 from .errors import ConfigError, ExportError
 
-__all__ = ["export", "load", "ExportedModel", "FORMATS"]
+__all__ = ["export", "load", "prepare_export", "ExportedModel", "FORMATS"]
 
 FORMATS = ("pt2", "onnx")
 _META_FILE = "fxwormhole.json"
+_META_RECORD = f"extra/{_META_FILE}"
+_ONNX_CHECKSUM_KEY = "fxwormhole.sha256"
+_REEXPORT = "re-export it with fxwormhole.export (or restore it from a copy)"
 _INFERENCE_ONLY = ("exported artifacts are inference-only (torch.export drops the fixed point's implicit "
                    "backward); train the TransformedModule instead and export it again")
 
@@ -156,8 +168,10 @@ def export(model: nn.Module, example_inputs: Any, path: str | Path, format: str 
         dynamic_batch: keep dim 0 of every input symbolic (any batch size at run time).
 
     Raises:
-        ExportError: tracing or conversion failed (names the op/line and what to do), or the
-            onnx extra is missing.
+        ExportError: tracing or conversion failed (names the op/line and what to do), the onnx
+            extra is missing, or the file could not be written (its directory is missing, disk
+            full, no permission, ...). The file is written atomically: on any failure an
+            existing file at ``path`` is unchanged and no temporary file is left behind.
 
     Example::
 
@@ -165,27 +179,203 @@ def export(model: nn.Module, example_inputs: Any, path: str | Path, format: str 
         runner = fxwormhole.export.load("net.pt2")   # inference only
         y = runner(x)
     """
+    _check_format(format)
+    what = _WHAT[format]
+    path = check_target(path, what, ExportError)  # a bad path fails before the (slow) export
+    write = prepare_export(model, example_inputs, format, dynamic_batch=dynamic_batch)
+    with atomic_write(path, what=what, error=ExportError) as tmp:
+        write(tmp)
+    return path
+
+
+_WHAT = {"pt2": "the exported program", "onnx": "the ONNX model"}
+
+
+def _check_format(format: str) -> None:
     if format not in FORMATS:
         raise ConfigError(f"fxwormhole.export: format={format!r} is invalid: expected one of {FORMATS}")
     if format == "onnx":
         _require_onnx()
-    path = Path(path)
+
+
+def prepare_export(model: nn.Module, example_inputs: Any, format: str = "pt2", *,
+                   dynamic_batch: bool = True) -> Callable[[Path], None]:
+    """Do all the work of :func:`export` that can fail before a file is touched (tracing, ONNX
+    conversion); returns ``write(path)``, which writes the artifact with its checksums to ``path``
+    as is. :func:`export` calls it inside an atomic write; so does ``fxwormhole export``, which
+    also loads and checks the artifact before it replaces the user's file."""
+    _check_format(format)
     inputs = _as_tuple(example_inputs)
     ep = export_program(model, inputs, dynamic_batch=dynamic_batch)
+    if format == "onnx":
+        proto = _onnx_proto(ep, inputs)
+        return lambda path: _write_onnx(proto, path)
     meta = {"format": format, "dynamic_batch": dynamic_batch, "inference_only": True,
             "inputs": [[list(t.shape), str(t.dtype)] for t in inputs if isinstance(t, Tensor)]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if format == "pt2":
-        torch.export.save(ep, str(path), extra_files={_META_FILE: json.dumps(meta)})
-        return path
+    return lambda path: _write_pt2(ep, path, meta)
+
+
+# ------------------------------------------------------------------------------------------------
+# checksums
+def _sha256_of_record(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
+    digest = hashlib.sha256()
+    with archive.open(info) as f:  # zipfile checks the record's CRC while reading
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record_name(info: zipfile.ZipInfo) -> str:
+    """A record's name without the archive's top folder (``archive/data/weights/w0`` -> ``data/...``)."""
+    return info.filename.partition("/")[2]
+
+
+def _pt2_records(archive: zipfile.ZipFile, path: Path) -> dict[str, zipfile.ZipInfo]:
+    records: dict[str, zipfile.ZipInfo] = {}
+    for info in archive.infolist():
+        name = _record_name(info)
+        if name in records:  # which copy torch would read is unspecified: refuse
+            raise ExportError(f"{path}: the archive holds two records named {name!r}, so it was modified "
+                              f"after fxwormhole.export wrote it; {_REEXPORT}")
+        records[name] = info
+    return records
+
+
+def _pt2_digests(archive: zipfile.ZipFile, records: dict[str, zipfile.ZipInfo]) -> dict[str, str]:
+    """SHA-256 of every record but the extra files (weights, constants, program, format records)."""
+    return {name: _sha256_of_record(archive, info) for name, info in sorted(records.items())
+            if not name.startswith("extra/") and not info.is_dir()}
+
+
+def _write_pt2(ep: torch.export.ExportedProgram, tmp: Path, meta: dict) -> None:
+    """``torch.export.save`` and then the metadata record, which holds the checksums of all others."""
+    with open(tmp, "wb") as f:
+        torch.export.save(ep, f)
+    with zipfile.ZipFile(tmp, "a") as archive:  # records stay uncompressed, as torch writes them
+        records = _pt2_records(archive, tmp)
+        top = next(iter(records.values())).filename.partition("/")[0]
+        meta = {**meta, "sha256": _pt2_digests(archive, records)}
+        archive.writestr(f"{top}/{_META_RECORD}", json.dumps(meta))
+
+
+def _what_record(name: str) -> str:
+    if name.startswith("data/weights/"):
+        return "a weight"
+    if name.startswith("data/constants/"):
+        return "a constant"
+    if name.startswith("models/"):
+        return "the program"
+    return "an archive record"
+
+
+def _unreadable(path: Path, exc: OSError) -> ExportError:
+    return ExportError(f"{path}: cannot read it ({exc.strerror or exc}); check that the file is readable")
+
+
+def _no_checksum(path: Path, why: str) -> None:
+    warnings.warn(f"{path}: {why}, so its weights and program cannot be verified; re-export it with "
+                  "fxwormhole.export to add a checksum", UserWarning, stacklevel=4)
+
+
+def _verify_pt2(path: Path) -> dict:
+    """Check every record against the checksums in ``fxwormhole.json``; returns that metadata."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = _pt2_records(archive, path)
+            raw = archive.read(records[_META_RECORD]) if _META_RECORD in records else None
+            digests = _pt2_digests(archive, records)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, KeyError) as exc:
+        raise ExportError(f"{path}: not a readable torch.export archive ({_one_line(exc)}); {_REEXPORT}") from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    if raw is None:
+        _no_checksum(path, f"no {_META_FILE} (not written by fxwormhole.export)")
+        return {"format": "pt2"}
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path}: its {_META_FILE} is not valid JSON ({_one_line(exc)}), so the file is "
+                          f"damaged; {_REEXPORT}") from None
+    if not isinstance(meta, dict):
+        raise ExportError(f"{path}: its {_META_FILE} holds a JSON {type(meta).__name__}, not an object, so the "
+                          f"file is damaged; {_REEXPORT}")
+    expected = meta.get("sha256")
+    if expected is None:
+        _no_checksum(path, f"its {_META_FILE} carries no checksum (written by an older fxwormhole)")
+        return meta
+    if not isinstance(expected, dict):
+        raise ExportError(f"{path}: the checksums in its {_META_FILE} are malformed; {_REEXPORT}")
+    for name in sorted(set(expected) | set(digests)):
+        if expected.get(name) == digests.get(name):
+            continue
+        if name not in digests:
+            why = f"{name} ({_what_record(name)}) is missing"
+        elif name not in expected:
+            why = f"it holds {name}, which fxwormhole.export did not write"
+        else:
+            why = f"{name} ({_what_record(name)}) does not match its checksum"
+        raise ExportError(f"{path}: {why}: the file was modified or damaged after it was exported; {_REEXPORT}")
+    return meta
+
+
+def _onnx_digests(proto: Any) -> dict[str, str]:
+    """SHA-256 of the initializers (weights) and of the rest of the model (program), our own
+    metadata entry left out; protobuf serialises the fields of a message deterministically."""
+    weights = hashlib.sha256()
+    for tensor in sorted(proto.graph.initializer, key=lambda t: t.name):
+        weights.update(tensor.SerializeToString(deterministic=True))
+    program = type(proto)()
+    program.CopyFrom(proto)
+    del program.graph.initializer[:]
+    kept = [p for p in program.metadata_props if p.key != _ONNX_CHECKSUM_KEY]
+    del program.metadata_props[:]
+    program.metadata_props.extend(kept)
+    return {"weights": weights.hexdigest(),
+            "program": hashlib.sha256(program.SerializeToString(deterministic=True)).hexdigest()}
+
+
+def _onnx_proto(ep: torch.export.ExportedProgram, inputs: tuple) -> Any:
+    """The ExportedProgram as an ONNX ModelProto (``while_loop`` -> ``Loop``), errors as ExportError."""
     try:
         onx = torch.onnx.export(ep, inputs, dynamo=True, verbose=False,
                                 custom_translation_table=_onnx_translations())
-        onx.save(str(path))
+        return onx.model_proto
     except Exception as exc:  # noqa: BLE001 - ConversionError and friends
         raise ExportError(f"ONNX conversion failed{_where(exc)}: {_one_line(exc)}; export format='pt2' instead, "
                           "or replace the op named above by one ONNX supports") from exc
-    return path
+
+
+def _write_onnx(proto: Any, tmp: Path) -> None:
+    import onnx
+
+    digests = json.dumps(_onnx_digests(proto))
+    proto.metadata_props.add(key=_ONNX_CHECKSUM_KEY, value=digests)
+    onnx.save_model(proto, str(tmp))
+
+
+def _verify_onnx(path: Path, data: bytes) -> None:
+    try:
+        import onnx
+    except ImportError:
+        _no_checksum(path, "the onnx package is missing (pip install fxwormhole[onnx])")
+        return
+    try:
+        proto = onnx.load_model_from_string(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise ExportError(f"{path}: not a readable ONNX model ({_one_line(exc)}); {_REEXPORT}") from None
+    stored = [p.value for p in proto.metadata_props if p.key == _ONNX_CHECKSUM_KEY]
+    if not stored:
+        _no_checksum(path, "it carries no checksum (not written by fxwormhole.export)")
+        return
+    try:
+        expected = json.loads(stored[-1])
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: its checksum entry is not valid JSON ({_one_line(exc)}); {_REEXPORT}") from None
+    for part, digest in _onnx_digests(proto).items():
+        if not isinstance(expected, dict) or expected.get(part) != digest:
+            what = "the weights (initializers)" if part == "weights" else "the program (graph)"
+            raise ExportError(f"{path}: {what} do not match the checksum written at export: the file was "
+                              f"modified or damaged after it was exported; {_REEXPORT}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,13 +439,13 @@ class ExportedModel(nn.Module):
 class _OrtRunner:
     """Runs an ONNX file with onnxruntime; tensors in, tensors out."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, data: bytes) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
             raise ExportError("running an ONNX export needs onnxruntime: pip install fxwormhole[onnx]") from None
-        try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:  # from the bytes that were verified, not the file again
+            self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001
             raise ExportError(f"{path}: onnxruntime cannot load it ({_one_line(exc)}); re-export it") from None
         self.names = [i.name for i in self.session.get_inputs()]
@@ -269,19 +459,30 @@ class _OrtRunner:
 
 
 def load(path: str | Path) -> ExportedModel:
-    """Load a ``.pt2`` or ``.onnx`` file written by :func:`export` as an inference-only module."""
+    """Load a ``.pt2`` or ``.onnx`` file written by :func:`export` as an inference-only module.
+
+    The checksums written at export are verified first; a file without them (written by plain
+    ``torch.export.save`` or an older fxwormhole) loads with a warning.
+
+    Raises:
+        ExportError: the file is missing, unreadable, or was modified or damaged since it was
+            exported (names the file and the record that differs).
+    """
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: no such file; write it with fxwormhole.export(model, inputs, path)")
     if path.suffix == ".onnx":
-        return ExportedModel(_OrtRunner(path), path=path, format="onnx", meta={"format": "onnx"})
-    extra = {_META_FILE: ""}
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise _unreadable(path, exc) from None
+        _verify_onnx(path, data)
+        return ExportedModel(_OrtRunner(path, data), path=path, format="onnx", meta={"format": "onnx"})
+    meta = _verify_pt2(path)
     try:
-        ep = torch.export.load(str(path), extra_files=extra)
+        ep = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise ExportError(f"{path}: not a readable torch.export archive ({_one_line(exc)}); "
-                          "re-export it with fxwormhole.export") from None
-    meta = json.loads(extra[_META_FILE]) if extra[_META_FILE] else {"format": "pt2"}
+        raise ExportError(f"{path}: not a readable torch.export archive ({_one_line(exc)}); {_REEXPORT}") from None
     return ExportedModel(ep.module(), path=path, format="pt2", meta=meta)
 
 

@@ -11,21 +11,22 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import capture
+from .capture import capture_graph
 from .config import SALConfig
 from ._text import text_table
 from .errors import ConfigError, PlacementError
-from .passes._common import graph_meta, run_passes
-from .passes.sensitivity_annotate import ActivationSpec, SensitivityAnnotate
-from .passes.sensitivity_insert import SensitivityInsert
-from .runtime.sensitivity import SAL, probes_of
+from .passes._common import run_passes
+from .passes.pipeline import instrument_passes, sensitivity_passes
+from .passes.sensitivity_annotate import ActivationSpec
+from .passes.verify import PipelineCheck
+from .runtime.sensitivity import probes_of
 
 __all__ = ["instrument", "instrument_graph", "sensitivity_report", "SensitivityReport", "SensitivityRow", "SAL"]
 
@@ -39,7 +40,8 @@ def _check_sal(sal: Any) -> SALConfig:
 
 
 def instrument_graph(gm: fx.GraphModule, sal: Optional[SALConfig] = None,
-                     activations: Optional[Mapping[str, ActivationSpec]] = None) -> fx.GraphModule:
+                     activations: Optional[Mapping[str, ActivationSpec]] = None, *,
+                     check: Optional[PipelineCheck] = None) -> fx.GraphModule:
     """Put a sensitivity probe on every neuron layer of ``gm`` (in place) and return it.
 
     Nested GraphModules (fixed-point bodies) are instrumented too. Call it before any step that
@@ -49,15 +51,14 @@ def instrument_graph(gm: fx.GraphModule, sal: Optional[SALConfig] = None,
         gm: a captured (possibly already rewritten) GraphModule; it is modified.
         sal: SAL rule; ``None`` or ``SALConfig(enabled=False)`` installs measuring probes only.
         activations: per-layer activation overrides (see :class:`SensitivityAnnotate`).
+        check: the pipeline check to run between the passes (see :mod:`fxwormhole.passes.verify`).
     """
-    sal = _check_sal(sal)
-    gm = run_passes(gm, [SensitivityAnnotate(sal, activations), SensitivityInsert(sal)])
-    graph_meta(gm)["sensitivity"] = {"sal": sal, "probes": sorted(probes_of(gm))}
-    return gm
+    return run_passes(gm, sensitivity_passes(_check_sal(sal), activations), check=check)
 
 
 def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] = None, *,
-               activations: Optional[Mapping[str, ActivationSpec]] = None, front_end: str = "auto") -> fx.GraphModule:
+               activations: Optional[Mapping[str, ActivationSpec]] = None, front_end: str = "auto",
+               verify: bool = True) -> fx.GraphModule:
     """A copy of ``model`` with a sensitivity probe on every neuron (and SAL when ``sal`` is enabled).
 
     ``model`` is never mutated: it is captured (deep-copied) by :func:`fxwormhole.capture.capture`.
@@ -73,6 +74,7 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
         activations: per-layer activation overrides by module path (a registered name, or an
             elementwise callable / activation module).
         front_end: capture front end (``"auto"``, ``"symbolic_trace"``, ``"export"``).
+        verify: check that the probes change no value (see ``verify`` of :func:`fxwormhole.transform`).
 
     Raises:
         ConfigError: bad ``sal`` or ``model``.
@@ -81,8 +83,10 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
     sal = _check_sal(sal)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"instrument(model=...) expects an nn.Module, got {type(model).__name__}")
-    gm = capture(model, example_inputs, front_end=front_end)
-    gm = instrument_graph(gm, sal, activations)
+    captured = capture_graph(model, example_inputs, front_end=front_end)
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    gm = run_passes(captured.graph_module, instrument_passes(captured, sal, activations),
+                    check=PipelineCheck(inputs, verify=verify, what="instrument"))
     if not probes_of(gm):
         raise PlacementError(
             f"instrument: no neuron layer (Linear, ConvNd, RNN/LSTM/GRU or a cell) found as a submodule of "
@@ -146,3 +150,52 @@ def sensitivity_report(model: nn.Module) -> SensitivityReport:
             rows.append(SensitivityRow(public_name(p.layer), p.kind, p.activation, p.source, p.neurons, float(s.mean()),
                                        float(p.log_rms), float((s < p.rule.target).float().mean()), int(p.count)))
     return SensitivityReport(rows, target)
+
+
+class SAL:
+    """Handle on the probes of an instrumented model.
+
+    SAL needs no call in the training loop: its gradients enter ``.grad`` during ``loss.backward()``.
+    This object reads statistics, resets them and changes the rule between steps (a change of a
+    rule constant makes torch.compile recompile once).
+
+    Example::
+
+        model = fxwormhole.instrument(net, (x,), sal=SALConfig(eta=0.02))
+        sal = fxwormhole.SAL(model)
+        ...  # loss.backward(); opt.step()
+        print(sal.mean_s_bar(), sal.report())
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.probes = probes_of(model)
+
+    def zero_stats(self) -> None:
+        """Reset every probe's moving averages."""
+        for p in self.probes.values():
+            p.zero_stats()
+
+    def configure(self, **changes: Any) -> None:
+        """Change rule fields (``eta``, ``target``, ``two_sided``, ``log_form``, ``enabled``) of every probe."""
+        allowed = {"eta", "target", "two_sided", "log_form", "enabled"}
+        bad = set(changes) - allowed
+        if bad:
+            raise ConfigError(f"SAL.configure: unknown field(s) {sorted(bad)}: expected some of {sorted(allowed)}")
+        for p in self.probes.values():
+            p.rule = replace(p.rule, **changes)
+            if hasattr(p, "spec"):
+                p.spec = replace(p.spec, rule=p.rule)
+
+    def mean_s_bar(self) -> float:
+        """Mean ``s_bar`` over all neurons of all probes."""
+        vals = [p.s_bar.float() for p in self.probes.values()]
+        return float(torch.cat(vals).mean()) if vals else math.nan
+
+    def log_sensitivity(self) -> Dict[str, float]:
+        """Per layer: log RMS sensitivity (moving average)."""
+        return {p.layer: float(p.log_rms) for p in self.probes.values()}
+
+    def report(self) -> "SensitivityReport":
+        """A :class:`SensitivityReport` of the model."""
+        return sensitivity_report(self.model)

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Optional, Tuple
 
 import torch.fx as fx
 import torch.nn as nn
+from torch import Tensor
 from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
 
-__all__ = ["TransformedModule", "public_name"]
+from .passes.meta import graph_record
+
+__all__ = ["TransformedModule", "public_name", "per_sample_iterations"]
 
 _INTERNAL = re.compile(r"(?:^|(?<=\.))fixed_point_\d+\.(?:body|feedback)\.")
 
@@ -118,8 +121,8 @@ class TransformedModule(fx.GraphModule):
 
     @property
     def wormholes(self) -> list:
-        """The planned wormholes (:class:`~fxwormhole.passes.plan_wormholes.WormholeSpec`)."""
-        return list(self.meta.get("fxwormhole", {}).get("wormholes", []))
+        """The planned wormholes (:class:`~fxwormhole.passes.meta.WormholeSpec`)."""
+        return list(graph_record(self).wormholes or ())
 
     def wormhole_parameters(self) -> list[str]:
         """Public names of the parameters the transform added (gates and projections)."""
@@ -135,9 +138,34 @@ class TransformedModule(fx.GraphModule):
             cfg = m.solver_config if hasattr(m, "solver_config") else None
             extra = f" solver={cfg.name} tol={cfg.tol} max_iter={cfg.max_iter} halting={cfg.halting}" if cfg else ""
             lines.append(f"{name}: fixed point over wormholes {[s.index for s in getattr(m, 'wormholes', [])]}{extra}")
-        for path, pairs in self.meta.get("fxwormhole", {}).get("temporal_wormholes", {}).items():
+        temporal = graph_record(self).temporal
+        for path, pairs in (temporal.placed if temporal is not None else {}).items():
             edges = ", ".join(f"{src} -> {dst}" for src, dst in pairs)
             lines.append(f"{path}: temporal wormholes {edges} (one fixed point per time step)")
         added = sum(p.numel() for n, p in self.named_parameters() if "wormhole" in public_name(n))
         lines.append(f"new parameters: {added}")
         return "\n".join(lines)
+
+
+def per_sample_iterations(net: nn.Module) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Forward and backward fixed-point iterations per sample of the last call of ``net``.
+
+    For a recurrent module with temporal wormholes the count is the mean over time steps; counts of
+    several fixed-point nodes add up. Returns ``(forward [B], backward [B])``; an entry is ``None``
+    when ``net`` has no fixed point (or, for backward, when no backward pass has run yet).
+    """
+    stats_of = getattr(net, "fixed_point_stats", None)
+    if stats_of is None:
+        return None, None
+    fwd: Optional[Tensor] = None
+    bwd: Optional[Tensor] = None
+    for st in stats_of().values():
+        if st is None:
+            continue
+        f, b = st.iterations, st.backward_iterations
+        f = f.float().mean(0) if f.dim() == 2 else f.float()  # TemporalStats: [T, B]
+        fwd = f if fwd is None else fwd + f
+        if b is not None:
+            b = b.float().mean(0) if b.dim() == 2 else b.float()
+            bwd = b if bwd is None else bwd + b
+    return fwd, bwd

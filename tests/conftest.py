@@ -30,3 +30,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# transformers imports torchvision whenever it is installed, and PyPI's torchvision for torch 2.13
+# fails to import against a CPU-only torch; define the op schemas it needs before any test imports
+# transformers (tests/thirdparty/torchvision_shim.py says why; a no-op where torchvision works).
+from thirdparty.torchvision_shim import install as _install_torchvision_shim  # noqa: E402
+
+_install_torchvision_shim()

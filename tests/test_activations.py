@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fxwormhole.errors import ConfigError
-from fxwormhole.runtime.activations import (
+from fxwormhole.passes.activations import (
     Sigmoid, derivatives, derivatives_of_callable, register_activation, registered_activations,
 )
 

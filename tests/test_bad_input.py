@@ -25,6 +25,7 @@ import fxwormhole as fw
 from fxwormhole import zoo
 from fxwormhole.cli import main as cli_main
 from fxwormhole.errors import CaptureError, ConfigError, ExportError, FxWormholeError, PlacementError
+from helpers import assert_unchanged as _assert_unchanged, snapshot as _snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,19 +187,6 @@ INVALID_VALUES = [
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _snapshot(model: nn.Module):
-    return ({k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-            [m.training for m in model.modules()])
-
-
-def _assert_unchanged(model: nn.Module, snap) -> None:
-    state, flags = snap
-    now = model.state_dict(keep_vars=True)
-    assert list(now) == list(state), "the model gained or lost parameters or buffers"
-    for k, v in now.items():
-        assert torch.equal(v.detach(), state[k]), f"the model's {k} changed"
-    assert [m.training for m in model.modules()] == flags, "the model's training flags changed"
-
 
 def _check_message(exc: BaseException, phrase: str) -> None:
     text = str(exc)
@@ -287,7 +275,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "VALUE = 3\n")
     (d / "broken.py").write_text("raise RuntimeError('boom at import')\n")
     (d / "corrupt.pt").write_bytes(b"garbage, not a pickle")
-    return {"dir": d, "net": d / "models.py"}
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["rewrite", f"{d / 'models.py'}:Net", "-i", "2x3", "-w", "b:a", "--out", str(d / "saved.pt")]) == 0
+    return {"dir": d, "net": d / "models.py", "saved": d / "saved.pt"}
 
 
 def _m(files, name="Net") -> str:
@@ -339,6 +329,21 @@ CLI_CASES: list[tuple[str, Callable[[dict], list[str]], str]] = [
      "not a model saved by 'fxwormhole rewrite'"),
     ("unknown export --format", lambda f: ["export", _m(f), "-i", "2x3", "--format", "tflite", "--out", f"{f['dir']}/o.x"],
      "choose from"),
+    # issue 13, rows 5 and 6
+    ("--every 0", lambda f: ["rewrite", _m(f), "-i", "2x3", "--every", "0", "--out", f"{f['dir']}/o.pt"],
+     "argument --every: expected an int >= 1, got 0"),
+    ("--input does not fit a saved model (compile)", lambda f: ["compile", str(f["saved"]), "-i", "2x5"],
+     "it was transformed with --input 2x3: pass inputs of those shapes"),
+    ("--input does not fit a saved model (export)", lambda f: ["export", str(f["saved"]), "-i", "2x5", "--out",
+                                                              f"{f['dir']}/o.pt2"], "pass inputs of those shapes"),
+    ("--input too large to allocate", lambda f: ["rewrite", _m(f), "-i", "100000x100000x100", "--out", f"{f['dir']}/o.pt"],
+     "use a smaller example input"),
+    ("demo --out an existing file", lambda f: ["demo", "--quick", "--out", str(f["net"])],
+     "is an existing file, not a folder: pass a folder path"),
+    ("--out in a folder that does not exist", lambda f: ["rewrite", _m(f), "-i", "2x3", "--out", f"{f['dir']}/no/o.pt"],
+     "create it first (mkdir -p"),
+    ("--out is a folder", lambda f: ["export", str(f["saved"]), "-i", "2x3", "--out", str(f["dir"])],
+     "it is a directory; pass the path of a file"),
 ]
 
 
@@ -349,10 +354,17 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def _listing(directory: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(directory)): (p.read_bytes() if p.is_file() else None)
+            for p in directory.rglob("*") if "__pycache__" not in p.parts}
+
+
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_cli_bad_input_prints_one_line_and_exits_2(case, files):
     _, argv, phrase = case
+    before = _listing(files["dir"])
     code, _, err = run_cli(argv(files))
+    assert _listing(files["dir"]) == before, "a failed command wrote or changed a file"
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"

@@ -65,6 +65,7 @@ def test_inspect_prints_front_end_table_and_spans(user_file, capsys):
 
 
 def test_inspect_factory_export_and_picture(user_file, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     pic = tmp_path / "g.png"
     rc = main(["inspect", f"{user_file}:make_net", "-i", "2x3", "--front-end", "export", "--picture", str(pic)])
     out = capsys.readouterr().out
@@ -119,6 +120,8 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path, capsys):
 
 def test_demo_command_writes_the_rewritten_graph(tmp_path):
     # The demo itself is tested in test_demo.py; here: the command runs and draws the graph.
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
     assert main(["demo", "--quick", "--out", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "graph.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -148,6 +151,23 @@ def test_parse_input_spec():
     for bad in ["", "2x", "x2", "2x0", "float32", "int64:2:0", "complex:2", "2x3:4"]:
         with pytest.raises(ConfigError, match="expected|>= 1"):
             parse_input_spec(bad)
+
+
+def test_input_specs_too_large_for_memory_are_refused_before_or_at_allocation(monkeypatch):
+    from fxwormhole.cli import specs
+
+    monkeypatch.setattr(specs, "available_memory", lambda: 10 * 2**20)
+    with pytest.raises(ConfigError, match=r"needs 16.0 MiB, more than the 10.0 MiB of memory available; use a smaller"):
+        parse_input_spec("float64:2048x1024")
+    assert parse_input_spec("float64:1024x1024").shape == (1024, 1024)  # 8 MiB fits
+    # where free memory is unknown, the allocator's refusal is the error
+    monkeypatch.setattr(specs, "available_memory", lambda: None)
+    def refuse(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 16777216 bytes")
+
+    monkeypatch.setattr(torch, "randn", refuse)
+    with pytest.raises(ConfigError, match="allocating it failed .*can't allocate memory.*use a smaller example input"):
+        parse_input_spec("float64:2048x1024")
 
 
 def test_load_model_forms(user_file):
@@ -186,6 +206,7 @@ def test_display_graph_folds_transformer_and_keeps_main_column():
 
 
 def test_highlights_are_never_folded(tmp_path):
+    pytest.importorskip("matplotlib")
     m = zoo.TransformerStack().eval()
     gm = capture(m, m.example_inputs())
     inner = next(n.name for n in gm.graph.nodes if n.name.startswith("scaled_dot_product_attention"))

@@ -101,6 +101,28 @@ def test_bad_arguments_are_one_line_and_exit_2(argv, message, capsys, tmp_path, 
     assert message in lines[0]
 
 
+def _raise(exc):
+    def fail(*args, **kwargs):
+        raise exc
+    return fail
+
+
+def test_errors_nobody_typed_are_one_line_too(capsys, monkeypatch):
+    argv = ["inspect", "fxwormhole.zoo:MLP", "--input", "4x8"]
+    monkeypatch.setattr("fxwormhole.cli.inspect_cmd.load_model", _raise(ZeroDivisionError("boom")))
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("fxwormhole: error: unexpected ZeroDivisionError: boom") and "FXWORMHOLE_TRACEBACK=1" in err
+    monkeypatch.setenv("FXWORMHOLE_TRACEBACK", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(argv)
+    monkeypatch.delenv("FXWORMHOLE_TRACEBACK")
+    monkeypatch.setattr("fxwormhole.cli.inspect_cmd.load_model",
+                        _raise(FileNotFoundError(2, "No such file or directory", "weights.bin")))
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and err == "fxwormhole: error: No such file or directory: weights.bin; check the path and its permissions\n"
+
+
 def test_inspect_after_draws_the_rewritten_graph(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     from fxwormhole.cli.inspect_cmd import after_highlights

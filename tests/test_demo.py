@@ -12,7 +12,7 @@ import torch
 
 from fxwormhole import WormholeConfig, transform, zoo
 from fxwormhole.cli import main
-from fxwormhole.demo import digits_sequences, per_sample_iterations, progress, pyplot, run_demo, DemoConfig
+from fxwormhole.cli.demo import digits_sequences, per_sample_iterations, progress, pyplot, run_demo, DemoConfig
 from fxwormhole.errors import ConfigError
 
 pytest.importorskip("matplotlib")

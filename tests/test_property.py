@@ -40,11 +40,11 @@ import fxwormhole as fw
 from fxwormhole.errors import FxWormholeError
 from fxwormhole.runtime.wormhole import Wormhole
 from fxwormhole.transformed import public_name
-from test_bad_input import _assert_unchanged, _snapshot  # the same "model untouched" check
+from helpers import assert_unchanged as _assert_unchanged, snapshot as _snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EXAMPLES = Counter()  # property -> examples run (printed after the module; see docs/reliability.md)
+EXAMPLES = Counter()  # property -> examples run (printed after the module with -v; see docs/reliability.md)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,7 +52,8 @@ def _report_examples(request):
     yield
     plugins = request.config.pluginmanager
     reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
-    if reporter is not None and capture is not None and EXAMPLES:
+    # only on request (-v): a quiet run prints nothing between the progress dots
+    if reporter is not None and capture is not None and EXAMPLES and request.config.getoption("verbose") > 0:
         with capture.global_and_fixture_disabled():
             reporter.write_line(f"\nproperty examples: {dict(sorted(EXAMPLES.items()))}")
 

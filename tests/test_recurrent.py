@@ -25,7 +25,9 @@ from fxwormhole.runtime.recurrent import (
     ExplicitRNN,
     explicit_from_module,
 )
-from test_recurrent_common import one_thread, rel  # noqa: F401  (autouse fixture)
+from helpers import rel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 KINDS = {
     "lstm": lambda **kw: nn.LSTM(**kw),

@@ -14,7 +14,9 @@ from torch._dynamo.testing import CompileCounter
 
 from fxwormhole.config import WormholeConfig
 from fxwormhole.runtime.recurrent import ExplicitGRU, add_temporal_wormhole, explicit_from_module
-from test_recurrent_common import one_thread, rel  # noqa: F401  (autouse fixture)
+from helpers import rel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fwd_bwd(mod: nn.Module, x: torch.Tensor, w: torch.Tensor):

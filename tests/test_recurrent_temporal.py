@@ -18,7 +18,9 @@ from fxwormhole.passes._common import run_passes
 from fxwormhole.passes.recurrent import DecomposeRecurrent
 from fxwormhole.passes.temporal_wormhole import TemporalWormholes
 from fxwormhole.runtime.recurrent import ExplicitRecurrent, add_temporal_wormhole, resolve_temporal_pairs
-from test_recurrent_common import one_thread, rel  # noqa: F401  (autouse fixture)
+from helpers import rel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 I, H, T, B = 4, 6, 6, 3
 

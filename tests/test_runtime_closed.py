@@ -4,7 +4,7 @@ from torch import nn
 
 from fxwormhole.runtime.fixed_point import FixedPoint
 
-from test_runtime_models import MLPBody
+from helpers import MLPBody
 
 
 class Counting(nn.Module):

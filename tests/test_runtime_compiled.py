@@ -7,7 +7,7 @@ from torch import nn
 from fxwormhole.errors import FxWormholeError
 from fxwormhole.runtime.fixed_point import FixedPoint
 
-from test_runtime_models import Feedback, MLPBody
+from helpers import Feedback, MLPBody
 
 
 class Net(nn.Module):

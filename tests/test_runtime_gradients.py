@@ -5,7 +5,7 @@ import torch
 from fxwormhole.config import GradConfig, SolverConfig
 from fxwormhole.runtime.fixed_point import FixedPoint, fixed_point
 
-from test_runtime_models import ConvBody, Feedback, MLPBody, TupleBody, unrolled
+from helpers import ConvBody, Feedback, MLPBody, TupleBody, unrolled
 
 TIGHT = dict(solver=SolverConfig(name="anderson", tol=1e-13, max_iter=300),
              grad=GradConfig(mode="implicit", tol=1e-13, max_iter=300))

@@ -11,7 +11,7 @@ from fxwormhole.errors import ConfigError, ConvergenceError
 from fxwormhole.runtime.fixed_point import FixedPoint, fixed_point
 from fxwormhole.runtime.solvers import FixedPointSolver, get_solver, make_solver, register_solver
 
-from test_runtime_models import MLPBody
+from helpers import MLPBody
 
 
 class ScaledBody(nn.Module):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import fxwormhole
 from fxwormhole.config import SALConfig
 from fxwormhole.instrument import instrument
-from fxwormhole.runtime.sensitivity import SAL, probes_of
+from fxwormhole import SAL
+from fxwormhole.runtime.sensitivity import probes_of
 
 ACTS = {  # torch activation of each registered name the probes may see after a dense layer
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softsign": F.softsign, "gelu": F.gelu, "silu": F.silu,

@@ -13,7 +13,8 @@ from fxwormhole.errors import ConfigError, PlacementError
 from fxwormhole.instrument import instrument, instrument_graph, sensitivity_report
 from fxwormhole.passes._common import run_passes
 from fxwormhole.passes.sensitivity_annotate import SensitivityAnnotate
-from fxwormhole.runtime.sensitivity import SAL, probes_of
+from fxwormhole import SAL
+from fxwormhole.runtime.sensitivity import probes_of
 
 
 class Mixed(nn.Module):

@@ -7,33 +7,19 @@ autograd saves for the backward (activation memory; the CPU allocator keeps no p
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .._text import text_table
+from ..transformed import per_sample_iterations
+from .progress import progress
 from .rewrite_cmd import add_model_arguments, add_wormhole_arguments, parse_inputs, wormhole_config
 from .specs import load_model
 
-__all__ = ["register", "run", "progress", "time_steps", "memory_of", "mean_iterations", "format_table"]
-
-
-def progress(iterable: Iterable, total: int, desc: str) -> Iterable:
-    """tqdm when installed (on stderr), else a one-line counter on stderr."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _plain_progress(iterable, total, desc)
-    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False)
-
-
-def _plain_progress(iterable: Iterable, total: int, desc: str) -> Iterable:
-    for i, item in enumerate(iterable, 1):
-        yield item
-        print(f"\r{desc}: {i}/{total}", end="" if i < total else "\n", file=sys.stderr, flush=True)
+__all__ = ["register", "run", "time_steps", "memory_of", "mean_iterations", "format_table"]
 
 
 def _step(fn: Callable, inputs: Sequence[torch.Tensor], upstream: list) -> Any:
@@ -54,7 +40,7 @@ def time_steps(fn: Callable, inputs: Sequence[torch.Tensor], steps: int, warmup:
     for _ in range(warmup):
         _step(fn, inputs, upstream)
     times = []
-    for _ in progress(range(steps), steps, desc):
+    for _ in progress(range(steps), total=steps, desc=desc):
         t0 = time.perf_counter()
         _step(fn, inputs, upstream)
         times.append(time.perf_counter() - t0)
@@ -84,9 +70,10 @@ def memory_of(fn: Callable, inputs: Sequence[torch.Tensor]) -> tuple[float, str]
 
 
 def mean_iterations(model: nn.Module) -> float | None:
-    stats = model.fixed_point_stats() if hasattr(model, "fixed_point_stats") else {}
-    its = [s.iterations.float().mean().item() for s in stats.values() if s is not None and hasattr(s, "iterations")]
-    return sum(its) / len(its) if its else None
+    """Forward fixed-point iterations of the last call, per sample (summed over the model's fixed
+    points, averaged over time steps and samples); None without a fixed point."""
+    fwd, _ = per_sample_iterations(model)
+    return None if fwd is None else float(fwd.mean())
 
 
 def format_table(rows: Sequence[dict]) -> str:

@@ -1,25 +1,29 @@
-"""Parsing what a person types: ``MODEL`` specs, ``--kwargs`` JSON and ``--input`` tensor specs."""
+"""Parsing what a person types: ``MODEL`` specs, ``--kwargs`` JSON, ``--input`` tensor specs, and the
+argparse types of counts and output folders."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
+import math
+import os
 import re
 import sys
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from ..errors import ConfigError
 
-__all__ = ["load_model", "parse_input_spec", "parse_kwargs", "DTYPES"]
+__all__ = ["load_model", "parse_input_spec", "parse_kwargs", "positive_int", "output_dir", "DTYPES"]
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
-    "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32,
-    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+# torch is imported when a spec is parsed, not when a parser is built (``--help`` stays fast)
+
+#: the dtype names ``--input`` accepts -> the torch dtype's name
+DTYPES: dict[str, str] = {
+    "float32": "float32", "float": "float32", "float64": "float64", "double": "float64",
+    "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
+    "int64": "int64", "long": "int64", "int32": "int32", "int": "int32",
+    "int16": "int16", "int8": "int8", "uint8": "uint8", "bool": "bool",
 }
 
 _MODEL_FORMS = "'path/to/file.py:Name' or 'package.module:Name' (a class or a factory returning an nn.Module)"
@@ -63,6 +67,8 @@ def _import_target(spec: str):
         except Exception as exc:
             raise ConfigError(f"model {spec!r}: cannot import module {where!r} ({type(exc).__name__}: {exc}); expected {_MODEL_FORMS}") from None
     if not hasattr(module, name):
+        from torch import nn
+
         found = sorted(k for k, v in vars(module).items()
                        if isinstance(v, type) and issubclass(v, nn.Module) and getattr(v, "__module__", "") == module.__name__)
         hint = f"; nn.Module classes there: {', '.join(found)}" if found else ""
@@ -70,12 +76,14 @@ def _import_target(spec: str):
     return getattr(module, name)
 
 
-def load_model(spec: str, kwargs_json: str | None = None) -> nn.Module:
+def load_model(spec: str, kwargs_json: str | None = None):
     """Build the model named by ``spec`` with the keyword arguments in ``kwargs_json``.
 
     ``spec`` is ``path/to/file.py:Name`` or ``package.module:Name``; ``Name`` is an ``nn.Module``
     class or a function returning one. Any failure raises ConfigError saying what was expected.
     """
+    from torch import nn
+
     kwargs = parse_kwargs(kwargs_json)
     target = _import_target(spec)
     if not callable(target):
@@ -89,12 +97,14 @@ def load_model(spec: str, kwargs_json: str | None = None) -> nn.Module:
     return model
 
 
-def parse_input_spec(spec: str) -> torch.Tensor:
+def parse_input_spec(spec: str):
     """``"[DTYPE:]DIMS[:HIGH]"`` -> a tensor: float ``randn``, integers ``randint(0, HIGH)``, bool coin flips."""
+    import torch
+
     parts = spec.strip().split(":")
     dtype = torch.float32
     if parts and parts[0].lower() in DTYPES:
-        dtype = DTYPES[parts.pop(0).lower()]
+        dtype = getattr(torch, DTYPES[parts.pop(0).lower()])
     if len(parts) not in (1, 2) or not re.fullmatch(r"\d+(x\d+)*", parts[0]):
         raise ConfigError(f"--input {spec!r}: expected {_INPUT_FORMS}")
     shape = tuple(int(d) for d in parts[0].split("x"))
@@ -105,8 +115,68 @@ def parse_input_spec(spec: str) -> torch.Tensor:
         if dtype.is_floating_point or dtype == torch.bool or not parts[1].isdigit() or int(parts[1]) < 1:
             raise ConfigError(f"--input {spec!r}: HIGH is an integer >= 1 for integer dtypes only; expected {_INPUT_FORMS}")
         high = int(parts[1])
-    if dtype.is_floating_point:
-        return torch.randn(shape, dtype=dtype)
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape).bool()
-    return torch.randint(0, high, shape, dtype=dtype)
+    _check_fits_in_memory(spec, shape, dtype)
+    try:
+        if dtype.is_floating_point:
+            return torch.randn(shape, dtype=dtype)
+        if dtype == torch.bool:
+            return torch.randint(0, 2, shape).bool()
+        return torch.randint(0, high, shape, dtype=dtype)
+    except (RuntimeError, MemoryError) as exc:  # the allocator refused
+        raise ConfigError(f"--input {spec!r}: allocating it failed ({' '.join(str(exc).split())[:160]}); "
+                          f"{_SMALLER}") from None
+
+
+_SMALLER = "use a smaller example input (a batch of 2 to 8 samples is enough to trace a model)"
+
+
+def _human_bytes(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still hand out (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_fits_in_memory(spec: str, shape: tuple[int, ...], dtype) -> None:
+    """Refuse before allocating: with memory overcommit a too-large tensor is not refused by the
+    allocator but killed by the kernel once its pages are written."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise ConfigError(f"--input {spec!r}: this tensor needs {_human_bytes(nbytes)}, more than the "
+                          f"{_human_bytes(free)} of memory available; {_SMALLER}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (``--every 0`` is refused, not read as 'unset')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def output_dir(text: str) -> str:
+    """argparse type: a folder to write into; it may not exist yet, but may not be a file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is an existing file, not a folder: pass a folder path "
+                                         "(it is created if missing)")
+    return text

@@ -7,7 +7,7 @@ For each :class:`~fxwormhole.passes.plan_wormholes.WormholeSpec` this pass adds 
     x_mod_i = x + read_i                # what the destination now consumes
     write_i = wormhole_<i>(h_src)       # gate(h) * proj(h): the value that flows back
 
-The back edge ``write_i -> read_i`` is recorded in ``gm.meta["fxwormhole"]["back_edges"]`` instead
+The back edge ``write_i -> read_i`` is recorded in ``GraphRecord.back_edges`` instead
 of being drawn as a data edge, so the fx graph stays a DAG (fx cannot represent a cycle) and still
 runs: with ``read_i = 0`` it computes exactly the original network. The wrap pass turns each cycle
 into one fixed-point node.
@@ -22,8 +22,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..config import WormholeConfig
 from ..errors import PlacementError
-from ..runtime.wormhole import Wormhole
-from ._common import graph_meta, node_meta
+from ._common import build_wormhole
+from .meta import BackEdge, graph_record, update_graph, update_node
 
 __all__ = ["InsertWormholes", "wormhole_read"]
 
@@ -47,14 +47,14 @@ class InsertWormholes(PassBase):
         self.config = config
 
     def requires(self, gm: fx.GraphModule) -> None:
-        if "wormholes" not in graph_meta(gm):
+        if graph_record(gm).wormholes is None:
             raise PlacementError("InsertWormholes runs after PlanWormholes: no wormhole plan in gm.meta")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         cfg = self.config
-        specs = graph_meta(gm)["wormholes"]
+        specs = graph_record(gm).wormholes
         nodes = {n.name: n for n in gm.graph.nodes}
-        back_edges = graph_meta(gm).setdefault("back_edges", [])
+        back_edges = list(graph_record(gm).back_edges or ())
         modules: dict[tuple[str, str], str] = {}
         modulated: dict[tuple[str, fx.Node], fx.Node] = {}
         for spec in specs:
@@ -63,30 +63,14 @@ class InsertWormholes(PassBase):
             if name is None:
                 name = spec.module_name
                 modules[(spec.src, spec.dst)] = name
-                module = Wormhole(
-                    spec.src_shape,
-                    spec.dst_shape,
-                    gate=cfg.gate,
-                    gate_init=cfg.gate_init,
-                    proj_init=cfg.proj_init,
-                    proj_std=cfg.proj_std,
-                    gate_cap=cfg.gate_cap,
-                    src=spec.src,
-                    dst=spec.dst,
-                )
-                if cfg.spectral_norm:
-                    from ..runtime.contraction import cap_spectral_norm
-
-                    cap_spectral_norm(module.proj.map)
-                x_val = nodes[spec.dst_input].meta["val"]
-                module.to(device=x_val.device, dtype=x_val.dtype)
-                gm.add_submodule(name, module)
+                gm.add_submodule(name, build_wormhole(spec.src_shape, spec.dst_shape, cfg, src=spec.src, dst=spec.dst,
+                                                      like=nodes[spec.dst_input].meta["val"]))
 
             x, src = nodes[spec.dst_input], nodes[spec.src_node]
             with gm.graph.inserting_before(_after_placeholders(gm) if x.op == "placeholder" else x.next):
                 read = gm.graph.call_function(wormhole_read, (x,))
             read.meta["val"] = x.meta["val"]
-            node_meta(read).update(role="read", wormhole=spec.index)
+            update_node(read, role="read", wormhole=spec.index)
             # Several wormholes may modulate the same input of the same user: chain the additions.
             groups: dict[fx.Node, list[fx.Node]] = {}
             for user in spec.dst_users:
@@ -95,15 +79,16 @@ class InsertWormholes(PassBase):
                 with gm.graph.inserting_after(read if current is x else current):
                     x_mod = gm.graph.call_function(operator.add, (current, read))
                 x_mod.meta["val"] = x.meta["val"]
-                node_meta(x_mod).update(role="modulated", wormhole=spec.index)
+                update_node(x_mod, role="modulated", wormhole=spec.index)
                 for user in users:
                     user.replace_input_with(current, x_mod)
                     modulated[(user.name, x)] = x_mod
             with gm.graph.inserting_after(src):
                 write = gm.graph.call_module(name, (src,))
             write.meta["val"] = x.meta["val"]
-            node_meta(write).update(role="write", wormhole=spec.index)
-            back_edges.append((write.name, read.name, spec.index))
+            update_node(write, role="write", wormhole=spec.index)
+            back_edges.append(BackEdge(write.name, read.name, spec.index))
+        update_graph(gm, back_edges=tuple(back_edges))
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, bool(specs))

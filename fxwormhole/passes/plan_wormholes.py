@@ -1,8 +1,8 @@
 """Plan pass: decide where wormholes go and write the plan into node metadata.
 
 Annotate, then materialise (as torchao's prepare_pt2e does): this pass only resolves names, checks
-that each wormhole is possible, and records :class:`WormholeSpec` objects under
-``gm.meta["fxwormhole"]["wormholes"]`` and ``node.meta["fxwormhole"]["wormhole_src"/"wormhole_dst"]``.
+that each wormhole is possible, and records :class:`~fxwormhole.passes.meta.WormholeSpec` objects in
+``GraphRecord.wormholes`` and the wormhole indices in ``NodeInfo.wormhole_src`` / ``wormhole_dst``.
 :mod:`~fxwormhole.passes.insert_wormholes` then inserts the modules. Tests can check a plan without
 running the model.
 
@@ -33,27 +33,11 @@ from .. import analysis
 from ..config import WormholeConfig
 from ..errors import PlacementError
 from ..runtime.wormhole import bridge_kind
-from ._common import graph_meta, node_meta, value_shape
+from ._common import value_shape
+from ..policy import Policy, parse_policy
+from .meta import TemporalPlacement, WormholeSpec, graph_record, node_info, update_graph, update_node
 
 __all__ = ["WormholeSpec", "PlanWormholes", "resolve_pairs"]
-
-
-@dataclass(frozen=True)
-class WormholeSpec:
-    """One planned wormhole edge: ``dst_input += gate(src) * proj(src)`` for the ``dst_users``."""
-
-    index: int
-    src: str  # name as given (or chosen by the policy)
-    dst: str
-    src_node: str  # fx node whose value feeds back
-    dst_input: str  # fx node whose value is modulated
-    dst_users: tuple[str, ...]  # fx nodes whose use of dst_input gets the modulated value
-    src_shape: tuple[int, ...]
-    dst_shape: tuple[int, ...]
-
-    @property
-    def module_name(self) -> str:
-        return f"wormhole_{self.index}"
 
 
 @dataclass(frozen=True)
@@ -124,8 +108,8 @@ def _endpoints(gm: fx.GraphModule, name: str, role: str, layers, regions) -> lis
     )
 
 
-def _policy_pairs(gm: fx.GraphModule, policy: str, layers) -> list[tuple[str, str]]:
-    if policy == "auto":
+def _policy_pairs(gm: fx.GraphModule, policy: Policy, layers) -> list[tuple[str, str]]:
+    if policy.kind == "auto":
         spans = analysis.candidate_spans(gm, layers)
         cells = list(dict.fromkeys(l.name for l in layers if l.kind.endswith("_cell")))
         if not spans and cells:
@@ -138,23 +122,34 @@ def _policy_pairs(gm: fx.GraphModule, policy: str, layers) -> list[tuple[str, st
                 "output layer; name wormholes explicitly, e.g. WormholeConfig(wormholes=[('fc2', 'fc1')])"
             )
         return [tuple(spans[0])]
-    k = int(policy.split(":", 1)[1])
+    k = policy.every
     main = sorted((l for l in layers if l.on_main_path and l.depth is not None), key=lambda l: l.depth)
     hidden = list(dict.fromkeys(l.name for l in main))[:-1]  # the output layer does not feed back
     pairs = [(hidden[j], hidden[j - k]) for j in range(k, len(hidden), k)]
     if not pairs:
         raise PlacementError(
-            f"wormholes={policy!r}: the main path has {len(hidden)} hidden layers, too few for a span of {k}; "
+            f"wormholes='every:{k}': the main path has {len(hidden)} hidden layers, too few for a span of {k}; "
             f"use a smaller K or name wormholes explicitly"
         )
     return pairs
 
 
 def resolve_pairs(gm: fx.GraphModule, config: WormholeConfig) -> list[WormholeSpec]:
-    """Resolve the config's wormholes to concrete graph places and validate them."""
+    """Resolve the config's wormholes to graph places and validate them.
+
+    Only what the temporal pass left (its :class:`~fxwormhole.passes.meta.TemporalPlacement`): under a
+    policy nothing if it placed temporal wormholes, else the explicit pairs it did not consume.
+    """
+    policy = parse_policy(config.wormholes)
+    temporal = graph_record(gm).temporal or TemporalPlacement()
+    if policy.automatic and temporal.policy_consumed:
+        return []
+    explicit = [pair for pair in policy.pairs if pair not in temporal.consumed_pairs]
+    if not policy.automatic and not explicit:
+        return []
     layers = analysis.layer_table(gm)
     regions = analysis.module_regions(gm)
-    pairs = list(config.wormholes) if not isinstance(config.wormholes, str) else _policy_pairs(gm, config.wormholes, layers)
+    pairs = _policy_pairs(gm, policy, layers) if policy.automatic else explicit
     graph = analysis.to_networkx(gm)
     specs: list[WormholeSpec] = []
     for src, dst in pairs:
@@ -240,8 +235,10 @@ class PlanWormholes(PassBase):
         specs = resolve_pairs(gm, self.config)
         nodes = {n.name: n for n in gm.graph.nodes}
         for spec in specs:
-            node_meta(nodes[spec.src_node]).setdefault("wormhole_src", []).append(spec.index)
-            for user in spec.dst_users:
-                node_meta(nodes[user]).setdefault("wormhole_dst", []).append(spec.index)
-        graph_meta(gm)["wormholes"] = specs
+            src = nodes[spec.src_node]
+            update_node(src, wormhole_src=(*(node_info(src).wormhole_src or ()), spec.index))
+            for name in spec.dst_users:
+                user = nodes[name]
+                update_node(user, wormhole_dst=(*(node_info(user).wormhole_dst or ()), spec.index))
+        update_graph(gm, wormholes=tuple(specs))
         return PassResult(gm, False)

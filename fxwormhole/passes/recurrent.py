@@ -4,7 +4,8 @@ Every ``call_module`` node whose target is a torch recurrent module gets, at the
 path, an :class:`~fxwormhole.runtime.recurrent.ExplicitRecurrent` with the same parameter names and
 values (so ``state_dict`` keys do not change and the original state_dict loads strictly), the same
 call signature and the same outputs. The node itself is unchanged; what was done is recorded in
-``node.meta["fxwormhole"]["recurrent"]`` and the module paths in ``gm.meta["fxwormhole"]["recurrent"]``.
+``NodeInfo.recurrent`` (:class:`~fxwormhole.passes.meta.RecurrentInfo`) and the module paths in
+``GraphRecord.recurrent``.
 
 Subclasses that override ``forward`` are left alone (their semantics may differ) and recorded as
 skipped. Python loops over ``nn.RNNCell``/``LSTMCell``/``GRUCell`` need nothing from this pass:
@@ -13,14 +14,15 @@ the front ends already unroll them into repeated ``call_module`` nodes of the ce
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict
+from typing import Dict
 
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..runtime.gates import RECURRENT_LAYOUTS
 from ..runtime.recurrent import ExplicitRecurrent, explicit_from_module, layer_name
-from ._common import graph_meta, node_meta
+from .meta import RecurrentInfo, graph_record, update_graph, update_node
 
 __all__ = ["DecomposeRecurrent", "recurrent_info"]
 
@@ -29,20 +31,22 @@ log = logging.getLogger("fxwormhole")
 _TORCH_RNNS = (nn.RNN, nn.LSTM, nn.GRU)
 
 
-def recurrent_info(module: ExplicitRecurrent) -> Dict[str, Any]:
+def recurrent_info(module: ExplicitRecurrent, path: str) -> RecurrentInfo:
     """The facts about an explicit recurrent module that later passes and reports need."""
-    return {
-        "mode": module.mode,
-        "explicit": type(module).__name__,
-        "num_layers": module.num_layers,
-        "layers": [layer_name(k) for k in range(module.num_layers)],
-        "hidden_size": module.hidden_size,
-        "input_size": module.input_size,
-        "bidirectional": module.bidirectional,
-        "batch_first": module.batch_first,
-        "gate_order": list({"LSTM": "ifgo", "GRU": "rzn"}.get(module.mode, "h")),
-        "temporal_wormholes": list(module.temporal_pairs),
-    }
+    return RecurrentInfo(
+        path=path,
+        decomposed=True,
+        mode=module.mode,
+        explicit=type(module).__name__,
+        num_layers=module.num_layers,
+        layers=tuple(layer_name(k) for k in range(module.num_layers)),
+        hidden_size=module.hidden_size,
+        input_size=module.input_size,
+        bidirectional=module.bidirectional,
+        batch_first=module.batch_first,
+        gate_order=RECURRENT_LAYOUTS[module.mode].gates,
+        temporal_wormholes=tuple(module.temporal_pairs),
+    )
 
 
 class DecomposeRecurrent(PassBase):
@@ -67,21 +71,21 @@ class DecomposeRecurrent(PassBase):
                 continue
             path = str(node.target)
             if path in done:
-                node_meta(node)["recurrent"] = {**recurrent_info(done[path]), "decomposed": True, "path": path}
+                update_node(node, recurrent=recurrent_info(done[path], path))
                 continue
             mod = gm.get_submodule(path)
             if isinstance(mod, ExplicitRecurrent) or not isinstance(mod, _TORCH_RNNS):
                 continue
             if type(mod).forward not in (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward):
                 skipped[path] = f"{type(mod).__name__} overrides forward"
-                node_meta(node)["recurrent"] = {"decomposed": False, "path": path, "reason": skipped[path]}
+                update_node(node, recurrent=RecurrentInfo(path=path, decomposed=False, reason=skipped[path]))
                 log.info("DecomposeRecurrent: left %s (%s) as is: %s", path, type(mod).__name__, skipped[path])
                 continue
             explicit = explicit_from_module(mod, share_parameters=self.share_parameters)
             gm.set_submodule(path, explicit)
             done[path] = explicit
-            node_meta(node)["recurrent"] = {**recurrent_info(explicit), "decomposed": True, "path": path}
-        meta = graph_meta(gm).setdefault("recurrent", {})
-        meta.update({p: "decomposed" for p in done})
-        meta.update({p: f"skipped: {why}" for p, why in skipped.items()})
+            update_node(node, recurrent=recurrent_info(explicit, path))
+        if done or skipped:
+            update_graph(gm, recurrent={**(graph_record(gm).recurrent or {}), **{p: "decomposed" for p in done},
+                                        **{p: f"skipped: {why}" for p, why in skipped.items()}})
         return PassResult(gm, bool(done))

@@ -1,16 +1,18 @@
 """Annotate pass: mark every neuron layer with what its sensitivity probe needs.
 
-Writes ``node.meta["fxwormhole"]["sensitivity"]`` on every layer ``call_module`` node (Linear,
-Conv1d/2d/3d, RNN/LSTM/GRU, their cells, and fxwormhole's explicit recurrent twins), in the graph
-and in every GraphModule nested in it (fixed-point bodies), like torchao's ``prepare_pt2e``
+Writes ``NodeInfo.sensitivity`` (a :class:`~fxwormhole.passes.meta.SensitivityAnnotation`) on every
+layer ``call_module`` node (Linear, Conv1d/2d/3d, RNN/LSTM/GRU, their cells, and fxwormhole's
+explicit recurrent twins), in the graph and in every GraphModule nested in it (fixed-point bodies),
+like torchao's ``prepare_pt2e``
 recurses into ``while_loop`` bodies. Nothing is inserted: :class:`SensitivityInsert` materialises
 the probes from these annotations, so a plan can be inspected (and tested) without running it.
 
 Annotation fields: ``layer`` (module path from the root GraphModule), ``target`` (path inside the
 graph being annotated), ``kind``, ``activation`` (registry name; ``identity`` for a layer with no
 activation after it, e.g. an output layer), ``activation_params``, ``source`` (``sympy`` or
-``autograd``), ``neurons``, ``calls`` (call sites of the module in this graph, for averaging over
-time), ``recurrent_only`` and, for recurrent kinds, ``gates``.
+``autograd``), ``derivatives``, ``neurons``, ``calls`` (call sites of the module in this graph, for
+averaging over time), ``recurrent_only`` and, for recurrent kinds, ``gates`` (from
+:data:`fxwormhole.runtime.gates.RECURRENT_LAYOUTS`).
 """
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..analysis import Layer, layer_kind, layer_table
 from ..config import SALConfig
 from ..errors import ConfigError
-from ..runtime.activations import Derivatives, derivatives, derivatives_of_callable, registered_activations
-from ..runtime.sensitivity import GATES
-from ._common import node_meta
+from .activations import Derivatives, derivatives, derivatives_of_callable, registered_form
+from ..runtime.gates import layout_of_kind
+from .meta import SensitivityAnnotation, node_info, update_node
 
 __all__ = ["SensitivityAnnotate", "ActivationSpec", "graph_modules", "recurrent_kind"]
 
@@ -53,11 +55,14 @@ def recurrent_kind(module: nn.Module) -> Optional[str]:
     return kind if kind is not None and kind not in _DENSE else None
 
 
+def _gate_activations(module: nn.Module, kind: str) -> Tuple[str, ...]:
+    return layout_of_kind(kind, getattr(module, "nonlinearity", "tanh")).activations
+
+
 def _neurons(module: nn.Module, kind: str) -> int:
     if kind in _DENSE:
         return int(module.weight.shape[0])
-    base = kind[:-5] if kind.endswith("_cell") else kind
-    gates = len(GATES.get(base, ("h",)))
+    gates = len(_gate_activations(module, kind))
     layers = getattr(module, "num_layers", 1)
     dirs = 2 if getattr(module, "bidirectional", False) else 1
     return gates * module.hidden_size * layers * dirs
@@ -102,14 +107,14 @@ class SensitivityAnnotate(PassBase):
             nodes = {n.name: n for n in gm.graph.nodes}
             for row in rows:
                 node = nodes[row.node]
-                if "sensitivity" in node_meta(node):
+                if node_info(node).sensitivity is not None:
                     continue
                 path = f"{prefix}.{row.name}" if prefix else row.name
-                node_meta(node)["sensitivity"] = self._annotation(gm, node, row, path, calls[row.name])
+                update_node(node, sensitivity=self._annotation(gm, node, row, path, calls[row.name]))
                 found.add(path)
                 modified = True
             for node in gm.graph.nodes:  # explicit recurrent twins are not in the layer table
-                if node.op != "call_module" or "sensitivity" in node_meta(node):
+                if node.op != "call_module" or node_info(node).sensitivity is not None:
                     continue
                 mod = gm.get_submodule(node.target)
                 kind = recurrent_kind(mod)
@@ -117,7 +122,7 @@ class SensitivityAnnotate(PassBase):
                     continue
                 path = f"{prefix}.{node.target}" if prefix else node.target
                 n_calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target)
-                node_meta(node)["sensitivity"] = self._recurrent(mod, kind, path, node.target, n_calls)
+                update_node(node, sensitivity=self._recurrent(mod, kind, path, node.target, n_calls))
                 found.add(path)
                 modified = True
         unknown = set(self.activations) - found
@@ -127,24 +132,23 @@ class SensitivityAnnotate(PassBase):
         return PassResult(graph_module, modified)
 
     # ---------------------------------------------------------------------------------------
-    def _annotation(self, gm: fx.GraphModule, node: fx.Node, row: Layer, path: str, n_calls: int) -> Dict[str, Any]:
+    def _annotation(self, gm: fx.GraphModule, node: fx.Node, row: Layer, path: str, n_calls: int) -> SensitivityAnnotation:
         module = gm.get_submodule(row.name)
         if row.kind not in _DENSE:
             return self._recurrent(module, row.kind, path, row.name, n_calls)
         name, params, deriv = self._dense_activation(gm, row, path)
-        return {"layer": path, "target": row.name, "kind": row.kind, "activation": name,
-                "activation_params": params, "source": deriv.source, "derivatives": deriv,
-                "neurons": _neurons(module, row.kind), "calls": n_calls, "recurrent_only": False}
+        return SensitivityAnnotation(layer=path, target=row.name, kind=row.kind, activation=name,
+                                     activation_params=params, source=deriv.source, derivatives=deriv,
+                                     neurons=_neurons(module, row.kind), calls=n_calls, recurrent_only=False)
 
-    def _recurrent(self, module: nn.Module, kind: str, path: str, target: str, n_calls: int) -> Dict[str, Any]:
+    def _recurrent(self, module: nn.Module, kind: str, path: str, target: str, n_calls: int) -> SensitivityAnnotation:
         if path in self.activations:
             raise ConfigError(f"SensitivityAnnotate: activation override for recurrent layer {path!r}: gate "
                               "activations are fixed by the module type; remove the override")
-        base = kind[:-5] if kind.endswith("_cell") else kind
-        gates = GATES.get(base) or (getattr(module, "nonlinearity", "tanh"),)
-        return {"layer": path, "target": target, "kind": kind, "activation": "/".join(gates),
-                "activation_params": {}, "source": "sympy", "neurons": _neurons(module, kind), "calls": n_calls,
-                "recurrent_only": self.sal.recurrent_only, "gates": tuple(gates)}
+        gates = _gate_activations(module, kind)
+        return SensitivityAnnotation(layer=path, target=target, kind=kind, activation="/".join(gates),
+                                     activation_params={}, source="sympy", neurons=_neurons(module, kind),
+                                     calls=n_calls, recurrent_only=self.sal.recurrent_only, gates=gates)
 
     def _dense_activation(self, gm: fx.GraphModule, row: Layer, path: str) -> Tuple[str, Dict[str, Any], Derivatives]:
         override = self.activations.get(path)
@@ -156,11 +160,9 @@ class SensitivityAnnotate(PassBase):
         if row.activation is None:
             return "identity", {}, derivatives("identity")  # output layer / no activation: f' = 1
         params = dict(row.activation_params)
-        if row.activation in registered_activations():
-            known = {k: v for k, v in params.items() if k not in ("inplace", "approximate")}
-            name = row.activation
-            if row.activation == "gelu" and params.get("approximate", "none") == "tanh":
-                name, known = "gelu_tanh", {}
+        form = registered_form(row.activation, params)
+        if form is not None:
+            name, known = form
             return name, known, derivatives(name, **known)
         act_node = next(n for n in gm.graph.nodes if n.name == row.activation_node)
         d = derivatives_of_callable(_activation_callable(gm, act_node), name=row.activation)

@@ -31,7 +31,9 @@ from ..config import WormholeConfig
 from ..errors import PlacementError
 from ..runtime.fixed_point import FixedPoint
 from ..runtime.wormhole import ZerosInit, per_sample_norm
-from ._common import graph_meta, legalize, node_meta
+from ._common import legalize, state_preserved
+from ._mutation import alias_roots, mutated_inputs, ordering_edges
+from .meta import FixedPointInfo, graph_record, node_info, update_graph, update_node
 
 __all__ = ["WrapFixedPoints", "cyclic_components"]
 
@@ -39,8 +41,12 @@ __all__ = ["WrapFixedPoints", "cyclic_components"]
 def cyclic_components(gm: fx.GraphModule) -> list[set[str]]:
     """Node-name sets of the strongly connected components closed by recorded back edges."""
     graph = analysis.to_networkx(gm)
-    for write, read, _ in graph_meta(gm).get("back_edges", []):
-        graph.add_edge(write, read)
+    for edge in graph_record(gm).back_edges or ():
+        graph.add_edge(edge.write, edge.read)
+    # In-place updates: a read of a buffer depends on the update that filled it (RWKV's WKV loop
+    # writes ``out[:, t] = ...`` into a zeros buffer that a later node reads). Without these edges
+    # the updates fall outside the component and run after the fixed point.
+    graph.add_edges_from(ordering_edges(gm))
     comps = [c for c in nx.strongly_connected_components(graph) if len(c) > 1]
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(comps, key=lambda c: min(order[n] for n in c))
@@ -82,13 +88,21 @@ class WrapFixedPoints(PassBase):
         components = cyclic_components(gm)
         if not components:
             return PassResult(gm, False)
-        for k, comp in enumerate(components):
-            # Values are re-computed per component: an earlier fusion may feed this one.
-            self._fuse(gm, comp, f"fixed_point_{k}", self._example_values(gm))
-            legalize(gm)  # the fused node was inserted before the component; restore topological order
+        order = ordering_edges(gm)  # in-place updates: node orders that data edges do not record
+        fused_into: dict[str, str] = {}
+        # The example values and the coupling check run the model: in training mode that would move
+        # BatchNorm statistics (and any buffer a forward mutates) before the user sees the result.
+        with state_preserved(gm):
+            for k, comp in enumerate(components):
+                # Values are re-computed per component: an earlier fusion may feed this one.
+                self._fuse(gm, comp, f"fixed_point_{k}", self._example_values(gm))
+                fused_into.update(dict.fromkeys(comp, f"fixed_point_{k}"))
+                # The fused node was inserted before the component; restore topological order,
+                # keeping the in-place orders (now to and from the fused node).
+                legalize(gm, [(fused_into.get(a, a), fused_into.get(b, b)) for a, b in order])
         gm.delete_all_unused_submodules()
         gm.recompile()
-        graph_meta(gm)["fixed_points"] = [f"fixed_point_{k}" for k in range(len(components))]
+        update_graph(gm, fixed_points=tuple(f"fixed_point_{k}" for k in range(len(components))))
         return PassResult(gm, True)
 
     def _example_values(self, gm: fx.GraphModule) -> dict[str, Any] | None:
@@ -104,12 +118,12 @@ class WrapFixedPoints(PassBase):
         order = list(graph.nodes)
         inside = [n for n in order if n.name in comp]
         inside_set = set(inside)
-        role = lambda n: node_meta(n).get("role") if "fxwormhole" in n.meta else None  # noqa: E731
-        reads = sorted((n for n in inside if role(n) == "read"), key=lambda n: node_meta(n)["wormhole"])
-        writes = sorted((n for n in inside if role(n) == "write"), key=lambda n: node_meta(n)["wormhole"])
+        reads = sorted((n for n in inside if node_info(n).role == "read"), key=lambda n: node_info(n).wormhole)
+        writes = sorted((n for n in inside if node_info(n).role == "write"), key=lambda n: node_info(n).wormhole)
         if not reads or len(reads) != len(writes):
             raise PlacementError(f"{name}: malformed wormhole cycle (reads {reads}, writes {writes})")
         body_nodes = [n for n in inside if n not in reads and n not in writes]
+        self._check_updates_stay_inside(gm, name, inside)
         # Sizes computed outside (dynamic-batch export graphs: sym_size of the input) are recomputed
         # in the body from tensors: ints cannot cross the node boundary of a compiled backward, and a
         # shrunk active set needs the shrunk batch size.
@@ -144,41 +158,61 @@ class WrapFixedPoints(PassBase):
             init=init,
             batched=batched,
         )
-        fp.wormholes = [graph_meta(gm)["wormholes"][node_meta(r)["wormhole"]] for r in reads]
+        fp.wormholes = [graph_record(gm).wormholes[node_info(r).wormhole] for r in reads]
         gm.add_submodule(name, fp)
 
         with graph.inserting_before(inside[0]):
             fp_node = graph.call_module(name, tuple(ext))
         fp_node.meta["val"] = tuple(o.meta.get("val") for o in outputs)
-        node_meta(fp_node).update(
-            role="fixed_point",
-            wormholes=[node_meta(r)["wormhole"] for r in reads],
-            fused_nodes=[n.name for n in inside],
-            outputs=[o.name for o in outputs],
-        )
+        update_node(fp_node, role="fixed_point", fixed_point=FixedPointInfo(
+            wormholes=tuple(node_info(r).wormhole for r in reads),
+            fused_nodes=tuple(n.name for n in inside),
+            outputs=tuple(o.name for o in outputs),
+        ))
         for j, node in enumerate(outputs):
             if node not in escaping:
                 continue
             with graph.inserting_after(fp_node):
                 item = graph.call_function(operator.getitem, (fp_node, j))
             item.meta["val"] = node.meta.get("val")
-            node_meta(item).update(role="fixed_point_output", of=node.name)
+            update_node(item, role="fixed_point_output", output_of=node.name)
             for user in [u for u in node.users if u not in inside_set]:
                 user.replace_input_with(node, item)
         for node in reversed(inside):
             graph.erase_node(node)
 
     @staticmethod
+    def _check_updates_stay_inside(gm: fx.GraphModule, name: str, inside: list[fx.Node]) -> None:
+        """Refuse a body that updates in place a tensor it did not allocate.
+
+        The body runs once per solver iteration (and on row subsets under per-sample halting): an
+        update of an outside tensor would be applied several times, or to a copy.
+        """
+        roots, inside_set = alias_roots(gm), set(inside)
+        for node in inside:  # graph order: the first offending update is named
+            for target in mutated_inputs(gm, node):
+                if roots[target] not in inside_set:
+                    raise PlacementError(
+                        f"{name}: node {node.name!r} updates {roots[target].name!r} in place, a tensor computed "
+                        f"outside the wormhole span; the fixed point evaluates its body once per iteration, so the "
+                        f"update would repeat. Choose a span that contains {roots[target].name!r} or none of its "
+                        f"updates, or compute the value out of place (e.g. torch.stack instead of filling a buffer)"
+                    )
+
+    @staticmethod
     def _body_module(gm, reads, ext, body_nodes, outputs) -> fx.GraphModule:
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         z = g.placeholder("z")  # one tensor, or a tuple with one entry per wormhole
+        vals = tuple(r.meta.get("val") for r in reads)
+        z.meta["val"] = vals[0] if len(vals) == 1 else vals
         for x in ext:
             env[x] = g.placeholder(x.name)
             env[x].meta["val"] = x.meta.get("val")
         for i, r in enumerate(reads):
             env[r] = z if len(reads) == 1 else g.call_function(operator.getitem, (z, i))
             env[r].meta["val"] = r.meta.get("val")
+            update_node(env[r], role="state", wormhole=node_info(r).wormhole)
 
         def lookup(a: fx.Node) -> fx.Node:
             if a not in env and a.op == "get_attr":

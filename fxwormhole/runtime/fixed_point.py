@@ -41,6 +41,10 @@ class FixedPoint(nn.Module):
     in when the backward runs, eager mode).
     """
 
+    #: what a call leaves behind besides buffers (the last call's stats): restored by the passes'
+    #: side-effect-free runs (:func:`fxwormhole.passes._common.state_preserved`)
+    RUN_STATE = ("_stats", "_cstats")
+
     def __init__(self, body: nn.Module, feedback: Optional[nn.Module] = None, *,
                  solver: Union[str, SolverConfig] = "anderson", grad: Union[str, GradConfig, GradStrategy] = "implicit",
                  tol: Optional[float] = None, max_iter: Optional[int] = None, on_fail: str = "warn",

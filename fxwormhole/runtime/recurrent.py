@@ -5,7 +5,8 @@ with the *same* parameter names and values (``weight_ih_l0``, ``weight_hh_l0``, 
 ``bias_hh_l0``, ``weight_hr_l0`` and their ``_reverse`` twins), the same call signature and the
 same outputs, but whose time loop is plain Python around one small cell function per step, so
 that gates are visible (:meth:`ExplicitRecurrent.step`, :meth:`ExplicitRecurrent.gate_preactivations`)
-and a per-step fixed point can be put inside it (:func:`add_temporal_wormhole`).
+and a per-step fixed point can be put inside it (:func:`attach_temporal_runtime`; placement:
+:func:`fxwormhole.passes.temporal_wormhole.add_temporal_wormhole`).
 
 Gate order (rows of ``weight_ih`` / ``weight_hh`` / biases, as in PyTorch):
 
@@ -20,16 +21,17 @@ The time loop runs under ``torch.compiler.disable``, so ``torch.compile`` of a s
 never unrolls T steps into one graph; :meth:`ExplicitRecurrent.compile_step` compiles the cell once
 and the loop reuses it for every step, layer and sequence length.
 
-Temporal wormholes (see docs/recurrent.md). With wormholes the stack runs time-major: at step t a
-:class:`~fxwormhole.runtime.fixed_point.FixedPoint` solves ``u* = feedback(body(u*, x_t, s_{t-1}))``
-where ``u`` is the injection into the wormholes' destination layers' inputs, ``body`` runs the layer
-stack and returns the new states ``s_t``, and ``feedback`` returns ``gate(h_src)⊙proj(h_src)``.
-The step's gradient is implicit; between steps it is ordinary back-propagation through time.
+Temporal wormholes (see docs/recurrent.md). With wormholes the stack runs time-major: at step t the
+injection ``u`` into the wormholes' destination layers' inputs solves ``u* = feedback(body(u*, x_t,
+s_{t-1}))``, where ``body`` runs the layer stack and returns the new states ``s_t`` and ``feedback``
+returns ``gate(h_src)⊙proj(h_src)``. The step's gradient is implicit; between steps it is ordinary
+back-propagation through time. The fast runtime (:mod:`fxwormhole.runtime.temporal`) runs a whole
+sequence as one autograd node with hand-written VJPs; configurations it does not implement run one
+:class:`~fxwormhole.runtime.fixed_point.FixedPoint` call per step (``_forward_temporal_generic``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -38,6 +40,8 @@ from torch import Tensor, nn
 
 from ..config import WormholeConfig
 from ..errors import ConfigError, PlacementError
+from .gates import RECURRENT_LAYOUTS
+from .temporal import StackPlan, TemporalRuntime, TemporalStats, fast_path_refusal
 from .wormhole import Wormhole
 
 __all__ = [
@@ -50,17 +54,13 @@ __all__ = [
     "explicit_from_module",
     "add_temporal_wormhole",
     "resolve_temporal_pairs",
+    "attach_temporal_runtime",
     "layer_name",
 ]
 
 State = Tuple[Tensor, ...]  # (h,) for RNN/GRU, (h, c) for LSTM
 
-GATE_ORDER: Dict[str, Tuple[str, ...]] = {
-    "LSTM": ("i", "f", "g", "o"),
-    "GRU": ("r", "z", "n"),
-    "RNN_TANH": ("h",),
-    "RNN_RELU": ("h",),
-}
+GATE_ORDER: Dict[str, Tuple[str, ...]] = {mode: layout.gates for mode, layout in RECURRENT_LAYOUTS.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ _CELLS: Dict[str, Callable[..., State]] = {
     "RNN_TANH": _rnn_tanh_cell,
     "RNN_RELU": _rnn_relu_cell,
 }
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_GATES = {mode: len(layout.gates) for mode, layout in RECURRENT_LAYOUTS.items()}
 
 
 @torch.compiler.disable
@@ -141,6 +141,9 @@ class ExplicitRecurrent(nn.Module):
     Args mirror ``nn.LSTM``: ``mode`` is ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``.
     Parameters are initialised as PyTorch does (``U(-1/sqrt(H), 1/sqrt(H))``).
     """
+
+    #: what a call leaves behind besides buffers (see :attr:`FixedPoint.RUN_STATE`)
+    RUN_STATE = ("_last_stats",)
 
     _torch_types: Tuple[type, ...] = (nn.RNNBase,)
 
@@ -288,13 +291,19 @@ class ExplicitRecurrent(nn.Module):
 
         The Python time loop stays outside the compiled graph and reuses the compiled cell for every
         step, layer and direction, so compile time does not grow with the sequence length.
+        With temporal wormholes on the fast runtime, the runtime's per-sequence bulk kernels are
+        compiled instead (:meth:`~fxwormhole.runtime.temporal.TemporalRuntime.compile`).
         """
         self._compiled_cell = torch.compile(self._cell_fn, **compile_kwargs)
+        if self._temporal is not None:
+            self._temporal.compile(compile_kwargs)
         return self
 
     def uncompile_step(self) -> "ExplicitRecurrent":
-        """Go back to the eager cell."""
+        """Go back to the eager cell (and the fast runtime's eager kernels)."""
         self._compiled_cell = None
+        if self._temporal is not None:
+            self._temporal.compile(None)
         return self
 
     def __getstate__(self) -> dict:
@@ -385,16 +394,40 @@ class ExplicitRecurrent(nn.Module):
         """Time-major execution: one fixed-point solve per step over the whole layer stack."""
         tmp = self._temporal
         assert tmp is not None
-        tmp.fp.train(self.training)
-        tmp.body.refresh(self)
-        T, B, L, S = x.shape[0], x.shape[1], self.num_layers, self.state_size
-        flat = [states[l][s] for s in range(S) for l in range(L)]
         masks: List[Tensor] = []
+        T, B, L = x.shape[0], x.shape[1], self.num_layers
         if self.dropout and self.training and L > 1:
             # Drawn up front (fixed across the iterations of a step), one [T, B, H] mask per layer
             # boundary in layer order: the same random draws as nn.LSTM's dropout under one seed.
             ones = x.new_ones(T, B, self.real_hidden_size)
             masks = [F.dropout(ones, self.dropout, True) for _ in range(L - 1)]
+        fast = tmp.fast(self)
+        if fast is not None:
+            return self._run_fast(fast, x, states, masks)
+        return self._forward_temporal_generic(x, states, masks)
+
+    @torch.compiler.disable
+    def _run_fast(self, fast: TemporalRuntime, x: Tensor, states: List[State], masks: List[Tensor]) -> Tuple[Tensor, List[State]]:
+        L = self.num_layers
+        h0 = torch.stack([s[0] for s in states])
+        c0 = torch.stack([s[1] for s in states]) if self.mode == "LSTM" else None
+        layers = [self.weights(l) for l in range(L)]
+        wormholes = []
+        for wh in self.temporal_wormholes.values():
+            gate = wh.gate
+            wormholes.append((wh.proj.map.weight, gate.logit, gate.map.map.weight if gate.kind == "input" else None))
+        out, hn, cn, stats = fast.run(x, h0, c0, layers, wormholes, masks)
+        self._last_stats = stats
+        return out, [((hn[l], cn[l]) if cn is not None else (hn[l],)) for l in range(L)]
+
+    def _forward_temporal_generic(self, x: Tensor, states: List[State], masks: List[Tensor]) -> Tuple[Tensor, List[State]]:
+        """One :class:`FixedPoint` call per step (configurations the fast runtime does not take)."""
+        tmp = self._temporal
+        assert tmp is not None
+        tmp.fp.train(self.training)
+        tmp.body.refresh(self)
+        T, B, L, S = x.shape[0], x.shape[1], self.num_layers, self.state_size
+        flat = [states[l][s] for s in range(S) for l in range(L)]
         outs, per_step = [], []
         z_width = sum(tmp.dst_sizes)
         xs, ms = x.unbind(0), [m.unbind(0) for m in masks]  # unbind once (see _time_loop)
@@ -405,7 +438,7 @@ class ExplicitRecurrent(nn.Module):
             per_step.append(tmp.fp.stats)
             flat = list(y)
             outs.append(flat[L - 1])
-        self._last_stats = TemporalStats(per_step)
+        self._last_stats = TemporalStats.from_steps(per_step)
         return torch.stack(outs), [tuple(flat[s * L + l] for s in range(S)) for l in range(L)]
 
 
@@ -514,156 +547,73 @@ class _WormholeFeedback(nn.Module):
 
 
 class _Temporal:
-    """Plain holder (not an nn.Module) of the per-step fixed point: keeps it out of the module tree."""
+    """Plain holder (not an nn.Module) of the per-step fixed point: keeps it out of the module tree.
+
+    ``runtime`` chooses the execution: ``"auto"`` (the fast :class:`~fxwormhole.runtime.temporal.
+    TemporalRuntime` when the configuration fits, see :func:`~fxwormhole.runtime.temporal.
+    fast_path_refusal`, else one ``FixedPoint`` call per step), ``"fast"`` or ``"generic"``.
+    """
 
     def __init__(self, pairs: Tuple[Tuple[str, str], ...], fp: nn.Module, body: _StackBody, dst_sizes: Sequence[int]) -> None:
         self.pairs, self.fp, self.body, self.dst_sizes = pairs, fp, body, tuple(dst_sizes)
+        self.runtime = "auto"
+        self._fast: Optional[TemporalRuntime] = None
+        self._compile_kwargs: Optional[dict] = None
+        self.refusal = fast_path_refusal(fp.solver_config, fp.grad_config)
+
+    def compile(self, kwargs: Optional[dict]) -> None:
+        """Compile (``kwargs``: torch.compile's) or uncompile (None) the fast runtime's kernels."""
+        self._compile_kwargs = None if kwargs is None else dict(kwargs)
+        if self._fast is not None:
+            self._fast.uncompile() if kwargs is None else self._fast.compile(**kwargs)
+
+    def fast(self, rnn: "ExplicitRecurrent") -> Optional[TemporalRuntime]:
+        """The fast runtime for ``rnn``, or None when this call must take the generic path."""
+        if self.runtime == "generic" or (self.runtime == "auto" and (self.refusal or torch.is_autocast_enabled())):
+            return None
+        if self.refusal:
+            raise ConfigError(f"{self.fp.name}: runtime='fast' is impossible: {self.refusal}")
+        if self._fast is None:
+            whs = list(rnn.temporal_wormholes.values())
+            plan = StackPlan(rnn.mode, rnn.num_layers, rnn.input_size, rnn.hidden_size, rnn.proj_size,
+                             tuple((int(a[5:]), int(b[5:])) for a, b in self.pairs),
+                             tuple(wh.gate.kind for wh in whs), tuple(float(wh.gate.cap) for wh in whs))
+            self._fast = TemporalRuntime(plan, self.fp.solver_config, self.fp.grad_config, self.fp.on_fail, self.fp.name)
+            if self._compile_kwargs is not None:
+                self._fast.compile(**self._compile_kwargs)
+        return self._fast
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fast"] = None  # rebuilt on first use (holds per-sequence hints only)
+        state["_compile_kwargs"] = None  # compiled kernels do not pickle; call compile_step() again
+        return state
 
 
-@dataclass
-class TemporalStats:
-    """Solver statistics of every step of the last forward; tensors are ``[T, B]``.
+def attach_temporal_runtime(rnn: ExplicitRecurrent, pairs: Sequence[Tuple[int, int]], wormholes: Sequence[Wormhole],
+                            config: WormholeConfig, *, where: str = "") -> None:
+    """Give ``rnn`` (in place) the runtime of temporal wormholes: ``pairs[k] = (src_layer, dst_layer)``
+    carried by ``wormholes[k]`` (``[1, H] -> [1, size of dst_layer's input]``), one fixed point per step.
 
-    ``backward_iterations`` is ``None`` until a backward pass has run through every step.
-    """
-
-    steps: List[Any]  # FixedPointStats per time step
-
-    def _stack(self, field: str) -> Optional[Tensor]:
-        vals = [getattr(s, field) for s in self.steps]
-        return None if any(v is None for v in vals) else torch.stack([v.detach() for v in vals])
-
-    @property
-    def iterations(self) -> Tensor:
-        return self._stack("iterations")  # type: ignore[return-value]
-
-    @property
-    def residual(self) -> Tensor:
-        return self._stack("residual")  # type: ignore[return-value]
-
-    @property
-    def status(self) -> Tensor:
-        return self._stack("status")  # type: ignore[return-value]
-
-    @property
-    def backward_iterations(self) -> Optional[Tensor]:
-        return self._stack("backward_iterations")
-
-    @property
-    def backward_residual(self) -> Optional[Tensor]:
-        return self._stack("backward_residual")
-
-    def summary(self) -> dict:
-        it = self.iterations.float()
-        out = {"steps": len(self.steps), "mean_iterations": float(it.mean()), "max_iterations": int(it.max())}
-        bwd = self.backward_iterations
-        if bwd is not None:
-            out["mean_backward_iterations"] = float(bwd.float().mean())
-        return out
-
-
-def resolve_temporal_pairs(rnn: ExplicitRecurrent, wormholes: Union[str, Sequence[Tuple[str, str]]],
-                           path: str = "") -> Tuple[Tuple[int, int], ...]:
-    """Turn ``WormholeConfig.wormholes`` into ``(src_layer, dst_layer)`` index pairs for ``rnn``.
-
-    * ``"auto"``: top layer -> bottom layer, ``(L-1, 0)`` (``(0, 0)`` for one layer).
-    * ``"every:K"``: one wormhole per block of K layers, from its top layer to its bottom layer:
-      ``(min(i+K-1, L-1), i)`` for ``i = 0, K, 2K, ...``.
-    * explicit pairs of names ``"layer<k>"`` (``layer0`` = bottom), optionally prefixed with the
-      module path (``"encoder.rnn.layer1"``). ``src >= dst`` (the edge goes back down the stack).
-      Pairs naming no layer of this module are skipped (another pass may place them); a pair with
-      only one end in this module raises :class:`PlacementError`.
-    """
-    L = rnn.num_layers
-    if wormholes == "auto":
-        return ((L - 1, 0),)
-    if isinstance(wormholes, str) and wormholes.startswith("every:"):
-        k = int(wormholes[6:])
-        return tuple((min(i + k - 1, L - 1), i) for i in range(0, L, k))
-    out = []
-    for src, dst in wormholes:
-        a, b = _layer_index(src, path, L), _layer_index(dst, path, L)
-        if a is None and b is None:
-            continue
-        where = path or type(rnn).__name__
-        if a is None or b is None:
-            raise PlacementError(f"temporal wormhole ({src!r}, {dst!r}) at {where}: both ends must name layers "
-                                 f"of the same recurrent module ('layer0'..'layer{L - 1}', optionally prefixed "
-                                 f"with '{path}.'); a wormhole between a recurrent layer and another module is not supported")
-        if a < b:
-            raise PlacementError(f"temporal wormhole ({src!r}, {dst!r}) at {where}: src must be at or above dst "
-                                 "in the stack (the edge goes back to an earlier layer); swap the pair")
-        out.append((a, b))
-    return tuple(out)
-
-
-def _layer_index(name: str, path: str, L: int) -> Optional[int]:
-    prefix = f"{path}." if path else ""
-    if prefix and name.startswith(prefix):
-        name = name[len(prefix):]
-    elif "." in name:
-        return None
-    if not (name.startswith("layer") and name[5:].isdigit()):
-        return None
-    k = int(name[5:])
-    if k >= L:
-        raise PlacementError(f"temporal wormhole end {name!r} at {path or 'the recurrent module'}: the stack has "
-                             f"layers 'layer0'..'layer{L - 1}'")
-    return k
-
-
-def add_temporal_wormhole(module: nn.Module, config: WormholeConfig = WormholeConfig(), *,
-                          pairs: Optional[Sequence[Tuple[int, int]]] = None, path: str = "",
-                          inplace: bool = False) -> ExplicitRecurrent:
-    """Give a recurrent module per-step fixed points with temporal wormholes.
-
-    Args:
-        module: an :class:`ExplicitRecurrent` or an ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (converted).
-        config: gate kind and init, projection init, solver, gradient mode, failure policy; its
-            ``wormholes`` field selects the pairs (see :func:`resolve_temporal_pairs`).
-        pairs: ``(src_layer, dst_layer)`` indices overriding ``config.wormholes``.
-        path: the module's path in its model (for error messages and prefixed pair names).
-        inplace: modify ``module`` (an explicit module) instead of a deep copy.
-
-    Returns the explicit module with wormholes; its ``stats`` gives per-step iteration counts.
+    Placement (which pairs, validation, building the wormholes from the config) is the temporal pass's
+    job: :func:`fxwormhole.passes.temporal_wormhole.add_temporal_wormhole`.
     """
     from .fixed_point import FixedPoint  # imported here: the runtime is optional until used
 
-    import copy
-
-    if isinstance(module, ExplicitRecurrent):
-        rnn = module if inplace else copy.deepcopy(module)
-    else:
-        rnn = explicit_from_module(module)
-    where = path or type(rnn).__name__
-    if rnn._temporal is not None:
-        raise PlacementError(f"{where} already has temporal wormholes {rnn.temporal_pairs}")
-    if rnn.bidirectional:
-        raise PlacementError(f"temporal wormholes at {where}: a bidirectional stack has no per-step order "
-                             "(the reverse direction needs future inputs); use bidirectional=False")
-    idx = tuple(pairs) if pairs is not None else resolve_temporal_pairs(rnn, config.wormholes, path)
-    if not idx:
-        raise PlacementError(f"temporal wormholes at {where}: config.wormholes={config.wormholes!r} names no "
-                             f"layer of this module (layers are 'layer0'..'layer{rnn.num_layers - 1}')")
-    for a, b in idx:
-        if not (0 <= b <= a < rnn.num_layers):
-            raise PlacementError(f"temporal wormhole ({a}, {b}) at {where}: need 0 <= dst <= src < {rnn.num_layers}")
-    ref = next(rnn.parameters())
-    h, dst_sizes = rnn.real_hidden_size, [rnn.input_size if b == 0 else rnn.real_hidden_size for _, b in idx]
-    rnn.temporal_wormholes = nn.ModuleDict({
-        f"{layer_name(a)}_to_{layer_name(b)}": Wormhole(
-            (1, h), (1, size), gate=config.gate, gate_init=config.gate_init, proj_init=config.proj_init,
-            proj_std=config.proj_std, gate_cap=config.gate_cap, src=layer_name(a), dst=layer_name(b),
-        ).to(device=ref.device, dtype=ref.dtype)
-        for (a, b), size in zip(idx, dst_sizes)
-    })
-    if config.spectral_norm:  # the same divergence guard as feed-forward wormholes (zero stays zero)
-        from .contraction import cap_spectral_norm
-        for wormhole in rnn.temporal_wormholes.values():
-            cap_spectral_norm(wormhole.proj.map)
+    idx = tuple(pairs)
+    dst_sizes = [int(w.dst_shape[-1]) for w in wormholes]
+    rnn.temporal_wormholes = nn.ModuleDict({f"{layer_name(a)}_to_{layer_name(b)}": w for (a, b), w in zip(idx, wormholes)})
     body = _StackBody(rnn, [b for _, b in idx], dst_sizes)
     feedback = _WormholeFeedback(rnn.temporal_wormholes, [a for a, _ in idx])
     fp = FixedPoint(body, feedback, solver=config.solver, grad=config.grad, on_fail=config.on_fail,
-                    name=f"temporal:{where}")
+                    name=f"temporal:{where or type(rnn).__name__}")
     rnn._temporal = _Temporal(tuple((layer_name(a), layer_name(b)) for a, b in idx), fp, body, dst_sizes)
-    return rnn
+
+
+def __getattr__(name: str) -> Any:
+    # Placement moved to the temporal pass; these public names stay importable from here.
+    if name in ("add_temporal_wormhole", "resolve_temporal_pairs"):
+        from ..passes import temporal_wormhole
+
+        return getattr(temporal_wormhole, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,6 @@ outputs whose backward adds them to the weights' gradients.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -37,15 +36,13 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..config import SALConfig
-from .activations import Derivatives
+from ..passes.activations import Derivatives
+from .gates import RECURRENT_LAYOUTS
 
-__all__ = ["NeuronProbe", "DenseProbe", "RecurrentProbe", "SAL", "probes_of", "GATES"]
+__all__ = ["NeuronProbe", "DenseProbe", "RecurrentProbe", "probes_of", "GATES"]
 
 # Gate layout of torch's recurrent modules (rows of weight_ih / weight_hh) and each gate's activation.
-GATES: Dict[str, Tuple[str, ...]] = {
-    "lstm": ("sigmoid", "sigmoid", "tanh", "sigmoid"),  # input, forget, cell candidate, output
-    "gru": ("sigmoid", "sigmoid", "tanh"),  # reset, update, new (candidate)
-}
+GATES: Dict[str, Tuple[str, ...]] = {l.kind: l.activations for l in RECURRENT_LAYOUTS.values() if l.kind != "rnn"}
 _EPS = 1e-12
 
 
@@ -318,7 +315,7 @@ class RecurrentProbe(NeuronProbe):
         neurons = self.layers * self.dirs * len(self.gate_acts) * H
         dtype = (module.weight_ih if self.cell else module.weight_ih_l0).dtype
         super().__init__(layer, kind, neurons, "/".join(self.gate_acts), "sympy", sal, n_calls, dtype)
-        from .activations import derivatives  # local import: activations imports nothing from here
+        from ..passes.activations import derivatives  # local import: activations imports nothing from here
 
         self.acts = [derivatives(a) for a in self.gate_acts]
         self.source = "/".join(sorted({a.source for a in self.acts}))
@@ -458,56 +455,13 @@ def probes_of(model: nn.Module) -> Dict[str, NeuronProbe]:
     return {name: m for name, m in model.named_modules() if isinstance(m, NeuronProbe)}
 
 
-class SAL:
-    """Handle on the probes of an instrumented model.
+def __getattr__(name: str) -> Any:
+    # The SAL handle is a front-door object: it lives in fxwormhole.instrument (``fxwormhole.SAL``).
+    if name == "SAL":
+        import warnings
 
-    SAL needs no call in the training loop: its gradients enter ``.grad`` during ``loss.backward()``.
-    This object reads statistics, resets them and changes the rule between steps (a change of a
-    rule constant makes torch.compile recompile once).
+        warnings.warn("fxwormhole.runtime.sensitivity.SAL moved: use fxwormhole.SAL", DeprecationWarning, stacklevel=2)
+        from ..instrument import SAL
 
-    Example::
-
-        model = fxwormhole.instrument(net, (x,), sal=SALConfig(eta=0.02))
-        sal = fxwormhole.SAL(model)
-        ...  # loss.backward(); opt.step()
-        print(sal.mean_s_bar(), sal.report())
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.probes = probes_of(model)
-
-    def zero_stats(self) -> None:
-        """Reset every probe's moving averages."""
-        for p in self.probes.values():
-            p.zero_stats()
-
-    def configure(self, **changes: Any) -> None:
-        """Change rule fields (``eta``, ``target``, ``two_sided``, ``log_form``, ``enabled``) of every probe."""
-        from dataclasses import replace
-
-        from ..errors import ConfigError
-
-        allowed = {"eta", "target", "two_sided", "log_form", "enabled"}
-        bad = set(changes) - allowed
-        if bad:
-            raise ConfigError(f"SAL.configure: unknown field(s) {sorted(bad)}: expected some of {sorted(allowed)}")
-        for p in self.probes.values():
-            p.rule = replace(p.rule, **changes)
-            if hasattr(p, "spec"):
-                p.spec = replace(p.spec, rule=p.rule)
-
-    def mean_s_bar(self) -> float:
-        """Mean ``s_bar`` over all neurons of all probes."""
-        vals = [p.s_bar.float() for p in self.probes.values()]
-        return float(torch.cat(vals).mean()) if vals else math.nan
-
-    def log_sensitivity(self) -> Dict[str, float]:
-        """Per layer: log RMS sensitivity (moving average)."""
-        return {p.layer: float(p.log_rms) for p in self.probes.values()}
-
-    def report(self):
-        """A :class:`fxwormhole.instrument.SensitivityReport` of the model."""
-        from ..instrument import sensitivity_report
-
-        return sensitivity_report(self.model)
+        return SAL
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
