@@ -105,6 +105,9 @@ def test_no_runtime_module_is_needed_only_at_transform_time():
         fw.transform(TinyMLP(), (x,), fw.WormholeConfig(wormholes=[("fc3", "fc1")], spectral_norm=True),
                      sal=fw.SALConfig()),
         fw.transform(TinyLSTM(), (torch.randn(2, 4, 3),), sal=fw.SALConfig()),
+        # dropout and BatchNorm inside a cycle, training penalties (cycle_layers, cycle_penalties)
+        fw.transform(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Dropout(0.1), nn.Linear(6, 6)), (x,),
+                     fw.WormholeConfig(wormholes=[("3", "0")], contraction=1.0)),
     ]
     needed = _runtime_closure(models)
     runtime = {n for n in _modules() if n.startswith("fxwormhole.runtime.")} - ALIASES
@@ -122,7 +125,7 @@ def test_transform_and_instrument_run_one_pass_list(monkeypatch):
     monkeypatch.setattr(_common.PassManager, "__call__", counting)
     fw.transform(TinyLSTM(), (torch.randn(2, 4, 3),), sal=fw.SALConfig())
     assert calls == [["DecomposeRecurrent", "TemporalWormholes", "PlanWormholes", "InsertWormholes", "WrapFixedPoints",
-                      "SensitivityAnnotate", "SensitivityInsert"]]
+                      "CycleLayers", "CyclePenalties", "SensitivityAnnotate", "SensitivityInsert"]]
     calls.clear()
     fw.transform(TinyMLP(), (torch.randn(4, 5),), front_end="export")
     assert len(calls) == 1 and calls[0][0] == "NormaliseExport"

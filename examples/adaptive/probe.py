@@ -18,13 +18,13 @@ These are the runtime hooks the design note asks the library to expose on the no
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from fxwormhole.runtime.cycle_penalties import cycle_jvp, quiet  # the library's own (also BatchNorm-quiet)
 from fxwormhole.runtime.fixed_point import FixedPoint
 
 
@@ -45,20 +45,6 @@ def fixed_point_nodes(net: nn.Module) -> List[FixedPoint]:
     return nodes
 
 
-@contextmanager
-def quiet(node: nn.Module) -> Iterator[None]:
-    """Extra evaluations of a node's body must not update SAL statistics (and an in-place buffer
-    update cannot run under ``torch.func.jvp``): put the sensitivity probes in eval mode meanwhile."""
-    probes = [m for m in node.modules() if hasattr(m, "update_stats") and m.training]
-    for m in probes:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m in probes:
-            m.training = True
-
-
 def _unit(v: Tensor) -> Tensor:
     return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
 
@@ -73,7 +59,6 @@ class CycleProbe:
             raise ValueError("CycleProbe: the model has no fixed-point node (no wormhole was inserted)")
         self.calls: List[Call] = []
         self._pending: dict = {}
-        self._no_forward_ad: set = set()
         net.register_forward_pre_hook(lambda m, a: self.calls.clear())
         for node in self.nodes:
             node.register_forward_pre_hook(self._pre)
@@ -137,15 +122,8 @@ class CycleProbe:
         return total
 
     def jvp(self, call: Call, z: Tensor, v: Tensor) -> Tensor:
-        """``J_T(z) v``: forward-mode AD, or a finite difference for bodies with ops that have no
-        forward-mode rule (CPU flash attention); differentiable in the parameters either way."""
-        if id(call.node) not in self._no_forward_ad:
-            try:
-                return torch.func.jvp(lambda s: self.cycle_map(call, s), (z,), (v,))[1]
-            except (NotImplementedError, RuntimeError):
-                self._no_forward_ad.add(id(call.node))
-        eps = 1e-3 * (1.0 + z.detach().flatten(1).norm(dim=1).view(-1, *([1] * (z.dim() - 1))))
-        return (self.cycle_map(call, z + eps * v) - self.cycle_map(call, z)) / eps
+        """``J_T(z) v`` (forward-mode AD, or a finite difference for ops without a forward rule)."""
+        return cycle_jvp(call.node, z, v, call.inputs)
 
     def jacobian_norm(self) -> Tensor:
         """Per sample ``sum over calls ||J_T(z*) v||^2`` (``z*`` detached, ``v`` random unit)."""

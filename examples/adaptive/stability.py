@@ -32,7 +32,7 @@ from torch import nn
 
 import fxwormhole
 from fxwormhole import SALConfig, WormholeConfig, zoo
-from fxwormhole.demo import digits_sequences
+from fxwormhole.cli.demo import digits_sequences
 
 from probe import CycleProbe, penalty
 
@@ -82,6 +82,7 @@ class Variant:
     weights: dict = field(default_factory=dict)      # penalty() weights, e.g. {"jac": 1.0}
     auto_damp: bool = False
     sal: bool = True
+    recommended: bool = False                        # start from WormholeConfig.active() instead of USER
 
 
 VARIANTS = {
@@ -91,6 +92,9 @@ VARIANTS = {
     "damp": Variant("damp", auto_damp=True),
     "jac": Variant("jac", weights={"jac": 1.0}),
     "recipe": Variant("recipe", changes=dict(spectral_norm=True, gate_cap=0.5), weights={"jac": 1.0}),
+    # the library's recommended configuration: its regulariser is added by the nodes themselves
+    "active": Variant("active", recommended=True, sal=False),
+    "active_sal": Variant("active_sal", recommended=True),
 }
 
 
@@ -116,6 +120,20 @@ class AutoDamp:
             self.events.append((step, call.node.name, new))
 
 
+def node_health(net: nn.Module) -> tuple:
+    """``(every forward solve converged, every adjoint converged, mean iterations per sample)`` of the
+    last call, from the public ``net.fixed_point_stats()`` (graph nodes and temporal steps alike)."""
+    fwd_ok, bwd_ok = True, True
+    for st in net.fixed_point_stats().values():
+        if st is None:
+            continue
+        fwd_ok &= bool((st.status == 0).all())
+        if st.backward_status is not None:
+            bwd_ok &= bool((st.backward_status == 0).all())
+    fwd = fxwormhole.transformed.per_sample_iterations(net)[0]
+    return fwd_ok, bwd_ok, float(fwd.mean()) if fwd is not None else 1.0
+
+
 def digits(layout: str):
     xtr, ytr, xte, yte = digits_sequences("rows", seed=0)  # [N, 8, 8] in [0, 1]
     shape = {"flat": (-1, 64), "image": (-1, 1, 8, 8), "rows": (-1, 8, 8)}[layout]
@@ -129,7 +147,8 @@ def run(model_name: str, variant: Variant, seed: int, steps: int = 300, batch: i
     torch.manual_seed(seed)
     model = make()
     if variant.transform:
-        cfg = replace(USER, wormholes=wormholes, **variant.changes)
+        base = WormholeConfig.active() if variant.recommended else USER
+        cfg = replace(base, wormholes=wormholes, **variant.changes)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             net = fxwormhole.transform(model, (xtr[:4],), cfg, sal=SALConfig(eta=1e-3) if variant.sal else None)
@@ -154,21 +173,22 @@ def run(model_name: str, variant: Variant, seed: int, steps: int = 300, batch: i
             opt.zero_grad()
             loss.backward()
             opt.step()
-        if probe is not None and not bool(probe.backward_converged.all()):
+        fwd_ok, bwd_ok, it = node_health(net) if probe is not None else (True, True, 1.0)
+        if not bwd_ok:
             bad_backward.append(step)
         times.append(time.perf_counter() - t0)
         warned += sum(1 for w in caught if issubclass(w.category, RuntimeWarning))
         if probe is not None:
-            if not bool(probe.converged.all()):
+            if not fwd_ok:
                 bad_steps.append(step)
-            its.append(float(probe.iterations.mean()))
-            if step % rate_every == 0:
+            its.append(it)
+            if step % rate_every == 0 and probe.calls:  # graph nodes (the probe cannot see temporal steps)
                 max_rate = max(max_rate, float(probe.contraction_rate().max()))
     net.eval()
     with torch.no_grad():
         acc = float((net(xte).argmax(-1) == yte).float().mean())
-        test_bad = float((~probe.converged).float().mean()) if probe else 0.0
-        test_it = float(probe.iterations.mean()) if probe else 1.0
+        test_bad = float(not node_health(net)[0]) if probe else 0.0
+        test_it = node_health(net)[2] if probe else 1.0
     return {"model": model_name, "variant": variant.name, "seed": seed, "steps": steps, "acc": acc,
             "bad_steps": len(bad_steps), "first_bad": bad_steps[0] if bad_steps else None,
             "bad_backward_steps": len(bad_backward), "first_bad_backward": bad_backward[0] if bad_backward else None,
@@ -178,6 +198,31 @@ def run(model_name: str, variant: Variant, seed: int, steps: int = 300, batch: i
             "damp_events": damp.events if damp else []}
 
 
+def table(paths: list) -> str:
+    """A markdown table of the JSON lines in ``paths``: per model and variant, accuracy per seed and
+    mean, steps with a forward / adjoint failure, largest contraction rate, iterations, ms per step."""
+    rows: Dict[tuple, list] = {}
+    for path in paths:
+        for line in open(path):
+            r = json.loads(line)
+            rows.setdefault((r["model"], r["variant"]), []).append(r)
+    out = ["| model | variant | test acc % per seed | mean | steps with a forward failure | adjoint failures | "
+           "largest rate | iterations (first 50 -> last 50 steps) | ms/step |", "|---|---|---|---|---|---|---|---|---|"]
+    for (m, v), rs in rows.items():
+        rs.sort(key=lambda r: r["seed"])
+        acc = "/".join(f"{100 * r['acc']:.1f}" for r in rs)
+        mean = 100 * sum(r["acc"] for r in rs) / len(rs)
+        ms = sorted(r["ms_per_step"] for r in rs)[len(rs) // 2]
+        if v == "original":
+            out.append(f"| {m} | {v} | {acc} | {mean:.1f} | - | - | - | 1 | {ms:.0f} |")
+            continue
+        join = lambda key, fmt="{}": "/".join(fmt.format(r[key]) for r in rs)  # noqa: E731
+        its = "/".join(f"{r['train_it_first50']:.1f}->{r['train_it_last50']:.1f}" for r in rs)
+        rate = join("max_rate", "{:.2f}") if any(r["max_rate"] for r in rs) else "-"
+        out.append(f"| {m} | {v} | {acc} | {mean:.1f} | {join('bad_steps')} | {join('bad_backward_steps')} | {rate} | {its} | {ms:.0f} |")
+    return "\n".join(out)
+
+
 def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["UserCNN"])
@@ -185,7 +230,11 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--table", nargs="+", metavar="JSONL", help="print the markdown table of these results and exit")
     a = ap.parse_args(argv)
+    if a.table:
+        print(table(a.table))
+        return
     torch.set_num_threads(1)
     for m in a.models:
         for s in a.seeds:

@@ -64,13 +64,16 @@ class Run:
     lam_ponder: float = 0.0
     lam_first: float = 0.0
     clip: float = 0.0              # gradient-norm clipping (0: none)
+    library: bool = False          # jac and first come from WormholeConfig(contraction=, compute_cost=), not the probe
     n_test_per_level: int = 100
     n_natural: int = 2000          # test samples from the natural distribution (random numbers)
     save: str = ""                 # write the trained state_dict here
     tag: str = ""
 
     def costs(self) -> dict:
-        return {name: getattr(self, f"lam_{name}") for name in TERMS}
+        """The terms the probe adds to the loss (the library adds its own)."""
+        return {name: getattr(self, f"lam_{name}") for name in TERMS
+                if not (self.library and name in ("jac", "first"))}
 
     def label(self) -> str:
         if self.variant == "tied":
@@ -86,9 +89,11 @@ class Run:
             parts.append(f"clip{self.clip:g}")
         if self.grad != "implicit" or self.grad_tol != 1e-6:
             parts.append(self.grad if self.grad != "implicit" else f"gtol{self.grad_tol:g}")
-        for k, w in self.costs().items():
-            if w:
-                parts.append(f"{k}{w:g}")
+        for k in TERMS:
+            if getattr(self, f"lam_{k}"):
+                parts.append(f"{k}{getattr(self, f'lam_{k}'):g}")
+        if self.library:
+            parts.append("lib")
         return " ".join(parts) + (f" {self.tag}" if self.tag else "")
 
 
@@ -100,7 +105,8 @@ def build(run: Run, task: Addition, example: torch.Tensor) -> torch.nn.Module:
     cfg = WormholeConfig(wormholes=[WORMHOLE], gate=run.gate, gate_init=run.gate_init, proj_init="normal",
                          proj_std=run.proj_std, solver=run.solver, tol=run.tol, max_iter=run.max_iter,
                          on_fail="ignore", spectral_norm=run.spectral_norm, gate_cap=run.gate_cap,
-                         grad=GradConfig(mode=run.grad, tol=run.grad_tol))
+                         grad=GradConfig(mode=run.grad, tol=run.grad_tol),
+                         contraction=run.lam_jac if run.library else 0.0, compute_cost=run.lam_first if run.library else 0.0)
     return fxwormhole.transform(ConvAdder(task.in_channels, run.channels), (example,), cfg)
 
 

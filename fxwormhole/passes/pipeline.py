@@ -4,7 +4,8 @@
 =============  ==============================================================================
 capture        [NormaliseExport] (export graphs only)
 transform      [NormaliseExport], DecomposeRecurrent, TemporalWormholes, PlanWormholes,
-               InsertWormholes, WrapFixedPoints, [SensitivityAnnotate, SensitivityInsert]
+               InsertWormholes, WrapFixedPoints, CycleLayers, CyclePenalties,
+               [SensitivityAnnotate, SensitivityInsert]
 instrument     [NormaliseExport], SensitivityAnnotate, SensitivityInsert
 =============  ==============================================================================
 
@@ -21,6 +22,8 @@ from typing import Any, Mapping, Optional, Sequence
 from torch.fx.passes.infra.pass_base import PassBase
 
 from ..config import SALConfig, WormholeConfig
+from .cycle_layers import CycleLayers
+from .cycle_penalties import CyclePenalties
 from .insert_wormholes import InsertWormholes
 from .normalise_export import NormaliseExport
 from .plan_wormholes import PlanWormholes
@@ -54,6 +57,8 @@ def transform_passes(captured: Any, config: WormholeConfig, example_inputs: Sequ
         PlanWormholes(config),
         InsertWormholes(config),
         WrapFixedPoints(config, example_inputs),
+        CycleLayers(),
+        CyclePenalties(config.contraction, config.compute_cost),
     ]
     return passes + (sensitivity_passes(sal) if sal is not None else [])
 

@@ -1,0 +1,169 @@
+"""Stochastic and stateful layers inside a fixed point behave as in the original model.
+
+A fixed point evaluates its body once per iteration. Two layers then break the original model's
+contract (see ``docs/adaptive_depth.md``, "Dropout and BatchNorm inside a cycle"):
+
+* dropout draws a new mask at every evaluation, so the map changes at every step and has no fixed
+  point (training mode ends at ``max_iter``). :class:`CycleDropoutMask` draws ONE mask per forward
+  call, outside the fixed point; the body multiplies by it (a body input, so per-sample halting
+  slices it with the other inputs);
+* BatchNorm in training mode updates its running statistics at every evaluation (``k`` updates per
+  forward instead of one, the earlier ones from iterates far from the fixed point).
+  :class:`CycleBatchNorm` normalises with the batch's statistics like BatchNorm, but only records
+  them; :func:`commit_batch_norms` (a forward hook on the fixed-point node) applies the running
+  update once, after the solve, from the last evaluation (the converged iterate ``y* = body(z*)``).
+
+The pass that installs both is :mod:`fxwormhole.passes.cycle_layers`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["CycleDropoutMask", "apply_dropout_mask", "CycleBatchNorm", "CycleBatchNorm1d", "CycleBatchNorm2d",
+           "CycleBatchNorm3d", "commit_batch_norms", "batch_norms_quiet"]
+
+
+class CycleDropoutMask(nn.Module):
+    """One dropout mask per forward call: ``[B, *shape]`` of ``0`` and ``1 / (1 - p)`` in training
+    mode, ones in eval mode (an expanded view: no memory).
+
+    Args:
+        p: drop probability, as the replaced ``nn.Dropout`` / ``F.dropout``.
+        shape: the dropped tensor's shape without the batch dim.
+        where: the body node it replaced (for ``repr`` and error messages).
+    """
+
+    def __init__(self, p: float, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, where: str = "") -> None:
+        super().__init__()
+        self.p, self.shape, self.dtype, self.where = float(p), tuple(int(s) for s in shape), dtype, where
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, shape={self.shape}, replaces={self.where!r}"
+
+    def forward(self, ref: Tensor) -> Tensor:
+        """``ref``: a batched input of the fixed point (its batch size and device)."""
+        dtype = self.dtype
+        size = (ref.shape[0], *self.shape)
+        if not self.training or self.p == 0.0:
+            return torch.ones((), dtype=dtype, device=ref.device).expand(size)
+        if self.p >= 1.0:
+            return torch.zeros(size, dtype=dtype, device=ref.device)
+        keep = 1.0 - self.p
+        return torch.empty(size, dtype=dtype, device=ref.device).bernoulli_(keep).div_(keep)
+
+
+def apply_dropout_mask(x: Tensor, mask: Tensor) -> Tensor:
+    """The body's dropout: ``x * mask`` (the mask broadcasts when ``x`` has the recorded shape)."""
+    return x * mask
+
+
+class CycleBatchNorm(_BatchNorm):
+    """BatchNorm whose running statistics move once per forward of the fixed point that holds it.
+
+    Training mode: normalises with the current batch's statistics (as BatchNorm does) and records
+    them; :meth:`commit` then applies BatchNorm's running update (momentum, or the cumulative
+    average when ``momentum=None``) and counts one batch. Eval mode, or ``track_running_stats=False``:
+    exactly ``nn.BatchNorm``. Built by :meth:`replacing` a BatchNorm, sharing its parameters and
+    buffers (same state-dict keys).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: Optional[tuple[Tensor, Tensor]] = None
+        self.recording = True  # off while extra evaluations run (regularisers, diagnostics)
+
+    @classmethod
+    def replacing(cls, bn: _BatchNorm) -> "CycleBatchNorm":
+        """A cycle version of ``bn`` (``CycleBatchNorm1d/2d/3d`` for torch's, so ``isinstance(m,
+        nn.BatchNorm2d)`` still holds), sharing its parameters and buffers."""
+        cls = _CYCLE_CLASSES.get(type(bn), cls)
+        new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                  track_running_stats=bn.track_running_stats)
+        # share, do not copy: the optimizer, state_dict and the user's aliases see the same tensors
+        for name, p in bn.named_parameters(recurse=False):
+            setattr(new, name, p)
+        for name, b in bn.named_buffers(recurse=False):
+            new.register_buffer(name, b)
+        new.train(bn.training)
+        return new
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        """No rank check for other BatchNorm kinds; CycleBatchNorm1d/2d/3d use torch's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.track_running_stats):
+            return super().forward(x)
+        self._check_input_dim(x)
+        if self.recording and not torch.compiler.is_compiling() and not _is_transformed(x):
+            with torch.no_grad():
+                dims = [0, *range(2, x.dim())]
+                n = x.numel() // x.shape[1]
+                mean = x.detach().mean(dims)
+                var = x.detach().var(dims, unbiased=n > 1)
+                self._pending = (mean, var)
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Apply the recorded batch statistics to the running ones, once (then forget them)."""
+        if self._pending is None or not self.track_running_stats:
+            return
+        mean, var = self._pending
+        self._pending = None
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+        self.running_var.mul_(1 - factor).add_(var.to(self.running_var.dtype), alpha=factor)
+
+
+class CycleBatchNorm1d(CycleBatchNorm, nn.BatchNorm1d):
+    """:class:`CycleBatchNorm` for ``nn.BatchNorm1d``."""
+
+    _check_input_dim = nn.BatchNorm1d._check_input_dim
+
+
+class CycleBatchNorm2d(CycleBatchNorm, nn.BatchNorm2d):
+    """:class:`CycleBatchNorm` for ``nn.BatchNorm2d``."""
+
+    _check_input_dim = nn.BatchNorm2d._check_input_dim
+
+
+class CycleBatchNorm3d(CycleBatchNorm, nn.BatchNorm3d):
+    """:class:`CycleBatchNorm` for ``nn.BatchNorm3d``."""
+
+    _check_input_dim = nn.BatchNorm3d._check_input_dim
+
+
+_CYCLE_CLASSES = {nn.BatchNorm1d: CycleBatchNorm1d, nn.BatchNorm2d: CycleBatchNorm2d, nn.BatchNorm3d: CycleBatchNorm3d}
+
+
+def _is_transformed(x: Tensor) -> bool:
+    """True under torch.func transforms (jvp, vmap): their tensors must not be stored."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def commit_batch_norms(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook on a fixed-point node: commit every :class:`CycleBatchNorm` of its body once."""
+    if module.training:
+        for m in module.modules():
+            if isinstance(m, CycleBatchNorm):
+                m.commit()
+
+
+@contextlib.contextmanager
+def batch_norms_quiet(module: nn.Module) -> Iterator[None]:
+    """Extra evaluations of a body (regularisers, monitors) record no BatchNorm statistics."""
+    norms = [m for m in module.modules() if isinstance(m, CycleBatchNorm) and m.recording]
+    for m in norms:
+        m.recording = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.recording = True
