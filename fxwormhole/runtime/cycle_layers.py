@@ -18,7 +18,7 @@ The pass that installs both is :mod:`fxwormhole.passes.cycle_layers`.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,12 @@ class CycleBatchNorm(_BatchNorm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._pending: Optional[tuple[Tensor, Tensor]] = None
+        if self.track_running_stats:
+            # the last evaluation's batch statistics; buffers (not in the state dict) so that the
+            # compiled path's check sees a training-mode update and asks for eval(), as for BatchNorm
+            self.register_buffer("pending_mean", torch.zeros_like(self.running_mean), persistent=False)
+            self.register_buffer("pending_var", torch.ones_like(self.running_var), persistent=False)
+        self._has_pending = False
         self.recording = True  # off while extra evaluations run (regularisers, diagnostics)
 
     @classmethod
@@ -90,6 +95,8 @@ class CycleBatchNorm(_BatchNorm):
             setattr(new, name, p)
         for name, b in bn.named_buffers(recurse=False):
             new.register_buffer(name, b)
+        if new.track_running_stats:
+            new.pending_mean, new.pending_var = new.pending_mean.to(bn.running_mean), new.pending_var.to(bn.running_var)
         new.train(bn.training)
         return new
 
@@ -97,29 +104,29 @@ class CycleBatchNorm(_BatchNorm):
         """No rank check for other BatchNorm kinds; CycleBatchNorm1d/2d/3d use torch's."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and self.track_running_stats):
+        if not (self.training and self.track_running_stats) or _is_traced():
+            # eval mode, or traced for compilation: BatchNorm itself (a traced training-mode update
+            # is what the compiled path detects and refuses, asking for eval())
             return super().forward(x)
         self._check_input_dim(x)
-        if self.recording and not torch.compiler.is_compiling() and not _is_transformed(x):
+        if self.recording and not _is_transformed(x):
             with torch.no_grad():
                 dims = [0, *range(2, x.dim())]
-                n = x.numel() // x.shape[1]
-                mean = x.detach().mean(dims)
-                var = x.detach().var(dims, unbiased=n > 1)
-                self._pending = (mean, var)
+                self.pending_mean.copy_(x.detach().mean(dims))
+                self.pending_var.copy_(x.detach().var(dims, unbiased=True))
+                self._has_pending = True
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
     @torch.no_grad()
     def commit(self) -> None:
         """Apply the recorded batch statistics to the running ones, once (then forget them)."""
-        if self._pending is None or not self.track_running_stats:
+        if not self._has_pending or not self.track_running_stats:
             return
-        mean, var = self._pending
-        self._pending = None
+        self._has_pending = False
         self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
-        self.running_var.mul_(1 - factor).add_(var.to(self.running_var.dtype), alpha=factor)
+        self.running_mean.mul_(1 - factor).add_(self.pending_mean, alpha=factor)
+        self.running_var.mul_(1 - factor).add_(self.pending_var, alpha=factor)
 
 
 class CycleBatchNorm1d(CycleBatchNorm, nn.BatchNorm1d):
@@ -141,6 +148,13 @@ class CycleBatchNorm3d(CycleBatchNorm, nn.BatchNorm3d):
 
 
 _CYCLE_CLASSES = {nn.BatchNorm1d: CycleBatchNorm1d, nn.BatchNorm2d: CycleBatchNorm2d, nn.BatchNorm3d: CycleBatchNorm3d}
+
+
+def _is_traced() -> bool:
+    """True under torch.compile or make_fx (the compiled fixed point's graph builder)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return torch.compiler.is_compiling() or get_proxy_mode() is not None
 
 
 def _is_transformed(x: Tensor) -> bool:
