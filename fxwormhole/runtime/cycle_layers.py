@@ -78,8 +78,8 @@ class CycleBatchNorm(_BatchNorm):
         if self.track_running_stats:
             # the last evaluation's batch statistics; buffers (not in the state dict) so that the
             # compiled path's check sees a training-mode update and asks for eval(), as for BatchNorm
-            self.register_buffer("pending_mean", torch.zeros_like(self.running_mean), persistent=False)
-            self.register_buffer("pending_var", torch.ones_like(self.running_var), persistent=False)
+            self.register_buffer("running_mean_pending", torch.zeros_like(self.running_mean), persistent=False)
+            self.register_buffer("running_var_pending", torch.ones_like(self.running_var), persistent=False)
         self._has_pending = False
         self.recording = True  # off while extra evaluations run (regularisers, diagnostics)
 
@@ -96,7 +96,8 @@ class CycleBatchNorm(_BatchNorm):
         for name, b in bn.named_buffers(recurse=False):
             new.register_buffer(name, b)
         if new.track_running_stats:
-            new.pending_mean, new.pending_var = new.pending_mean.to(bn.running_mean), new.pending_var.to(bn.running_var)
+            new.running_mean_pending = new.running_mean_pending.to(bn.running_mean)
+            new.running_var_pending = new.running_var_pending.to(bn.running_var)
         new.train(bn.training)
         return new
 
@@ -112,8 +113,8 @@ class CycleBatchNorm(_BatchNorm):
         if self.recording and not _is_transformed(x):
             with torch.no_grad():
                 dims = [0, *range(2, x.dim())]
-                self.pending_mean.copy_(x.detach().mean(dims))
-                self.pending_var.copy_(x.detach().var(dims, unbiased=True))
+                self.running_mean_pending.copy_(x.detach().mean(dims))
+                self.running_var_pending.copy_(x.detach().var(dims, unbiased=True))
                 self._has_pending = True
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
@@ -125,8 +126,8 @@ class CycleBatchNorm(_BatchNorm):
         self._has_pending = False
         self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        self.running_mean.mul_(1 - factor).add_(self.pending_mean, alpha=factor)
-        self.running_var.mul_(1 - factor).add_(self.pending_var, alpha=factor)
+        self.running_mean.mul_(1 - factor).add_(self.running_mean_pending, alpha=factor)
+        self.running_var.mul_(1 - factor).add_(self.running_var_pending, alpha=factor)
 
 
 class CycleBatchNorm1d(CycleBatchNorm, nn.BatchNorm1d):
