@@ -11,7 +11,16 @@ cross-entropy, Adam (lr 1e-3), sequence length T = 50, batch 64. Variants, per k
   parameters get gradients but are not stepped, so the projection stays zero);
 * ``compiled``  -- ``open`` after ``compile_step()`` (the runtime's per-iteration functions
   compiled once; ``--no-compiled`` skips it);
-* ``generic``   -- ``open`` on the generic one-FixedPoint-per-step path (``--generic``; slow).
+* ``generic``   -- ``open`` on the generic one-FixedPoint-per-step path (``--generic``; slow);
+* ``cells``     -- the user-written version: ``nn.LSTMCell`` / ``nn.GRUCell`` (the same weights) in a
+  Python loop over ``x[:, t]``, no wormhole (``--no-cells`` skips the three cell variants);
+* ``cells open`` / ``cells closed`` -- that loop through ``fxwormhole.transform`` with the ``open`` /
+  ``closed`` config (``"auto"`` places the same wormhole, last cell -> first; the cell-loop pass runs
+  the unrolled loop as one module on the temporal runtime).
+
+``goal`` is issue 18's bound on the ratio (open: 4.5x at H=32, 3.5x at H=128; closed: 2x at H=128;
+the same against nn.GRU; the cell variants within 1.5 times those); ``met`` compares the CPU-time
+ratio with it (CPU time is what a step costs when other jobs share the cores).
 
 Timing: all variants live in one process, each gets two warm-up steps, then ``--rounds`` rounds of
 ``--steps`` training steps per variant, the order rotated every round; each round starts from the
@@ -22,7 +31,7 @@ costs, robust to other jobs on a shared machine) and in wall time. ``fwd/adj it`
 iterations per time step; ``reads/step`` the solve loop's host reads per time step (forward +
 backward). ``compile s`` is the compiled variant's first step minus its median step.
 
-    python bench/bench_recurrent.py [--hidden 32 128] [--kinds lstm gru] [--rounds 8] [--steps 2] [--generic]
+    python bench/bench_recurrent.py [--hidden 32 128] [--kinds lstm gru] [--rounds 16] [--steps 1] [--generic]
 """
 from __future__ import annotations
 
@@ -31,20 +40,33 @@ import copy
 import os
 import statistics
 import time
+import warnings
 from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxwormhole as fw
 from fxwormhole.config import WormholeConfig
 from fxwormhole.runtime import temporal_solve
-from fxwormhole.runtime.recurrent import add_temporal_wormhole, explicit_from_module
+from fxwormhole.runtime.recurrent import ExplicitRecurrent, add_temporal_wormhole, explicit_from_module
 
 INPUT, CLASSES, LAYERS = 32, 10, 2
 TORCH = {"lstm": nn.LSTM, "gru": nn.GRU}
+CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell}
 OPEN = WormholeConfig(gate="input", gate_init=-1.0, proj_init="normal", proj_std=0.1, solver="picard", tol=1e-4)
 CLOSED = WormholeConfig(solver="picard", tol=1e-4)
+#: issue 18's bounds on the ratio to nn.LSTM / nn.GRU, by (variant, H); cell loops get 1.5 times these
+GOALS = {("open", 32): 4.5, ("open", 128): 3.5, ("closed", 128): 2.0}
+CELL_SLACK = 1.5
+
+
+def goal(variant: str, hidden: int):
+    if variant.startswith("cells "):
+        g = GOALS.get((variant[6:], hidden))
+        return None if g is None else g * CELL_SLACK
+    return GOALS.get((variant, hidden))
 
 
 class Net(nn.Module):
@@ -56,10 +78,39 @@ class Net(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-def build(kind: str, hidden: int, variant: str) -> tuple:
+class CellNet(nn.Module):
+    """What a user writes by hand: stacked cells in a Python loop over the (batch-first) steps."""
+
+    def __init__(self, kind: str, hidden: int, base: nn.RNNBase) -> None:
+        super().__init__()
+        self.kind = kind
+        self.cells = nn.ModuleList([CELLS[kind](INPUT if l == 0 else hidden, hidden) for l in range(LAYERS)])
+        with torch.no_grad():  # the same weights as the nn.LSTM / nn.GRU variants
+            for l, cell in enumerate(self.cells):
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(cell, name).copy_(getattr(base, f"{name}_l{l}"))
+        self.head = nn.Linear(hidden, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lstm = self.kind == "lstm"
+        zeros = [x.new_zeros(x.shape[0], cell.hidden_size) for cell in self.cells]
+        states = [(z, z) if lstm else z for z in zeros]
+        for t in range(x.shape[1]):
+            inp = x[:, t]
+            for l, cell in enumerate(self.cells):
+                states[l] = cell(inp, states[l])
+                inp = states[l][0] if lstm else states[l]
+        return self.head(inp)
+
+
+def build(kind: str, hidden: int, variant: str, x: torch.Tensor) -> tuple:
     torch.manual_seed(0)
     base = TORCH[kind](INPUT, hidden, LAYERS, batch_first=True)
-    if variant == "torch":
+    if variant.startswith("cells"):
+        net = CellNet(kind, hidden, base)
+        if variant != "cells":
+            net = fw.transform(net, (x,), CLOSED if variant == "cells closed" else OPEN)
+    elif variant == "torch":
         rnn = base
     elif variant == "explicit":
         rnn = explicit_from_module(base)
@@ -69,8 +120,9 @@ def build(kind: str, hidden: int, variant: str) -> tuple:
             rnn._temporal.runtime = "generic"
         if variant == "compiled":
             rnn.compile_step()
-    net = Net(rnn, hidden)
-    frozen = {id(p) for n, p in net.named_parameters() if variant == "closed" and "temporal_wormholes" in n}
+    if not variant.startswith("cells"):
+        net = Net(rnn, hidden)
+    frozen = {id(p) for n, p in net.named_parameters() if variant.endswith("closed") and "temporal_wormholes" in n}
     opt = torch.optim.Adam([p for p in net.parameters() if id(p) not in frozen], lr=1e-3)
     return net, opt
 
@@ -98,7 +150,7 @@ class _Reads:
 def bench(kind: str, hidden: int, variants: List[str], rounds: int, steps: int, T: int, batch: int, reads: _Reads) -> Dict[str, dict]:
     torch.manual_seed(0)
     x, y = torch.randn(batch, T, INPUT), torch.randint(0, CLASSES, (batch,))
-    models = {v: build(kind, hidden, v) for v in variants}
+    models = {v: build(kind, hidden, v, x) for v in variants}
     first: Dict[str, float] = {}
     start: Dict[str, tuple] = {}
     for v, (net, opt) in models.items():
@@ -124,7 +176,7 @@ def bench(kind: str, hidden: int, variants: List[str], rounds: int, steps: int, 
             times[v].append((time.perf_counter() - t0) / steps)
             cpu[v].append((time.process_time() - c0) / steps)
             nreads[v] += reads.n - before
-            st = getattr(net.rnn, "stats", None)
+            st = next((m.stats for m in net.modules() if isinstance(m, ExplicitRecurrent) and m.temporal_pairs), None)
             if st is not None:
                 its[v].append((float(st.iterations.float().mean()), float(st.backward_iterations.float().mean())))
     out = {}
@@ -148,15 +200,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--generic", action="store_true", help="also time the generic one-FixedPoint-per-step path")
     ap.add_argument("--no-compiled", action="store_true", help="skip the compiled variant")
+    ap.add_argument("--no-cells", action="store_true", help="skip the user-written cell-loop variants")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # torch's own deprecation notice when a traced model is deep-copied (the cell variants): not ours to fix
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     variants = ["torch", "explicit", "open", "closed"] + ([] if args.no_compiled else ["compiled"])
     variants += ["generic"] if args.generic else []
+    variants += [] if args.no_cells else ["cells", "cells open", "cells closed"]
     reads = _Reads()
     print(f"T={','.join(map(str, args.T))} batch={args.batch} input={INPUT} layers={LAYERS} threads={args.threads} rounds={args.rounds}x{args.steps} "
           f"torch={torch.__version__} load={' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    header = (f"{'kind':4} {'T':>4} {'H':>4} {'variant':9} {'cpu ms':>8} {'x torch':>8} {'wall ms':>8} {'x torch':>8} "
-              f"{'fwd/adj it':>11} {'reads/step':>10} {'compile s':>9}")
+    header = (f"{'kind':4} {'T':>4} {'H':>4} {'variant':12} {'cpu ms':>8} {'x torch':>8} {'goal':>5} {'met':>4} "
+              f"{'wall ms':>8} {'x torch':>8} {'fwd/adj it':>11} {'reads/step':>10} {'compile s':>9}")
     print(header)
     print("-" * len(header))
     for kind, length, hidden in ((k, t, h) for k in args.kinds for t in args.T for h in args.hidden):
@@ -167,7 +223,11 @@ def main() -> None:
             it = f"{r['fwd']:.2f}/{r['bwd']:.2f}" if r["fwd"] is not None else "-"
             rd = f"{r['reads']:.2f}" if r["fwd"] is not None and v != "generic" else "-"
             comp = f"{r['compile']:.1f}" if v == "compiled" else ""
-            print(f"{kind:4} {length:4d} {hidden:4d} {v:9} {r['cpu']:8.2f} {r['cpu'] / base_cpu:8.2f} {r['ms']:8.2f} "
+            g = goal(v, hidden)
+            ratio = r["cpu"] / base_cpu
+            bound = f"{g:.2f}" if g is not None else "-"
+            met = ("yes" if ratio <= g else "no") if g is not None else "-"
+            print(f"{kind:4} {length:4d} {hidden:4d} {v:12} {r['cpu']:8.2f} {ratio:8.2f} {bound:>5} {met:>4} {r['ms']:8.2f} "
                   f"{r['ms'] / base:8.2f} {it:>11} {rd:>10} {comp:>9}", flush=True)
     print(f"load at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 

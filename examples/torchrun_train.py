@@ -16,8 +16,8 @@ checksum of each rank's parameters: identical replicas have identical checksums)
 
 Notes for your own script:
 
-* the gate is ``"channel"``: FSDP2 refuses 0-d parameters, and the default ``"scalar"`` gate's logit
-  is one (DDP takes either);
+* the gate is ``"channel"`` (one logit per channel); the default ``"scalar"`` gate works under DDP and
+  FSDP2 too (its logit has shape ``[1]``: FSDP2 refuses 0-d parameters);
 * SAL's probe buffers follow DDP's ``broadcast_buffers=True`` (rank 0's statistics, see
   docs/reliability.md); under FSDP2 buffers are not broadcast: each rank keeps its own statistics;
 * each rank's fixed points halt per sample on its own shard, so the rank with the hardest samples

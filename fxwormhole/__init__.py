@@ -58,6 +58,9 @@ _LAZY = {
     "load_optimizer": "fxwormhole.persistence",
     "report": "fxwormhole.stats_report",
     "StatsLogger": "fxwormhole.stats_logger",
+    "NonConvergenceWarning": "fxwormhole.runtime._warnings",
+    "set_convergence_warnings": "fxwormhole.runtime._warnings",
+    "flush_convergence_warnings": "fxwormhole.runtime._warnings",
 }
 
 __all__ = [

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from .errors import FxWormholeError, SaveError
 
-__all__ = ["atomic_write", "check_target", "temp_name_pattern"]
+__all__ = ["atomic_write", "atomic_files", "FileSet", "check_target", "temp_name_pattern"]
 
 _TEMP_TAG = ".tmp-"
 
@@ -114,7 +114,7 @@ def _remove(path: Path) -> None:
 
 
 def _failure(exc: BaseException, what: str, target: Path, existed: bool, error: type[FxWormholeError],
-             advice: str | None) -> FxWormholeError:
+             advice: str | None, also_kept: str = "") -> FxWormholeError:
     where = target.parent
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc) or type(exc).__name__
@@ -122,8 +122,92 @@ def _failure(exc: BaseException, what: str, target: Path, existed: bool, error: 
     else:  # e.g. torch's C++ writer reports a full disk as RuntimeError("... file write failed")
         reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         advice = advice or _DEFAULT_ADVICE
-    kept = f"{target} is unchanged" if existed else f"nothing was written to {target}"
+    kept = (f"{target} is unchanged" if existed else f"nothing was written to {target}") + also_kept
     return error(f"writing {what} to {target} failed ({reason}); {kept}; {advice.format(dir=where)}")
+
+
+class FileSet:
+    """Files replaced together (see :func:`atomic_files`): :meth:`stage` writes each to a temporary
+    file next to its target; :meth:`commit` renames them all into place, in the order staged."""
+
+    def __init__(self, error: type[FxWormholeError]) -> None:
+        self.error = error
+        self._staged: list[tuple[Path, Path, str, bool]] = []  # (temporary, target, what, existed)
+
+    def _kept(self, failed: Path) -> str:
+        targets = [t for _, t, _, _ in self._staged if t != failed]
+        return f"; {', '.join(str(t.name) for t in targets)} unchanged too" if targets else ""
+
+    @contextmanager
+    def stage(self, path: str | Path, *, what: str = "the file", advice: str | None = None) -> Iterator[Path]:
+        """Yield a temporary path next to ``path``; when the block ends without an exception it is
+        flushed to disk and kept for :meth:`commit`. A failure removes it and raises the typed error."""
+        target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+        check_target(target, what, self.error)
+        existed = target.exists()
+        try:
+            tmp = _create_temp(target)
+        except OSError as exc:
+            raise _failure(exc, what, target, existed, self.error, advice, self._kept(target)) from exc
+        try:
+            yield tmp
+            _fsync_file(tmp)
+        except FxWormholeError:
+            _remove(tmp)
+            raise
+        except Exception as exc:
+            _remove(tmp)
+            raise _failure(exc, what, target, existed, self.error, advice, self._kept(target)) from exc
+        except BaseException:  # KeyboardInterrupt, SystemExit: clean up, do not disguise them
+            _remove(tmp)
+            raise
+        self._staged.append((tmp, target, what, existed))
+
+    def commit(self) -> None:
+        """Rename every staged file onto its target, then flush the directories (the renames)."""
+        replaced: list[str] = []
+        while self._staged:
+            tmp, target, what, existed = self._staged[0]
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                done = f"; already replaced: {', '.join(replaced)}" if replaced else ""
+                raise _failure(exc, what, target, existed, self.error, None, self._kept(target) + done) from exc
+            replaced.append(target.name)
+            self._staged.pop(0)
+            _fsync_dir(target.parent)
+
+    def discard(self) -> None:
+        """Remove the temporary files not yet renamed."""
+        for tmp, *_ in self._staged:
+            _remove(tmp)
+        self._staged.clear()
+
+
+@contextmanager
+def atomic_files(*, error: type[FxWormholeError] = SaveError) -> Iterator[FileSet]:
+    """Replace several files together: nothing is renamed until every file is written and flushed.
+
+    So a failure while writing any of them (disk full, no permission, an exception or Ctrl-C) leaves
+    every target as it was, where one :func:`atomic_write` per file would have left the first files
+    new and the later ones old. Stage the file that makes the others valid (a manifest with their
+    checksums) last: it is renamed last. Only a crash during the renames themselves (microseconds)
+    can leave a mix, which such a manifest detects.
+
+    Usage::
+
+        with atomic_files() as files:
+            with files.stage(folder / "model.safetensors", what="the weights") as tmp:
+                write_weights(tmp)
+            with files.stage(folder / "config.json", what="the configuration") as tmp:
+                tmp.write_text(manifest)
+    """
+    files = FileSet(error)
+    try:
+        yield files
+        files.commit()
+    finally:
+        files.discard()
 
 
 @contextmanager
@@ -147,24 +231,5 @@ def atomic_write(path: str | Path, *, what: str = "the file", error: type[FxWorm
             temporary file removed. An :class:`FxWormholeError` raised by the block and
             ``KeyboardInterrupt`` propagate unchanged (after the same clean-up).
     """
-    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
-    check_target(target, what, error)
-    existed = target.exists()
-    try:
-        tmp = _create_temp(target)
-    except OSError as exc:
-        raise _failure(exc, what, target, existed, error, advice) from exc
-    try:
+    with atomic_files(error=error) as files, files.stage(path, what=what, advice=advice) as tmp:
         yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, target)
-    except FxWormholeError:
-        _remove(tmp)
-        raise
-    except Exception as exc:
-        _remove(tmp)
-        raise _failure(exc, what, target, existed, error, advice) from exc
-    except BaseException:  # KeyboardInterrupt, SystemExit: clean up, do not disguise them
-        _remove(tmp)
-        raise
-    _fsync_dir(target.parent)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .capture import capture_graph
-from .config import SALConfig, WormholeConfig
+from .config import SALConfig, WormholeConfig, require_registered_solvers
 from .errors import ConfigError
 from .passes._common import run_passes
 from .passes.meta import update_graph
@@ -85,10 +85,8 @@ def transform(
         raise ConfigError(f"config must be a WormholeConfig, got {type(config).__name__}")
     if sal is not None and not isinstance(sal, SALConfig):
         raise ConfigError(f"sal must be a SALConfig or None, got {type(sal).__name__}")
-    from .runtime.solvers import get_solver
-
-    get_solver(config.solver.name)  # unknown names fail here, not at the first forward/backward
-    get_solver(config.grad.solver)
+    # checked when the config was built, and again here: the registry is global and can differ now
+    require_registered_solvers(config)
     inputs = _as_tuple(example_inputs)
 
     captured = capture_graph(model, inputs, front_end=front_end)

@@ -126,6 +126,7 @@ def capture_graph(
         raise ConfigError(f"capture(front_end={front_end!r}) is invalid: expected one of {FRONT_ENDS}")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"capture(model=...) expects an nn.Module, got {type(model).__name__}")
+    refuse_rewritten(model)
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     kwargs = dict(kwargs or {})
 
@@ -136,6 +137,11 @@ def capture_graph(
         try:
             gm = _FRONT_ENDS[name](work, args, kwargs)
         except Exception as exc:  # each front end fails in its own way; report them all
+            if isinstance(exc, InPlaceUpdateError) and order == ("symbolic_trace",):
+                # the generic advice (data-dependent control flow) would not fit this model
+                raise CaptureError(
+                    f"could not capture {type(model).__name__} with front_end='symbolic_trace': {exc}. What to do: "
+                    f"pass front_end='export' (or 'auto'; CLI: --front-end), which records the update") from None
             attempts[name] = describe_failure(exc)
             log.debug("capture: %s failed: %s", name, attempts[name])
             continue
@@ -159,8 +165,62 @@ def capture_graph(
     raise CaptureError(capture_failure_message(type(model).__name__, attempts))
 
 
+def refuse_rewritten(model: nn.Module) -> None:
+    """Refuse a model that is, or holds, what fxwormhole made: a transformed, instrumented or exported model.
+
+    Neither front end can trace fxwormhole's own runtime: symbolic_trace hands a fixed point a Proxy,
+    and export either fails inside the solve or inlines the probes and drops their SAL gradient.
+    Rewriting a rewritten model is not supported; one transform with every wormhole (and ``sal=``)
+    is. Raises :class:`ConfigError` saying what the model is, where, and what to do.
+    """
+    from .export import ExportedModel
+    from .runtime.fixed_point import FixedPoint
+    from .runtime.recurrent import ExplicitRecurrent
+    from .runtime.sensitivity import NeuronProbe
+    from .transformed import TransformedModule
+
+    def where(path: str) -> str:
+        return f"the model ({type(model).__name__})" if not path else f"submodule {path!r} of {type(model).__name__}"
+
+    def cycles(module: nn.Module) -> list[str]:
+        return [name for name, m in module.named_modules() if isinstance(m, FixedPoint)
+                or (isinstance(m, ExplicitRecurrent) and m.temporal_pairs)]
+
+    original = ("transform the original model once instead, with every wormhole you want in one "
+                "WormholeConfig(wormholes=[...]) and sal=SALConfig(...) for sensitivity probes")
+    for path, m in model.named_modules():
+        if isinstance(m, ExportedModel):
+            raise ConfigError(
+                f"{where(path)} is an inference-only artifact loaded by fxwormhole.export.load from {str(m.path)!r}; "
+                f"fxwormhole cannot rewrite it: run it as it is, or {original} and export that")
+        if isinstance(m, TransformedModule) or (isinstance(m, ExplicitRecurrent) and m.temporal_pairs):
+            holds = ", ".join(cycles(m)[:3]) or "wormholes"
+            by = "fxwormhole.transform" if isinstance(m, TransformedModule) else "fxwormhole's add_temporal_wormhole"
+            raise ConfigError(
+                f"{where(path)} is already transformed by {by} (it holds {holds}); fxwormhole does not rewrite its "
+                f"own output: {original}")
+        if isinstance(m, FixedPoint):
+            raise ConfigError(
+                f"{where(path)} is an fxwormhole FixedPoint; neither front end can trace the solve loop of a fixed "
+                f"point: transform the modules around it separately, or let fxwormhole.transform build the cycle "
+                f"(a wormhole from the layer that feeds back to the layer it feeds)")
+        if isinstance(m, NeuronProbe):
+            owner = path.rpartition(".")[0]
+            inside = f"{owner}." if owner else ""
+            probes = [p for p, q in model.named_modules() if isinstance(q, NeuronProbe) and p.startswith(inside)]
+            raise ConfigError(
+                f"{where(owner)} is already instrumented by fxwormhole.instrument (sensitivity probes at "
+                f"{', '.join(probes[:3])}{', ...' if len(probes) > 3 else ''}); to change the SAL settings use "
+                f"fxwormhole.SAL(model).configure(...); to add wormholes as well, transform the original model "
+                f"with sal=SALConfig(...)")
+
+
 # ------------------------------------------------------------------------------------------------
 # front ends
+
+
+class InPlaceUpdateError(TypeError):
+    """symbolic_trace ran an in-place update of a parameter or buffer that its graph cannot hold."""
 
 
 def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
@@ -177,8 +237,8 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModu
     if mutated:
         # The tracer ran `self.calls.add_(1)` once on the real tensor and recorded nothing: the graph
         # would neither update the buffer nor (unused by any node) keep it in its state_dict.
-        raise TypeError(f"forward mutates {', '.join(repr(n) for n in mutated[:5])} in place, which symbolic_trace "
-                        f"cannot record (it runs once at trace time)")
+        raise InPlaceUpdateError(f"forward mutates {', '.join(repr(n) for n in mutated[:5])} in place, which "
+                                  f"symbolic_trace cannot record (it runs once at trace time)")
     for node in graph.nodes:  # fx renames specialised args `h` -> `h_1`; keep the user's names
         if node.op == "placeholder" and node.target.endswith("_1") and node.target[:-2] in concrete:
             node.target = node.target[:-2]
@@ -198,8 +258,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     with _quiet(_NOISY_LOGGERS), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         # RNN modules rebuild their _flat_weights list while traced; harmless, re-synced below
         warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
-        ep = torch.export.export(model, args, kwargs or None, strict=False,
-                                 dynamic_shapes=_batch_dynamic(model, args, kwargs))
+        ep = _export_program(model, args, kwargs)
     egm = ep.module()
     if isinstance(getattr(egm, "_guards_fn", None), nn.Module):
         # export's guard (refusing, e.g., a sequence length the export specialised) is a closure
@@ -213,6 +272,32 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     gm = fx.GraphModule(egm, egm.graph, class_name=type(model).__name__)
     gm.meta.update(egm.meta)
     return gm
+
+
+def _export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """``torch.export`` with the batch symbolic, also for an example batch of 0 or 1.
+
+    torch.export specialises a dimension whose example size is 0 or 1, so a batch-1 example would give
+    a model that refuses every other batch size. Such examples are traced at batch 2 (the sample
+    repeated, or zeros for an empty batch; export traces with fake values, so only shapes matter),
+    as TensorRT-LLM does; a model that truly needs its example batch still gets it, specialised.
+    """
+    def export(a: tuple, k: dict) -> torch.export.ExportedProgram:
+        return torch.export.export(model, a, k or None, strict=False, dynamic_shapes=_batch_dynamic(model, a, k))
+
+    batches = {t.shape[0] for t in _tensors(args, kwargs) if t.dim() > 0}
+    if len(batches) != 1 or batches.pop() > 1:
+        return export(args, kwargs)
+
+    def two(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return v
+        return v.expand(2, *v.shape[1:]).clone() if len(v) == 1 else v.new_zeros((2, *v.shape[1:]))
+
+    try:
+        return export(*torch.utils._pytree.tree_map(two, (args, kwargs)))
+    except Exception:  # noqa: BLE001 - the model depends on its example batch: trace that one
+        return export(args, kwargs)
 
 
 def _static_shape(val: Any) -> tuple | None:

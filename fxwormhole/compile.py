@@ -21,6 +21,8 @@ What it does, in order (see ``docs/pipeline.md``):
 """
 from __future__ import annotations
 
+import copy
+
 import warnings
 from typing import Any, Iterator, Sequence
 
@@ -156,6 +158,7 @@ def _with_eager_regions(model: fx.GraphModule, paths: Sequence[str]) -> fx.Graph
     wrapped = {p: f"_eager_region_{i}" for i, p in enumerate(paths)}
     env: dict[fx.Node, fx.Node] = {}
     graph = fx.Graph()
+    graph._codegen = copy.deepcopy(model.graph._codegen)  # export graphs: the pytree in/out spec (else a tuple comes back)
     for node in model.graph.nodes:
         new = graph.node_copy(node, lambda n: env[n])
         if node.op == "call_module" and node.target in wrapped:

@@ -2,22 +2,43 @@
 
 Each dataclass checks its fields at construction and raises :class:`ConfigError` naming the bad
 field and the values it accepts, so a mistake surfaces where it was made, not deep in a pass.
+That is everything a config can check alone: types, ranges, the ``wormholes`` grammar, and solver
+names against the solver registry of that moment. What needs the model (layer names, shapes,
+dtypes) is checked by ``transform``, which also checks solver names again (the rule, once:
+docs/api.md, "When a configuration is checked").
 """
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence, Tuple, Union
 
 from .errors import ConfigError
 from .policy import parse_policy
 
-__all__ = ["SolverConfig", "GradConfig", "WormholeConfig", "SALConfig", "coerce_solver", "coerce_grad"]
+__all__ = ["SolverConfig", "GradConfig", "WormholeConfig", "SALConfig", "coerce_solver", "coerce_grad",
+           "registered_solvers", "require_registered_solvers"]
 
 ON_FAIL = ("warn", "raise", "ignore")
 GRAD_MODES = ("implicit", "phantom", "jfb", "unrolled")
 GATE_KINDS = ("scalar", "channel", "input")
 HALTING = ("sample", "batch")
+#: the solvers fxwormhole.runtime.solvers registers when it is imported
+BUILTIN_SOLVERS = ("anderson", "damped", "picard")
+_REGISTRY_MODULE = "fxwormhole.runtime.solvers"
+
+
+def registered_solvers() -> tuple[str, ...]:
+    """The solver names a config may use now: the built-in ones and those ``register_solver`` added.
+
+    The registry module imports this one (its solvers take a :class:`SolverConfig`), so it is looked
+    up, not imported: importing it here would close an import cycle. Until it is imported nothing
+    can have been registered, and the built-in names are the whole registry.
+    """
+    registry = sys.modules.get(_REGISTRY_MODULE)
+    listed = getattr(registry, "available_solvers", None)
+    return tuple(sorted(set(BUILTIN_SOLVERS) | set(listed() if listed is not None else ())))
 
 
 def _check(cond: bool, cls: str, name: str, value: Any, allowed: str) -> None:
@@ -29,9 +50,24 @@ def _positive_int(cls: str, name: str, value: Any) -> None:
     _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, cls, name, value, "an int >= 1")
 
 
+def _real(value: Any) -> bool:
+    """A finite int or float, not a bool (``True`` is an int to Python, never a damping to a user)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive_float(cls: str, name: str, value: Any) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    _check(ok, cls, name, value, "a finite float > 0")
+    _check(_real(value) and value > 0, cls, name, value, "a finite float > 0")
+
+
+def _flag(cls: str, name: str, value: Any) -> None:
+    _check(isinstance(value, bool), cls, name, value, "True or False")
+
+
+def _solver_name(cls: str, name: str, value: Any) -> None:
+    known = registered_solvers()
+    if not (isinstance(value, str) and value in known):
+        raise ConfigError(f"{cls}.{name}={value!r} is invalid: unknown solver; expected one of {known} or a name "
+                          f"registered with fxwormhole.register_solver (register it first)")
 
 
 @dataclass(frozen=True)
@@ -65,12 +101,13 @@ class SolverConfig:
 
     def __post_init__(self) -> None:
         c = type(self).__name__
-        _check(isinstance(self.name, str) and bool(self.name), c, "name", self.name, "a solver name such as 'picard', 'damped' or 'anderson'")
+        _solver_name(c, "name", self.name)
         _positive_float(c, "tol", self.tol)
         _positive_int(c, "max_iter", self.max_iter)
-        _check(isinstance(self.damping, (int, float)) and 0 < self.damping <= 1, c, "damping", self.damping, "a float in (0, 1]")
+        _check(_real(self.damping) and 0 < self.damping <= 1, c, "damping", self.damping, "a float in (0, 1]")
         _positive_int(c, "memory", self.memory)
-        _check(isinstance(self.regularization, (int, float)) and self.regularization >= 0, c, "regularization", self.regularization, "a float >= 0")
+        _check(_real(self.regularization) and self.regularization >= 0, c, "regularization", self.regularization,
+               "a finite float >= 0")
         _positive_int(c, "check_every", self.check_every)
         _check(self.halting in HALTING, c, "halting", self.halting, f"one of {HALTING}")
         _positive_float(c, "divergence_factor", self.divergence_factor)
@@ -99,11 +136,11 @@ class GradConfig:
     def __post_init__(self) -> None:
         c = type(self).__name__
         _check(self.mode in GRAD_MODES, c, "mode", self.mode, f"one of {GRAD_MODES}")
-        _check(isinstance(self.solver, str) and bool(self.solver), c, "solver", self.solver, "a solver name")
+        _solver_name(c, "solver", self.solver)
         _positive_float(c, "tol", self.tol)
         _positive_int(c, "max_iter", self.max_iter)
         _positive_int(c, "k", self.k)
-        _check(isinstance(self.tau, (int, float)) and 0 < self.tau <= 1, c, "tau", self.tau, "a float in (0, 1]")
+        _check(_real(self.tau) and 0 < self.tau <= 1, c, "tau", self.tau, "a float in (0, 1]")
 
 
 def _coerce(cls: type, key: str, value: Any, what: str, overrides: dict) -> Any:
@@ -129,6 +166,17 @@ def coerce_solver(value: Union[str, SolverConfig, None], **overrides: Any) -> So
 def coerce_grad(value: Union[str, GradConfig, None], **overrides: Any) -> GradConfig:
     """Accept a gradient mode name or a :class:`GradConfig`; apply overrides that are not None."""
     return _coerce(GradConfig, "mode", value, "grad", overrides)
+
+
+def require_registered_solvers(config: "WormholeConfig") -> None:
+    """Check the solver names of ``config`` against the registry as it is now.
+
+    Construction checked them against the registry of its moment; this is the second check, where
+    a config is used (``transform``): a config unpickled (unpickling runs no checks) in a process
+    that has not registered its solver yet would otherwise fail at the first forward or backward.
+    """
+    _solver_name("SolverConfig", "name", config.solver.name)
+    _solver_name("GradConfig", "solver", config.grad.solver)
 
 
 Span = Tuple[str, str]
@@ -196,7 +244,7 @@ class WormholeConfig:
         if not policy.automatic:
             object.__setattr__(self, "wormholes", policy.pairs)
         _check(self.gate in GATE_KINDS, c, "gate", self.gate, f"one of {GATE_KINDS}")
-        _check(isinstance(self.gate_init, (int, float)) and math.isfinite(self.gate_init), c, "gate_init", self.gate_init, "a finite float")
+        _check(_real(self.gate_init), c, "gate_init", self.gate_init, "a finite float")
         _check(self.proj_init in ("zero", "normal"), c, "proj_init", self.proj_init, "'zero' or 'normal'")
         _positive_float(c, "proj_std", self.proj_std)
         if self.tol is not None:
@@ -205,7 +253,8 @@ class WormholeConfig:
             _positive_int(c, "max_iter", self.max_iter)
         _check(self.on_fail in ON_FAIL, c, "on_fail", self.on_fail, f"one of {ON_FAIL}")
         if self.gate_cap is not None:
-            _check(isinstance(self.gate_cap, (int, float)) and 0 < self.gate_cap <= 1, c, "gate_cap", self.gate_cap, "None or a float in (0, 1]")
+            _check(_real(self.gate_cap) and 0 < self.gate_cap <= 1, c, "gate_cap", self.gate_cap, "None or a float in (0, 1]")
+        _flag(c, "spectral_norm", self.spectral_norm)
         for name in ("contraction", "compute_cost"):
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
@@ -239,6 +288,8 @@ class SALConfig:
 
     def __post_init__(self) -> None:
         c = type(self).__name__
-        _check(isinstance(self.eta, (int, float)) and math.isfinite(self.eta) and self.eta >= 0, c, "eta", self.eta, "a finite float >= 0")
-        _check(isinstance(self.beta, (int, float)) and 0 <= self.beta < 1, c, "beta", self.beta, "a float in [0, 1)")
+        _check(_real(self.eta) and self.eta >= 0, c, "eta", self.eta, "a finite float >= 0")
+        _check(_real(self.beta) and 0 <= self.beta < 1, c, "beta", self.beta, "a float in [0, 1)")
         _positive_float(c, "target", self.target)
+        for name in ("two_sided", "log_form", "recurrent_only", "enabled"):
+            _flag(c, name, getattr(self, name))

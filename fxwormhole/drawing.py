@@ -32,7 +32,7 @@ import torch.fx as fx
 from .analysis import Layer, _fmt_shape, is_shape_node, layer_table, main_path, module_regions
 from .errors import ConfigError
 
-__all__ = ["DisplayNode", "DisplayGraph", "Frame", "build_display_graph", "draw_graph", "draw_transformed",
+__all__ = ["check_picture_suffix", "DisplayNode", "DisplayGraph", "Frame", "build_display_graph", "draw_graph", "draw_transformed",
            "transformed_display", "HIGHLIGHT_COLORS"]
 
 # ops that only move data around: chains of them fold into one box
@@ -308,7 +308,8 @@ def _pyplot():
     return plt
 
 
-def _check_suffix(path: Path) -> None:
+def check_picture_suffix(path: Path) -> None:
+    """Refuse a picture path that matplotlib would not write as PNG or SVG (a ConfigError naming it)."""
     if path.suffix.lower() not in (".png", ".svg"):
         raise ConfigError(f"picture {str(path)!r}: expected a file name ending in .png or .svg")
 
@@ -329,7 +330,7 @@ def draw_graph(
             not ``.png``/``.svg``.
     """
     path = Path(path)
-    _check_suffix(path)
+    check_picture_suffix(path)
     plt = _pyplot()
     dg = build_display_graph(gm, layers=layers, spans=spans, highlights=highlights)
     return _render(plt, dg, path, title)
@@ -510,7 +511,7 @@ def draw_transformed(net: fx.GraphModule, path: str | Path, *, title: str | None
         ConfigError: as :func:`draw_graph`.
     """
     path = Path(path)
-    _check_suffix(path)
+    check_picture_suffix(path)
     plt = _pyplot()
     display, opts = transformed_display(net)
     dg = build_display_graph(display, **opts)

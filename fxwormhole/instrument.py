@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -97,7 +97,9 @@ def instrument(model: nn.Module, example_inputs: Any, sal: Optional[SALConfig] =
 
 @dataclass(frozen=True)
 class SensitivityRow:
-    """One probed layer: per-neuron moving averages summarised."""
+    """One probed layer: per-neuron moving averages summarised. ``mean_s_bar``, ``log_rms_s`` and
+    ``below_target`` are NaN while ``updates`` is 0: nothing was measured yet (statistics are gathered
+    by training-mode forwards with autograd on), and the zeros in the buffers are no measurement."""
 
     layer: str
     kind: str
@@ -109,6 +111,13 @@ class SensitivityRow:
     below_target: float
     updates: int
 
+    def figures(self) -> Tuple[str, str, str]:
+        """``mean s_bar``, ``log RMS s`` and ``s_bar<target`` as tables print them ("n/a" before the
+        first update)."""
+        if not self.updates:
+            return ("n/a",) * 3
+        return f"{self.mean_s_bar:.4f}", f"{self.log_rms_s:+.4f}", f"{100 * self.below_target:.1f}%"
+
 
 @dataclass(frozen=True)
 class SensitivityReport:
@@ -118,15 +127,16 @@ class SensitivityReport:
     target: float
 
     def mean_log_rms(self) -> float:
-        """Mean over layers of the log RMS sensitivity (0 at the edge of chaos)."""
-        vals = [r.log_rms_s for r in self.rows]
+        """Mean over the measured layers of the log RMS sensitivity (0 at the edge of chaos; NaN
+        when no layer was measured yet)."""
+        vals = [r.log_rms_s for r in self.rows if r.updates]
         return sum(vals) / len(vals) if vals else math.nan
 
     def __str__(self) -> str:
         head = ("layer", "kind", "activation", "source", "neurons", "mean s_bar", "log RMS s",
                 f"s_bar<{self.target:g}", "updates")
-        body = [(r.layer, r.kind, r.activation, r.source, str(r.neurons), f"{r.mean_s_bar:.4f}",
-                 f"{r.log_rms_s:+.4f}", f"{100 * r.below_target:.1f}%", str(r.updates)) for r in self.rows]
+        body = [(r.layer, r.kind, r.activation, r.source, str(r.neurons), *r.figures(), str(r.updates))
+                for r in self.rows]
         return text_table(head, body, left=4)
 
 
@@ -146,9 +156,10 @@ def sensitivity_report(model: nn.Module) -> SensitivityReport:
     for p in probes.values():
         target = p.rule.target
         with torch.no_grad():
-            s = p.s_bar.float()
-            rows.append(SensitivityRow(public_name(p.layer), p.kind, p.activation, p.source, p.neurons, float(s.mean()),
-                                       float(p.log_rms), float((s < p.rule.target).float().mean()), int(p.count)))
+            s, updates = p.s_bar.float(), int(p.count)
+            measured = (float(s.mean()), float(p.log_rms), float((s < p.rule.target).float().mean()))
+            rows.append(SensitivityRow(public_name(p.layer), p.kind, p.activation, p.source, p.neurons,
+                                       *(measured if updates else (math.nan,) * 3), updates))
     return SensitivityReport(rows, target)
 
 
@@ -188,13 +199,13 @@ class SAL:
                 p.spec = replace(p.spec, rule=p.rule)
 
     def mean_s_bar(self) -> float:
-        """Mean ``s_bar`` over all neurons of all probes."""
-        vals = [p.s_bar.float() for p in self.probes.values()]
+        """Mean ``s_bar`` over all neurons of the probes measured so far (NaN before the first update)."""
+        vals = [p.s_bar.float() for p in self.probes.values() if int(p.count)]
         return float(torch.cat(vals).mean()) if vals else math.nan
 
     def log_sensitivity(self) -> Dict[str, float]:
-        """Per layer: log RMS sensitivity (moving average)."""
-        return {p.layer: float(p.log_rms) for p in self.probes.values()}
+        """Per layer: log RMS sensitivity (moving average; NaN for a layer not measured yet)."""
+        return {p.layer: float(p.log_rms) if int(p.count) else math.nan for p in self.probes.values()}
 
     def report(self) -> "SensitivityReport":
         """A :class:`SensitivityReport` of the model."""

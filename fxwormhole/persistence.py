@@ -14,9 +14,11 @@ The graph is not stored: :func:`load` runs :func:`fxwormhole.transform` again on
 (built with the same class and arguments) and loads the weights into the result. So a save needs
 the model's code, exactly as ``model.load_state_dict`` does, and holds no pickled code.
 
-Each file is written atomically (:func:`fxwormhole._atomic.atomic_write`): weights and optimizer
-first, the config last, and the config records the SHA-256 of the others. A save interrupted between
-two files therefore leaves a folder whose checksums do not match, which :func:`load` refuses.
+The files are replaced together (:func:`fxwormhole._atomic.atomic_files`): each is written to a
+temporary file first, and none is renamed into place until all are written, so a save that fails
+(disk full, no permission, Ctrl-C) leaves an earlier save in the folder as it was, loadable. The
+config, renamed last, records the SHA-256 of the others: a process killed during the renames
+themselves leaves checksums that do not match, which :func:`load` refuses.
 
 The format is versioned (``format_version``); :func:`load` migrates every older version it knows
 (see :data:`MIGRATIONS`) and refuses newer ones with the advice to upgrade.
@@ -35,7 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._atomic import atomic_write
+from ._atomic import atomic_files
 from ._modules import unwrap
 from .config import GradConfig, SALConfig, SolverConfig, WormholeConfig
 from .errors import ConfigError, FxWormholeError, LoadError, SaveError
@@ -221,22 +223,22 @@ def save(net: nn.Module, directory: str | Path, *, optimizer: torch.optim.Optimi
         "parameters": [name for name, _ in net.named_parameters()],
         "summary": net.summary() if hasattr(net, "summary") else "",
     }
-    weights = folder / WEIGHTS_FILE
-    with atomic_write(weights, what="the weights") as tmp:
-        mode = stat.S_IMODE(tmp.stat().st_mode)  # safetensors re-creates the file as 0o600
-        st.save_file(_weights_for_safetensors(state), str(tmp), metadata={"format": FORMAT})
-        os.chmod(tmp, mode)
-    config["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(weights)}
-    config["optimizer"] = None
-    if optimizer is not None:
-        state = optimizer.state_dict()
-        target = folder / OPTIMIZER_FILE
-        with atomic_write(target, what="the optimizer state") as tmp:
-            torch.save(state, tmp)
-        config["optimizer"] = {"file": OPTIMIZER_FILE, "class": type(optimizer).__name__, "sha256": _sha256(target),
-                               "parameters_per_group": [len(g["params"]) for g in state["param_groups"]]}
-    with atomic_write(folder / CONFIG_FILE, what="the model configuration") as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_files() as files:  # nothing replaced until every file is written: an earlier save survives a failure
+        with files.stage(folder / WEIGHTS_FILE, what="the weights") as tmp:
+            mode = stat.S_IMODE(tmp.stat().st_mode)  # safetensors re-creates the file as 0o600
+            st.save_file(_weights_for_safetensors(state), str(tmp), metadata={"format": FORMAT})
+            os.chmod(tmp, mode)
+            config["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(tmp)}
+        config["optimizer"] = None
+        if optimizer is not None:
+            state = optimizer.state_dict()
+            with files.stage(folder / OPTIMIZER_FILE, what="the optimizer state") as tmp:
+                torch.save(state, tmp)
+                config["optimizer"] = {"file": OPTIMIZER_FILE, "class": type(optimizer).__name__,
+                                       "sha256": _sha256(tmp),
+                                       "parameters_per_group": [len(g["params"]) for g in state["param_groups"]]}
+        with files.stage(folder / CONFIG_FILE, what="the model configuration") as tmp:  # last: it vouches for the rest
+            tmp.write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
 

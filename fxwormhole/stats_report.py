@@ -12,41 +12,17 @@ Example::
 """
 from __future__ import annotations
 
-import math
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
-import torch
 from torch import nn
 
 from ._modules import unwrap
 from ._text import text_table
+from .runtime.stats_rows import STATUS_NAMES as _STATUS, FixedPointRow, fixed_point_row, stats_repr, status_text, \
+    tensor_of
 
-__all__ = ["report", "StatsReport", "FixedPointRow", "WormholeRow"]
-
-_STATUS = ("converged", "max_iter", "diverged", "non_finite")  # the codes of fxwormhole.runtime.stats
-
-
-@dataclass(frozen=True)
-class FixedPointRow:
-    """One fixed point (a graph node, or the per-step fixed points of a recurrent module) over the
-    samples (and time steps) of its last call. Backward fields are None before a backward pass."""
-
-    name: str
-    samples: int
-    mean_iterations: float
-    max_iterations: int
-    worst_residual: float
-    status: Dict[str, int]
-    mean_backward_iterations: Optional[float] = None
-    max_backward_iterations: Optional[int] = None
-    worst_backward_residual: Optional[float] = None
-
-    @property
-    def ok(self) -> bool:
-        return set(self.status) <= {"converged"}
-
+__all__ = ["report", "stats_repr", "StatsReport", "FixedPointRow", "WormholeRow"]
 
 @dataclass(frozen=True)
 class WormholeRow:
@@ -86,11 +62,12 @@ class StatsReport:
                 out[f"{base}/backward_iterations_max"] = float(r.max_backward_iterations)
             if r.worst_backward_residual is not None:
                 out[f"{base}/backward_residual_worst"] = r.worst_backward_residual
+            out[f"{base}/failed_solves"] = float(r.failed_solves)
             for status in _STATUS[1:]:  # failures only: 0 when all converged, so a plot shows when they start
                 out[f"{base}/{status}_fraction"] = r.status.get(status, 0) / max(r.samples, 1)
         for w in self.wormholes:
             out[f"gate/{w.name}"] = w.gate
-        for p in self.probes:
+        for p in (p for p in self.probes if p.updates):  # a probe not measured yet has no figures to log
             out[f"sensitivity/{p.layer}/log_rms"] = p.log_rms_s
             out[f"sensitivity/{p.layer}/mean_s_bar"] = p.mean_s_bar
             out[f"sensitivity/{p.layer}/below_target_fraction"] = p.below_target
@@ -103,8 +80,11 @@ class StatsReport:
                     "bwd", "status")
             body = [(r.name, r.samples, f"{r.mean_iterations:.2f}", r.max_iterations,
                      _opt(r.mean_backward_iterations, ".2f"), _opt(r.max_backward_iterations, "d"),
-                     f"{r.worst_residual:.1e}", _opt(r.worst_backward_residual, ".1e"), _status(r.status))
+                     f"{r.worst_residual:.1e}", _opt(r.worst_backward_residual, ".1e"), status_text(r.status))
                     for r in self.fixed_points]
+            if any(r.failed_solves for r in self.fixed_points):  # the warnings' running count
+                head += ("failed solves so far",)
+                body = [row + (r.failed_solves,) for row, r in zip(body, self.fixed_points)]
             parts.append(text_table(head, body))
         if self.not_run:
             parts.append(f"not called yet: {', '.join(self.not_run)}")
@@ -117,46 +97,13 @@ class StatsReport:
             parts.append(table)
         if self.probes:
             head = ("probed layer", "neurons", "mean s_bar", "log RMS s", f"s_bar<{self.target:g}", "updates")
-            body = [(p.layer, p.neurons, f"{p.mean_s_bar:.4f}", f"{p.log_rms_s:+.4f}", f"{100 * p.below_target:.1f}%",
-                     p.updates) for p in self.probes]
+            body = [(p.layer, p.neurons, *p.figures(), p.updates) for p in self.probes]
             parts.append(text_table(head, body))
         return "\n\n".join(parts) if parts else "no fixed points, wormholes or sensitivity probes"
 
 
 def _opt(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
-
-
-def _status(counts: Dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
-
-
-def _tensor(stats: Any, name: str) -> Optional[torch.Tensor]:
-    value = getattr(stats, name, None)
-    return value.detach() if isinstance(value, torch.Tensor) else None
-
-
-def _worst(residual: Optional[torch.Tensor]) -> Optional[float]:
-    if residual is None or not residual.numel():
-        return None
-    return float(residual.float().nan_to_num(nan=math.inf).max())
-
-
-def _fixed_point_row(name: str, stats: Any) -> FixedPointRow:
-    iters, status = _tensor(stats, "iterations"), _tensor(stats, "status")
-    b_iters = _tensor(stats, "backward_iterations")
-    codes = Counter(int(c) for c in status.flatten().tolist()) if status is not None else Counter()
-    return FixedPointRow(
-        name=name,
-        samples=int(iters.numel()),
-        mean_iterations=float(iters.float().mean()),
-        max_iterations=int(iters.max()),
-        worst_residual=_worst(_tensor(stats, "residual")) or 0.0,
-        status={_STATUS[c] if c < len(_STATUS) else str(c): n for c, n in sorted(codes.items())},
-        mean_backward_iterations=None if b_iters is None else float(b_iters.float().mean()),
-        max_backward_iterations=None if b_iters is None else int(b_iters.max()),
-        worst_backward_residual=_worst(_tensor(stats, "backward_residual")),
-    )
 
 
 def _owner(path: str, fixed_points: List[str]) -> str:
@@ -176,14 +123,19 @@ def report(net: nn.Module) -> StatsReport:
     from .runtime.wormhole import Wormhole
     from .transformed import public_name
 
+    from .runtime._warnings import convergence_failures
+
     net = unwrap(net)
     rows, not_run = [], []
+    failures = convergence_failures()
     stats_of = net.fixed_point_stats() if callable(getattr(net, "fixed_point_stats", None)) else {}
     for name, stats in stats_of.items():
-        if stats is None or _tensor(stats, "iterations") is None:
+        if stats is None or tensor_of(stats, "iterations") is None:
             not_run.append(name)
         else:
-            rows.append(_fixed_point_row(name, stats))
+            # the warnings count by the runtime's name: the node's, or "temporal:<path>" (runtime.recurrent)
+            failed = failures.get(getattr(stats, "name", None) or f"temporal:{name}", 0)
+            rows.append(replace(fixed_point_row(name, stats), failed_solves=failed))
     wormholes = []
     for path, module in net.named_modules():
         if isinstance(module, Wormhole):

@@ -4,7 +4,8 @@ A fixed-point node owns the layers of its cycle (they live in ``fixed_point_<k>.
 expect the original ``state_dict`` to load into the transformed model. So ``state_dict()`` shows
 *public* names -- the internal name with every ``fixed_point_<k>.body.`` / ``.feedback.`` segment
 removed, i.e. the original module paths -- and ``load_state_dict`` accepts public or internal names.
-``named_parameters()`` keeps the internal names (where the tensors really live).
+``named_parameters()`` keeps the internal names (where the tensors really live). Errors of
+``load_state_dict`` (missing, unexpected, size mismatch, not a tensor) name public keys too.
 
 The class survives ``copy.deepcopy`` and ``torch.save``/``torch.load`` (pickling re-creates this
 class, hooks included), unlike a plain GraphModule subclass, which comes back as a GraphModule.
@@ -25,11 +26,18 @@ from .passes.meta import graph_record
 __all__ = ["TransformedModule", "public_name", "per_sample_iterations"]
 
 _INTERNAL = re.compile(r"(?:^|(?<=\.))fixed_point_\d+\.(?:body|feedback)\.")
+# the same segments in a message: a name starts after a space or a quote ('size mismatch for ...', '"...')
+_INTERNAL_IN_TEXT = re.compile(r"(?:^|(?<=[.\s\"']))fixed_point_\d+\.(?:body|feedback)\.")
 
 
 def public_name(name: str) -> str:
     """``"fixed_point_0.body.fc2.weight"`` -> ``"fc2.weight"`` (names elsewhere are unchanged)."""
     return _INTERNAL.sub("", name)
+
+
+def _public_text(message: str) -> str:
+    """Every internal name in ``message`` replaced by its public name."""
+    return _INTERNAL_IN_TEXT.sub("", message)
 
 
 def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -51,6 +59,9 @@ def _aliases(module: nn.Module) -> dict[str, list[str]]:
 
 
 def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    # torch appends "size mismatch for <internal name>" to error_msgs while the children load; the
+    # post hook, which does not receive the list, renames them (see _load_post_hook)
+    module.__dict__["_load_error_msgs"] = error_msgs
     aliases = _aliases(module)
     for key in list(state_dict):
         if not key.startswith(prefix):
@@ -65,6 +76,9 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
 def _load_post_hook(module: nn.Module, incompatible: Any) -> None:
     for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
         keys[:] = list(dict.fromkeys(public_name(k) for k in keys))
+    error_msgs = module.__dict__.pop("_load_error_msgs", None)
+    if error_msgs is not None:  # a layer shared inside and outside a cycle fails under both names: once
+        error_msgs[:] = list(dict.fromkeys(_public_text(m) for m in error_msgs))
 
 
 def _rebuild(body: dict, import_block: str) -> "TransformedModule":

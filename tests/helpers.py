@@ -125,3 +125,22 @@ class TinyLSTM(nn.Module):
 
     def forward(self, x):
         return self.head(self.rnn(x)[0])
+
+
+# ------------------------------------------------------------------------- the unfused cell-loop path
+def transform_unfused(model: nn.Module, inputs: tuple, config, front_end: str = "auto"):
+    """``fxwormhole.transform`` without the cell-loop pass: a Python loop over a cell keeps one
+    generic FixedPoint per step (the path ``FuseCellLoops`` must match)."""
+    from fxwormhole.capture import capture_graph
+    from fxwormhole.passes._common import run_passes
+    from fxwormhole.passes.cell_loops import FuseCellLoops
+    from fxwormhole.passes.pipeline import transform_passes
+    from fxwormhole.passes.verify import PipelineCheck
+    from fxwormhole.transformed import TransformedModule
+
+    captured = capture_graph(model, inputs, front_end=front_end)
+    passes = [p for p in transform_passes(captured, config, inputs) if not isinstance(p, FuseCellLoops)]
+    gm = run_passes(captured.graph_module, passes, check=PipelineCheck(inputs))
+    net = TransformedModule(gm, gm.graph)
+    net.meta = dict(gm.meta)
+    return net

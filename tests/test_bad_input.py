@@ -321,6 +321,9 @@ CLI_CASES: list[tuple[str, Callable[[dict], list[str]], str]] = [
      "expected a finite float >= 0"),
     ("--out with a wrong suffix", lambda f: ["rewrite", _m(f), "-i", "2x3", "--out", f"{f['dir']}/o.txt"],
      "expected a .pt or .pth file"),
+    # was: the check ran after capturing and drawing, on the temporary file ('.g.tmp-1a2b3c4d.jpg')
+    ("--picture with a wrong suffix", lambda f: ["inspect", _m(f), "-i", "2x3", "--picture", f"{f['dir']}/g.jpg"],
+     "/g.jpg': expected a file name ending in .png or .svg"),
     ("saved model file missing", lambda f: ["export", f"{f['dir']}/nope.pt", "-i", "2x3", "--out", f"{f['dir']}/o.pt2"],
      "write one with 'fxwormhole rewrite"),
     ("saved model file corrupt (export)", lambda f: ["export", f"{f['dir']}/corrupt.pt", "-i", "2x3", "--out",

@@ -185,3 +185,17 @@ def test_compile_mode_becomes_inductor_options():
 
     assert _mode_options(None, "inductor") == {}
     assert _mode_options("max-autotune-no-cudagraphs", "inductor")["options"]["max_autotune"] is True
+
+
+def test_quiet_third_party_prints_non_convergence_as_one_line():
+    from fxwormhole.runtime._warnings import NonConvergenceWarning
+
+    standard = warnings.formatwarning
+    with quiet_third_party():
+        own = warnings.formatwarning("fixed point 'fp': 3 more solves did not converge", NonConvergenceWarning,
+                                     "/x/cli/__main__.py", 6, "sys.exit(main())")
+        other = warnings.formatwarning("something else", RuntimeWarning, "/x/y.py", 3, "z = 1")
+    assert own == "fxwormhole: warning: fixed point 'fp': 3 more solves did not converge\n"
+    assert other == standard("something else", RuntimeWarning, "/x/y.py", 3, "z = 1")
+    assert "y.py:3: RuntimeWarning: something else" in other
+    assert warnings.formatwarning is standard

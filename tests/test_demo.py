@@ -24,6 +24,7 @@ def test_demo_quick_writes_plots_and_a_report_that_links_them(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "| LSTM " in printed and "| LSTM + wormholes + SAL |" in printed
+    assert "| x LSTM |" in printed and re.search(r"\| LSTM +\|.*\| 1\.00 +\|", printed)  # the ratio column
     pictures = ["curves.png", "iterations.png", "sensitivity.png", "graph.png"]
     for name in pictures + ["report.md", "results.json"]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -34,6 +35,7 @@ def test_demo_quick_writes_plots_and_a_report_that_links_them(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     base, wh = data["rows"]
     assert wh["params"] > base["params"]  # the wormhole's gate and projection
+    assert wh["cpu_ms_per_step"] > 0 and base["cpu_ms_per_step"] > 0
     for r in (base, wh):
         assert 0.0 <= r["test_acc"] <= 1.0 and math.isfinite(r["test_loss"])
     assert wh["fwd_iterations"] >= 1 and wh["bwd_iterations"] >= 1 and math.isnan(base["fwd_iterations"])

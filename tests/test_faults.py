@@ -38,7 +38,7 @@ import torch
 
 import fxwormhole
 from fxwormhole import WormholeConfig, zoo
-from fxwormhole._atomic import atomic_write, temp_name_pattern
+from fxwormhole._atomic import atomic_files, atomic_write, temp_name_pattern
 from fxwormhole.cli import build_parser, main
 from fxwormhole.errors import ExportError, FxWormholeError, PlacementError, SaveError
 
@@ -293,6 +293,117 @@ def test_inspect_after_that_fails_leaves_no_picture(tmp_path, monkeypatch, capsy
     code = main(["inspect", "fxwormhole.zoo:MLP", "-i", "2x8", "--picture", str(tmp_path / "g.png"), "--after"])
     assert code == 2 and "no place for a wormhole" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------- fxwormhole.save (a folder)
+#: the three files of a save: (module, attribute) of the call that writes it, the argument that is the path
+SAVE_FILES = {"weights": ("safetensors.torch", "save_file", 1), "optimizer state": ("torch", "save", 1),
+              "model configuration": ("pathlib", "Path.write_text", 0)}
+
+
+@pytest.fixture
+def earlier_save(tmp_path):
+    """A folder holding a save (with optimizer state) and what the model it holds computes; then the
+    model changed, so a second save into the folder would replace every file."""
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    net = fxwormhole.transform(zoo.MLP(hidden=6), (torch.randn(4, 8),), OPEN)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    x = torch.randn(4, 8)
+    net(x).square().sum().backward()
+    opt.step()
+    folder = tmp_path / "ckpt"
+    fxwormhole.save(net, folder, optimizer=opt)
+    with torch.no_grad():
+        want = fxwormhole.load(folder, zoo.MLP(hidden=6)).eval()(x)
+        next(net.parameters()).add_(1.0)
+    return SimpleNamespace(net=net, opt=opt, x=x, folder=folder, want=want)
+
+
+def _fail_writing(name: str, exc: BaseException, monkeypatch) -> None:
+    """The call that writes save file ``name`` gets part of it out, then raises ``exc``."""
+    module, attribute, path_arg = SAVE_FILES[name]
+    *owners, leaf = attribute.split(".")
+    owner = importlib.import_module(module)
+    for part in owners:
+        owner = getattr(owner, part)
+
+    def write_part_then_fail(*args, **kwargs):
+        Path(args[path_arg]).write_bytes(b"PARTIAL")
+        raise exc
+
+    monkeypatch.setattr(owner, leaf, write_part_then_fail)
+
+
+WRITING_FAULTS = {"disk full while writing": ENOSPC, "writer raises while writing": TORCH_WRITE_FAILED,
+                  "ctrl-c while writing": KeyboardInterrupt()}
+#: (file, fault): every writing fault on every file; a fault of the file system hits the first file
+SAVE_CASES = [(f, fault) for f in SAVE_FILES for fault in WRITING_FAULTS] + [
+    ("weights", fault) for fault in ("disk full at fsync", "permission denied creating the file",
+                                     "permission denied renaming into place")]
+
+
+@pytest.mark.parametrize("file, fault", SAVE_CASES, ids=[f"{f}: {fault}" for f, fault in SAVE_CASES])
+def test_a_failed_save_keeps_the_earlier_save_loadable(file, fault, earlier_save, monkeypatch):
+    """A save replaces its files together: a fault while writing any of them (the weights, the
+    optimizer state or the config, written in that order) leaves the earlier save in the folder
+    byte-for-byte, and it still loads and computes what it did. Before, each file was replaced on its
+    own: a full disk while writing the config left new weights next to the old config, a save that
+    load refused (checksum mismatch) while the error said the config 'is unchanged'."""
+    folder = earlier_save.folder
+    before = _snapshot(folder)
+    if fault in WRITING_FAULTS:
+        _fail_writing(file, WRITING_FAULTS[fault], monkeypatch)
+    else:
+        FAULTS[fault][0](None, folder / "model.safetensors", monkeypatch)
+    expected = KeyboardInterrupt if fault == "ctrl-c while writing" else SaveError
+    with pytest.raises(expected) as info:
+        fxwormhole.save(earlier_save.net, folder, optimizer=earlier_save.opt)
+    monkeypatch.undo()
+    if expected is SaveError:
+        message = str(info.value)
+        assert str(folder) in message and all(p in message for p in FAULTS[fault][1]), message
+    assert _snapshot(folder) == before, "a file of the earlier save changed, or a temporary file was left"
+    with torch.no_grad():
+        torch.testing.assert_close(fxwormhole.load(folder, zoo.MLP(hidden=6)).eval()(earlier_save.x),
+                                   earlier_save.want, rtol=0, atol=0)
+
+
+def test_a_save_that_succeeds_replaces_every_file_and_loads(earlier_save):
+    """The other side: the same save without a fault replaces the earlier one (weights and optimizer)."""
+    fxwormhole.save(earlier_save.net, earlier_save.folder, optimizer=earlier_save.opt)
+    with torch.no_grad():
+        got = fxwormhole.load(earlier_save.folder, zoo.MLP(hidden=6)).eval()(earlier_save.x)
+        torch.testing.assert_close(got, earlier_save.net.eval()(earlier_save.x), rtol=0, atol=0)
+    assert not torch.equal(got, earlier_save.want)
+    assert sorted(p.name for p in earlier_save.folder.iterdir()) == ["fxwormhole_config.json", "model.safetensors",
+                                                                     "optimizer.pt"]
+
+
+def test_atomic_files_renames_nothing_until_every_file_is_written(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.bin", tmp_path / "b.json"
+    a.write_bytes(OLD)
+    b.write_bytes(OLD)
+    with pytest.raises(SaveError, match=r"writing the manifest to .*b\.json failed .*b\.json is unchanged; a\.bin "
+                                        r"unchanged too"):
+        with atomic_files() as files:
+            with files.stage(a, what="the data") as tmp:
+                tmp.write_bytes(b"new data")
+            assert a.read_bytes() == OLD, "renamed before the set was complete"
+            with files.stage(b, what="the manifest") as tmp:
+                raise ENOSPC
+    assert _snapshot(tmp_path) == {"a.bin": OLD, "b.json": OLD}
+    # a rename that fails after an earlier one succeeded says which files were already replaced
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda s, d: real(s, d) if Path(d).name == "a.bin" else _raise(
+        PermissionError(errno.EACCES, os.strerror(errno.EACCES)))())
+    with pytest.raises(SaveError, match=r"b\.json is unchanged; already replaced: a\.bin"):
+        with atomic_files() as files:
+            for target in (a, b):
+                with files.stage(target) as tmp:
+                    tmp.write_bytes(b"new")
+    monkeypatch.undo()
+    assert _snapshot(tmp_path) == {"a.bin": b"new", "b.json": OLD}
 
 
 # ----------------------------------------------------------------------------------- the helper

@@ -91,13 +91,18 @@ def test_warnings_of_failing_solves_do_not_pile_up_in_the_warnings_registry():
         wormholes=[("2", "0")], gate_init=6.0, proj_init="normal", proj_std=1.0, solver="picard", max_iter=10))
     shown = []
     modules = (gradients, _loop)
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.showwarning = lambda message, *a, **k: shown.append(str(message))
-        for m in modules:
-            getattr(m, "__warningregistry__", {}).clear()
-        for _ in range(30):
-            net(torch.randn(32, 8))
-        remembered = sum(len(getattr(m, "__warningregistry__", {}) or {}) for m in modules)
+    # one warning per failure (by default they are aggregated: tests/test_warnings.py)
+    fw.set_convergence_warnings("always")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = lambda message, *a, **k: shown.append(str(message))
+            for m in modules:
+                getattr(m, "__warningregistry__", {}).clear()
+            for _ in range(30):
+                net(torch.randn(32, 8))
+            remembered = sum(len(getattr(m, "__warningregistry__", {}) or {}) for m in modules)
+    finally:
+        fw.set_convergence_warnings()
     assert len(shown) == 30 and all("fixed_point_0" in s for s in shown)  # every failure is still reported
     assert remembered <= 2, f"{remembered} warning texts remembered after 30 failing calls"

@@ -12,6 +12,7 @@ from torch import nn
 import fxwormhole as fw
 from fxwormhole.capture import capture_graph
 from fxwormhole.passes._common import run_passes
+from fxwormhole.passes.cell_loops import FuseCellLoops
 from fxwormhole.passes.insert_wormholes import InsertWormholes, wormhole_read
 from fxwormhole.passes.meta import BackEdge, TemporalPlacement, graph_record, node_info
 from fxwormhole.passes.normalise_export import NormaliseExport
@@ -21,6 +22,7 @@ from fxwormhole.passes.sensitivity_annotate import SensitivityAnnotate
 from fxwormhole.passes.sensitivity_insert import SensitivityInsert
 from fxwormhole.passes.temporal_wormhole import TemporalWormholes
 from fxwormhole.passes.wrap_fixed_points import WrapFixedPoints
+from fxwormhole.runtime.cell_loop import CellLoop
 from fxwormhole.runtime.fixed_point import FixedPoint
 from fxwormhole.runtime.recurrent import ExplicitLSTM
 from fxwormhole.runtime.sensitivity import DenseProbe
@@ -191,6 +193,48 @@ def test_temporal_consumes_only_the_pairs_that_name_recurrent_layers():
     temporal = graph_record(gm).temporal
     assert temporal.consumed_pairs == (("rnn.layer1", "rnn.layer0"),) and not temporal.policy_consumed
     assert [(s.src, s.dst) for s in graph_record(gm).wormholes] == [("fc3", "fc1")]
+
+
+# --------------------------------------------------------------------------------------- cell loops
+class _TinyCellLoop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.head = nn.GRUCell(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 4)
+        for t in range(3):
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+def test_cell_loops_fuses_an_unrolled_loop_and_records_it():
+    model, x = _TinyCellLoop().eval(), torch.randn(2, 3, 3)
+    gm = capture_graph(model, (x,)).graph_module
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["cell", "cell", "cell", "head"]
+    gm = run_passes(gm, [FuseCellLoops(fw.WormholeConfig())])
+    assert [(n.op, n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")] == [
+        ("get_attr", "cell.weight_ih"), ("get_attr", "cell.weight_hh"), ("get_attr", "cell.bias_ih"),
+        ("get_attr", "cell.bias_hh"), ("call_module", "cell_loop_0"), ("call_module", "head")]
+    loop = gm.get_submodule("cell_loop_0")
+    assert isinstance(loop, CellLoop) and loop.temporal_pairs == (("layer0", "layer0"),)
+    node = next(n for n in gm.graph.nodes if n.target == "cell_loop_0")
+    info = node_info(node).cell_loop
+    assert (info.cells, info.mode, info.steps, info.temporal_wormholes) == (("cell",), "GRU", 3, (("cell", "cell"),))
+    assert graph_record(gm).temporal == TemporalPlacement(placed={"cell_loop_0": (("cell", "cell"),)}, policy_consumed=True)
+    assert all("val" in n.meta for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)  # closed at initialisation
+    # the plan then places nothing
+    gm = run_passes(gm, [PlanWormholes(fw.WormholeConfig())])
+    assert graph_record(gm).wormholes == ()
+
+
+def test_cell_loops_leaves_a_loop_no_wormhole_names():
+    model, x = _TinyCellLoop().eval(), torch.randn(2, 3, 3)
+    gm = capture_graph(model, (x,)).graph_module
+    before = _ops(gm)
+    result = FuseCellLoops(fw.WormholeConfig(wormholes=[("head", "cell")]))(gm)
+    assert not result.modified and _ops(result.graph_module) == before
 
 
 # --------------------------------------------------------------------------------------- sensitivity

@@ -139,3 +139,39 @@ def test_tensorboard_missing_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ConfigError, match=r"pip install fxwormhole\[tensorboard\]"):
         StatsLogger.tensorboard(tmp_path)
+
+
+def test_stats_repr_is_one_line_with_the_figures_of_summary():
+    torch.manual_seed(0)
+    x = torch.randn(512, 8)
+    net = fxwormhole.transform(zoo.MLP(), (x[:4],), WormholeConfig(gate_init=0.0, proj_init="normal", proj_std=0.3))
+    y = net(x)
+    stats = net.fixed_point_stats()["fixed_point_0"]
+    fwd = stats.summary()["forward"]
+    text = repr(stats)
+    assert "\n" not in text and len(text) < 200 and "tensor" not in text
+    assert text.startswith("FixedPointStats('fixed_point_0'; 512 samples; forward ")
+    assert f"forward {fwd['mean_iterations']:.2f} iterations (max {fwd['max_iterations']})" in text
+    assert f"worst residual {fwd['worst_residual']:.1e}" in text and f"converged {fwd['status']['converged']}" in text
+    assert text.endswith("no backward yet)")
+    y.sum().backward()
+    bwd = stats.summary()["backward"]
+    assert repr(stats).endswith(f"backward {bwd['mean_iterations']:.2f} iterations (max {bwd['max_iterations']}), "
+                                f"worst residual {bwd['worst_residual']:.1e})")
+    assert repr(stats.backward) == (f"SolveStats(512 samples; {bwd['mean_iterations']:.2f} iterations "
+                                    f"(max {bwd['max_iterations']}), worst residual {bwd['worst_residual']:.1e}, "
+                                    f"converged {bwd['status']['converged']})")
+    assert str(net.fixed_point_stats()) == f"{{'fixed_point_0': {text[:text.index('; no backward')]}; " \
+                                           f"backward {bwd['mean_iterations']:.2f} iterations (max {bwd['max_iterations']}), " \
+                                           f"worst residual {bwd['worst_residual']:.1e})}}"
+
+
+def test_temporal_stats_repr_counts_steps_and_samples():
+    x = torch.randn(3, 5, 6)
+    net = fxwormhole.transform(zoo.LSTMClassifier(num_layers=2), (x,), WormholeConfig(gate_init=-2.0))
+    net(x)
+    stats = net.fixed_point_stats()["rnn"]
+    it = stats.iterations.float()
+    assert repr(stats) == (f"TemporalStats(5 x 3 (steps x samples); forward {float(it.mean()):.2f} iterations "
+                           f"(max {int(it.max())}), worst residual {float(stats.residual.max()):.1e}, "
+                           f"converged 15; no backward yet)")

@@ -107,7 +107,7 @@ _known("bert", "other_size", f"{C7}: export capture guards the sequence length")
 _known("mingpt", "other_size", f"{C7}: export capture guards the sequence length")
 _known("tv_resnet18", "other_size", f"{C7}: the fixed-point state is sized at capture")
 _known("any_size_cnn", "other_size", f"{C7}: the fixed-point state is sized at capture")
-_known("lstm_cell_loop", "transform", f"{C7}: 'auto' picks (cell, cell) whose output is the (h, c) tuple")
+# lstm_cell_loop: the cell-loop pass runs the loop on the temporal runtime (issue 18), every step passes
 
 
 def _family_missing(model: str) -> str | None:

@@ -10,6 +10,7 @@ import fxwormhole as fw
 from fxwormhole import zoo
 from fxwormhole.passes.plan_wormholes import WormholeSpec
 from fxwormhole.transformed import TransformedModule
+from helpers import transform_unfused
 
 
 def _snapshot(model):
@@ -295,12 +296,13 @@ def test_cell_loop_gets_a_wormhole_per_step_and_matches_unrolled_reference():
     """A Python loop over a GRUCell: one fixed point per step, parameters shared across steps.
 
     Regression: the implicit backward of step t must not follow its inputs into step t-1 (which
-    shares the cell's weights), or gradients are double counted.
+    shares the cell's weights), or gradients are double counted. (The unfused path: ``transform``
+    runs this loop as one CellLoop, checked against this path in tests/test_recurrent_cell_loops.py.)
     """
     torch.manual_seed(0)
     model = zoo.GRUCellLoop().double()
     (x,) = (t.double() for t in model.example_inputs(batch=3))
-    net = fw.transform(model, (x,), _open_config("auto")).double()
+    net = transform_unfused(model, (x,), _open_config("auto")).double()
     assert len(net.fixed_point_modules()) == model.steps
     out = net(x)
     upstream = torch.randn_like(out)

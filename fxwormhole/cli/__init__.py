@@ -120,6 +120,13 @@ def _unexpected(exc: BaseException) -> str:
             f"{_TRACEBACK_ENV}=1 for the traceback and report it)")
 
 
+def _flush_warnings() -> None:
+    """The non-convergence counts not summed up yet, at the end of the command rather than at exit."""
+    aggregated = sys.modules.get("fxwormhole.runtime._warnings")  # imported only if a fixed point ran
+    if aggregated is not None:
+        aggregated.flush_convergence_warnings()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 error)."""
     from ._quiet import quiet_third_party
@@ -128,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with quiet_third_party():
             args = build_parser(argv).parse_args(argv)
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            _flush_warnings()
+            return code
     except (UsageError, FxWormholeError) as exc:
         print(f"fxwormhole: error: {_one_line(exc)}", file=sys.stderr)
         return 2

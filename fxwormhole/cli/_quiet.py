@@ -3,8 +3,9 @@
 A command prints what fxwormhole found; notices from the libraries it drives (``torch.onnx``'s
 "torchvision is not installed. Skipping torchvision::nms" lines, onnx/onnxscript/pytree
 ``FutureWarning``s, onnxruntime's graph notices) say nothing the user can act on. fxwormhole's own
-warnings (a fixed point that did not converge: ``RuntimeWarning``) pass through. Whoever asks for
-warnings explicitly (``python -W ...`` or ``PYTHONWARNINGS``) gets them all.
+warnings (a fixed point that did not converge: ``NonConvergenceWarning``) pass through, as one
+``fxwormhole: warning: ...`` line each. Whoever asks for warnings explicitly (``python -W ...`` or
+``PYTHONWARNINGS``) gets them all.
 """
 from __future__ import annotations
 
@@ -29,11 +30,27 @@ def _below_error(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR
 
 
+def _format_own_warning(message, category, filename, lineno, line=None) -> str:
+    """fxwormhole's own warnings as one ``fxwormhole: warning: ...`` line: the code they would point
+    at is the command line's, which the user did not write; others keep the standard format."""
+    from ..runtime._warnings import NonConvergenceWarning
+
+    if issubclass(category, NonConvergenceWarning):
+        return f"fxwormhole: warning: {message}\n"
+    return _STANDARD_FORMAT(message, category, filename, lineno, line)
+
+
+_STANDARD_FORMAT = warnings.formatwarning
+
+
 @contextlib.contextmanager
 def quiet_third_party() -> Iterator[None]:
     """Silence the libraries' notices for the duration (filters and warning filters removed afterwards)."""
     loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
-    with warnings.catch_warnings():
+    before = warnings.formatwarning
+    warnings.formatwarning = _format_own_warning
+    with contextlib.ExitStack() as restore, warnings.catch_warnings():
+        restore.callback(setattr, warnings, "formatwarning", before)
         if not sys.warnoptions:
             for category in _NOISY_WARNINGS:
                 warnings.filterwarnings("ignore", category=category)

@@ -113,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
 
     pictures: list[Path] = []
     if args.picture:  # check where the pictures go before the work, not after it
+        from ..drawing import check_picture_suffix
+
         pic = Path(args.picture)
+        check_picture_suffix(pic)  # here, with the user's name (the drawing gets a temporary file's)
         pictures = [check_target(pic, "the picture")]
         if args.after:
             pictures.append(check_target(pic.with_name(f"{pic.stem}_after{pic.suffix}"), "the picture"))

@@ -14,6 +14,8 @@ NormaliseExport        ``NodeInfo.normalised_from``; ``GraphRecord.normalised`` 
 DecomposeRecurrent     ``NodeInfo.recurrent`` (:class:`RecurrentInfo`); ``GraphRecord.recurrent``
 TemporalWormholes      ``NodeInfo.recurrent.temporal_wormholes``; ``GraphRecord.temporal``
                        (:class:`TemporalPlacement`: pairs placed, config pairs consumed)
+FuseCellLoops          ``NodeInfo.cell_loop`` (:class:`CellLoopInfo`); ``GraphRecord.cell_loops``
+                       (loop path -> cells); adds to ``GraphRecord.temporal``
 PlanWormholes          ``NodeInfo.wormhole_src`` / ``wormhole_dst``; ``GraphRecord.wormholes``
                        (:class:`WormholeSpec`)
 InsertWormholes        ``NodeInfo.role`` (``read``, ``modulated``, ``write``) and ``wormhole``;
@@ -38,7 +40,7 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple
 import torch.fx as fx
 
 __all__ = [
-    "KEY", "NodeInfo", "GraphRecord", "RecurrentInfo", "TemporalPlacement", "WormholeSpec", "BackEdge",
+    "KEY", "NodeInfo", "GraphRecord", "RecurrentInfo", "CellLoopInfo", "TemporalPlacement", "WormholeSpec", "BackEdge",
     "FixedPointInfo", "SensitivityAnnotation", "SensitivityRecord", "node_info", "update_node",
     "graph_record", "update_graph",
 ]
@@ -105,6 +107,23 @@ class RecurrentInfo(_Readable):
 
 
 @dataclass(frozen=True)
+class CellLoopInfo(_Readable):
+    """A ``cell_loop_<k>`` node: the user's unrolled cell loop that FuseCellLoops put into one module."""
+
+    path: str  # the CellLoop module's path
+    cells: tuple[str, ...]  # the cells' module paths, bottom layer first
+    mode: str  # "LSTM", "GRU", "RNN_TANH", "RNN_RELU"
+    steps: int  # T, the unrolled length
+    input_size: int
+    hidden_size: int
+    temporal_wormholes: tuple[Span, ...]  # as named in the config: (src cell, dst cell)
+    layer_pairs: tuple[tuple[int, int], ...]  # the same as (src layer, dst layer) of the module
+    fused_nodes: tuple[str, ...]  # the chain's nodes before fusion
+
+    _legacy = {"cells": list, "temporal_wormholes": _lists, "layer_pairs": _lists, "fused_nodes": list}
+
+
+@dataclass(frozen=True)
 class FixedPointInfo(_Readable):
     """A ``fixed_point_<k>`` node: the wormholes it closes, the nodes fused into it, what it returns."""
 
@@ -146,6 +165,7 @@ class NodeInfo(_Readable):
     fixed_point: FixedPointInfo | None = None
     output_of: str | None = None
     recurrent: RecurrentInfo | None = None
+    cell_loop: CellLoopInfo | None = None
     sensitivity: SensitivityAnnotation | None = None
 
     _legacy = {"wormhole_src": list, "wormhole_dst": list}
@@ -202,7 +222,8 @@ class BackEdge(NamedTuple):
 class TemporalPlacement(_Readable):
     """What TemporalWormholes placed and which part of ``WormholeConfig.wormholes`` it consumed.
 
-    ``placed`` maps a recurrent module's path to its ``(src, dst)`` layer pairs. Under a policy
+    ``placed`` maps a recurrent module's path to its ``(src, dst)`` layer pairs (for a fused cell
+    loop, ``cell_loop_<k>``, the pairs of cell paths as the config names them). Under a policy
     (``"auto"``, ``"every:K"``) a graph with recurrent modules gets temporal wormholes only:
     ``policy_consumed`` is then True and PlanWormholes places nothing. Explicit pairs that name
     recurrent layers are listed in ``consumed_pairs``; PlanWormholes places the others.
@@ -234,6 +255,7 @@ class GraphRecord(_Readable):
     normalised: int | None = None  # ATen layer ops turned into call_module (export graphs)
     recurrent: Mapping[str, str] | None = None  # path -> "decomposed" | "skipped: <why>"
     temporal: TemporalPlacement | None = None
+    cell_loops: Mapping[str, tuple[str, ...]] | None = None  # CellLoop path -> its cells, bottom first
     wormholes: tuple[WormholeSpec, ...] | None = None
     back_edges: tuple[BackEdge, ...] | None = None
     fixed_points: tuple[str, ...] | None = None

@@ -3,15 +3,17 @@
 
 =============  ==============================================================================
 capture        [NormaliseExport] (export graphs only)
-transform      [NormaliseExport], DecomposeRecurrent, TemporalWormholes, PlanWormholes,
-               InsertWormholes, WrapFixedPoints, CycleLayers, CyclePenalties,
+transform      [NormaliseExport], DecomposeRecurrent, TemporalWormholes, [FuseCellLoops] (without SAL),
+               PlanWormholes, InsertWormholes, WrapFixedPoints, RefuseDeadCycles, CycleLayers, CyclePenalties,
                [SensitivityAnnotate, SensitivityInsert]
 instrument     [NormaliseExport], SensitivityAnnotate, SensitivityInsert
 =============  ==============================================================================
 
 Every pass decides from the graph and the records earlier passes left (``fxwormhole.passes.meta``)
 whether it has work: the decompose and temporal passes find no recurrent module in a feed-forward
-model; the plan places what the temporal pass did not consume (its ``TemporalPlacement``), so
+model; the cell-loop pass runs a user's unrolled cell loop as one recurrent module when it gets
+the temporal wormhole (and records that in the same ``TemporalPlacement``); the plan places what
+the temporal passes did not consume, so
 insert and wrap find nothing to do in a model that got temporal wormholes only. The front doors
 hold no routing logic.
 """
@@ -22,8 +24,10 @@ from typing import Any, Mapping, Optional, Sequence
 from torch.fx.passes.infra.pass_base import PassBase
 
 from ..config import SALConfig, WormholeConfig
+from .cell_loops import FuseCellLoops
 from .cycle_layers import CycleLayers
 from .cycle_penalties import CyclePenalties
+from .dead_cycles import RefuseDeadCycles
 from .insert_wormholes import InsertWormholes
 from .normalise_export import NormaliseExport
 from .plan_wormholes import PlanWormholes
@@ -54,9 +58,11 @@ def transform_passes(captured: Any, config: WormholeConfig, example_inputs: Sequ
         *capture_passes(captured),
         DecomposeRecurrent(),
         TemporalWormholes(config),
+        *([FuseCellLoops(config)] if sal is None else []),  # SAL probes wrap each cell call: loops stay unrolled
         PlanWormholes(config),
         InsertWormholes(config),
         WrapFixedPoints(config, example_inputs),
+        RefuseDeadCycles(config),
         CycleLayers(),
         CyclePenalties(config.contraction, config.compute_cost),
     ]

@@ -16,7 +16,9 @@ Automatic policies (``WormholeConfig.wormholes``):
 
 * ``"auto"``: the best candidate span of :func:`fxwormhole.analysis.candidate_spans`, i.e. the
   deepest hidden layer of the main path back to the first layer; for a Python loop over an RNN
-  cell, a wormhole per time step from the cell's output back to its input;
+  cell, a wormhole per time step from the cell's output back to its input (which
+  :class:`~fxwormhole.passes.cell_loops.FuseCellLoops` usually takes first: it runs the loop as one
+  module on the fast temporal runtime, and this pass then places nothing);
 * ``"every:K"``: from every K-th hidden main-path layer back K layers.
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ._common import value_shape
 from ..policy import Policy, parse_policy
 from .meta import TemporalPlacement, WormholeSpec, graph_record, node_info, update_graph, update_node
 
-__all__ = ["WormholeSpec", "PlanWormholes", "resolve_pairs"]
+__all__ = ["WormholeSpec", "PlanWormholes", "resolve_pairs", "policy_pairs"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,11 @@ def _policy_pairs(gm: fx.GraphModule, policy: Policy, layers) -> list[tuple[str,
             f"use a smaller K or name wormholes explicitly"
         )
     return pairs
+
+
+def policy_pairs(gm: fx.GraphModule, policy: Policy) -> list[tuple[str, str]]:
+    """The ``(src, dst)`` names an automatic policy picks on ``gm`` (the cell-loop pass asks first)."""
+    return _policy_pairs(gm, policy, analysis.layer_table(gm))
 
 
 def resolve_pairs(gm: fx.GraphModule, config: WormholeConfig) -> list[WormholeSpec]:

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..config import SolverConfig
 from ..errors import ConvergenceError
 from .solvers import FixedPointSolver
-from .stats import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, SolveStats
+from .stats import CONVERGED, DIVERGED, MAX_ITER, NON_FINITE, SolveStats, failure_advice
 from ._tree import residual
 
 FMap = Callable[[Tensor, Optional[Tensor]], Tuple[Tuple[Tensor, ...], Tensor, Optional[Tensor]]]
@@ -142,14 +142,12 @@ def report(stats: SolveStats, *, name: str, on_fail: str, phase: str) -> None:
     worst = stats.worst_residual
     msg = (f"fixed point {name!r}: {phase} solve did not converge for "
            f"{stats.status.numel() - counts.get('converged', 0)} of {stats.status.numel()} samples "
-           f"(status counts {counts}, worst residual {worst:.3g}); to fix: {_HINT}")
+           f"(status counts {counts}, worst residual {worst:.3g}); "
+           f"{failure_advice(stats.status, stats.iterations, phase, _HINT)}")
     if on_fail == "raise":
         raise ConvergenceError(msg)
-    # warn_explicit with a throwaway registry: warnings.warn would remember every distinct text in the
-    # caller's __warningregistry__, and these texts carry residuals, so a long run grew without bound.
-    caller = sys._getframe(2)  # what stacklevel=3 pointed at: the code that ran the solve
-    warnings.warn_explicit(msg, RuntimeWarning, caller.f_code.co_filename, caller.f_lineno,
-                           module=caller.f_globals.get("__name__"), registry={}, module_globals=caller.f_globals)
+    from ._warnings import warn_nonconvergence  # first failure in full, later ones summed up
+    warn_nonconvergence(name, phase, msg, counts, stats.status.numel(), worst)
 
 
 def solve_compiled(fmap: Callable, x0: Tensor, solver: FixedPointSolver, cfg: SolverConfig, *,

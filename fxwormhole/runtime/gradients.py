@@ -73,7 +73,9 @@ class _Tape:
     def __init__(self, p: Problem, z: Tensor) -> None:
         self.p = p
         self.wrt: List[Tensor] = []  # what VJPs differentiate against: targets, inputs as leaves
-        self.z_leaf = z.detach().requires_grad_(True)
+        # An integer state (a float model called with integer input) cannot require grad; left as it is,
+        # the body raises the dtype error the original model raises (issue 13 row 8).
+        self.z_leaf = z.detach().requires_grad_(z.is_floating_point() or z.is_complex())
         # Inputs become detached leaves too: differentiating the live inputs would follow them
         # upstream and add total derivatives (e.g. through an earlier node sharing parameters).
         self.inputs = tuple(x.detach().requires_grad_(True) if isinstance(x, Tensor) and x.requires_grad else x

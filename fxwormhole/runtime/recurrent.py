@@ -146,6 +146,8 @@ class ExplicitRecurrent(nn.Module):
     RUN_STATE = ("_last_stats",)
 
     _torch_types: Tuple[type, ...] = (nn.RNNBase,)
+    #: False for a module whose weights arrive with each call (:class:`~fxwormhole.runtime.cell_loop.CellLoop`)
+    _owns_weights = True
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -175,7 +177,7 @@ class ExplicitRecurrent(nn.Module):
         gates, h_out, dirs = _GATES[mode] * hidden_size, self.real_hidden_size, self.num_directions
         # per (layer, direction): names of (w_ih, w_hh, b_ih, b_hh, w_hr), None where absent
         self._weight_names: List[Tuple[Optional[str], ...]] = []
-        for layer in range(num_layers):
+        for layer in range(num_layers if self._owns_weights else 0):
             in_size = input_size if layer == 0 else h_out * dirs
             for d in range(dirs):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
@@ -252,6 +254,16 @@ class ExplicitRecurrent(nn.Module):
         return s
 
     # ---- per-step API ------------------------------------------------------------------------
+    def _step_inputs(self) -> Tuple[Tensor, ...]:
+        """Tensors the generic path passes to each step's FixedPoint after the states and masks
+        (a module whose weights arrive with the call passes them here, so the implicit gradient reaches them)."""
+        return ()
+
+    def _step_weight_layout(self) -> Optional[List[Tuple[Optional[int], ...]]]:
+        """Per layer, where ``(w_ih, w_hh, b_ih, b_hh, w_hr)`` sit in :meth:`_step_inputs` (None: the
+        module's own parameters)."""
+        return None
+
     def weights(self, layer: int, direction: int = 0) -> Tuple[Optional[Tensor], ...]:
         """``(w_ih, w_hh, b_ih, b_hh, w_hr)`` of one layer/direction (``None`` where absent)."""
         names = self._weight_names[layer * self.num_directions + direction]
@@ -342,6 +354,10 @@ class ExplicitRecurrent(nn.Module):
                               f"{getattr(input, 'shape', type(input).__name__)}")
         if input.shape[-1] != self.input_size:
             raise ConfigError(f"{where}: input has {input.shape[-1]} features, expected input_size={self.input_size}")
+        weight = self.weights(0, 0)[0]
+        if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():  # torch's RNN check, as a ValueError
+            raise ConfigError(f"{where}: RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+                              f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(1)
         if batched and self.batch_first:
@@ -428,13 +444,16 @@ class ExplicitRecurrent(nn.Module):
         tmp.body.refresh(self)
         T, B, L, S = x.shape[0], x.shape[1], self.num_layers, self.state_size
         flat = [states[l][s] for s in range(S) for l in range(L)]
+        if torch.compiler.is_exporting():  # views of one [L, B, H] tensor: export's while_loop refuses aliased inputs
+            flat = [s.clone() for s in flat]
         outs, per_step = [], []
         z_width = sum(tmp.dst_sizes)
         xs, ms = x.unbind(0), [m.unbind(0) for m in masks]  # unbind once (see _time_loop)
+        extra = self._step_inputs()
         for t in range(T):
             # The runtime tapes each step from detached input leaves, so the step's VJP stays
             # local and the gradient w.r.t. h_{t-1} flows to the previous step by plain autograd.
-            y = tmp.fp(xs[t], *flat, *[m[t] for m in ms], z0=x.new_zeros(B, z_width))
+            y = tmp.fp(xs[t], *flat, *[m[t] for m in ms], *extra, z0=x.new_zeros(B, z_width))
             per_step.append(tmp.fp.stats)
             flat = list(y)
             outs.append(flat[L - 1])
@@ -495,11 +514,13 @@ def explicit_from_module(module: nn.Module, *, share_parameters: bool = False) -
 # Temporal wormholes
 # --------------------------------------------------------------------------------------------
 class _StackBody(nn.Module):
-    """``body(u, x_t, h_0..h_{L-1}[, c_0..c_{L-1}][, masks]) -> new states``: one step of the stack.
+    """``body(u, x_t, h_0..h_{L-1}[, c_0..c_{L-1}][, masks][, weights]) -> new states``: one step of the stack.
 
     Registers the recurrent module's parameters (the same ``nn.Parameter`` objects) so that the
     fixed-point runtime sees them as this body's parameters; it is kept out of the recurrent
-    module's own module tree (no cycle, no duplicate state_dict keys).
+    module's own module tree (no cycle, no duplicate state_dict keys). A module whose weights
+    arrive with the call (a fused cell loop) passes them as the last inputs instead
+    (``rnn._step_weight_layout()`` says where each one sits).
     """
 
     def __init__(self, rnn: ExplicitRecurrent, dst_layers: Sequence[int], dst_sizes: Sequence[int]) -> None:
@@ -507,6 +528,8 @@ class _StackBody(nn.Module):
         self.mode, self.num_layers, self.state_size = rnn.mode, rnn.num_layers, rnn.state_size
         self.dst_layers, self.dst_sizes = tuple(dst_layers), tuple(dst_sizes)
         self._names = list(rnn._weight_names)  # unidirectional: one entry per layer
+        self._layout = rnn._step_weight_layout()
+        self._n_weights = 0 if self._layout is None else sum(i is not None for l in self._layout for i in l)
         self.refresh(rnn)
         object.__setattr__(self, "_rnn", rnn)  # unregistered: for its (possibly compiled) cell
 
@@ -518,7 +541,8 @@ class _StackBody(nn.Module):
 
     def forward(self, u: Tensor, x_t: Tensor, *rest: Tensor) -> Tuple[Tensor, ...]:
         L, S = self.num_layers, self.state_size
-        flat, masks = rest[: L * S], rest[L * S:]
+        weights = rest[len(rest) - self._n_weights:] if self._n_weights else ()
+        flat, masks = rest[: L * S], rest[L * S: len(rest) - self._n_weights]
         inject: Dict[int, Tensor] = {}
         for layer, part in zip(self.dst_layers, u.split(self.dst_sizes, -1)):
             inject[layer] = inject[layer] + part if layer in inject else part
@@ -526,7 +550,10 @@ class _StackBody(nn.Module):
         for layer in range(L):
             if layer in inject:
                 inp = inp + inject[layer]
-            w = [getattr(self, n) if n else None for n in self._names[layer]]
+            if self._layout is None:
+                w = [getattr(self, n) if n else None for n in self._names[layer]]
+            else:
+                w = [None if i is None else weights[i] for i in self._layout[layer]]
             st = cell(F.linear(inp, w[0], w[2]), tuple(flat[s * L + layer] for s in range(S)), w[1], w[3], w[4])
             new.append(st)
             inp = st[0] * masks[layer] if masks and layer < L - 1 else st[0]
@@ -534,16 +561,22 @@ class _StackBody(nn.Module):
 
 
 class _WormholeFeedback(nn.Module):
-    """``feedback(y, x_t, ...) -> (concat_k gate_k(h_src_k) ⊙ proj_k(h_src_k), ||x_t|| per sample)``."""
+    """``feedback(y, x_t, ...) -> (concat_k gate_k(h_src_k) ⊙ proj_k(h_src_k), scale)``.
 
-    def __init__(self, wormholes: nn.ModuleDict, src_layers: Sequence[int]) -> None:
+    ``scale`` is the per-sample norm of layer ``scale_input``'s input: ``||x_t||`` (0, explicit modules),
+    or the lower layer's new ``h`` (a fused cell loop whose wormhole ends above the bottom cell, as the
+    fixed point of the unrolled loop measures it).
+    """
+
+    def __init__(self, wormholes: nn.ModuleDict, src_layers: Sequence[int], scale_input: int = 0) -> None:
         super().__init__()
-        self.wormholes, self.src_layers = wormholes, tuple(src_layers)
+        self.wormholes, self.src_layers, self.scale_input = wormholes, tuple(src_layers), scale_input
 
     def forward(self, y: Tuple[Tensor, ...], x_t: Tensor, *rest: Tensor) -> Tuple[Tensor, Tensor]:
         parts = [wh(y[src]) for wh, src in zip(self.wormholes.values(), self.src_layers)]
         z = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-        return z, torch.linalg.vector_norm(x_t, dim=-1)
+        ref = x_t if self.scale_input == 0 else y[self.scale_input - 1]  # y[l] is layer l's new h
+        return z, torch.linalg.vector_norm(ref, dim=-1)
 
 
 class _Temporal:
@@ -554,8 +587,10 @@ class _Temporal:
     fast_path_refusal`, else one ``FixedPoint`` call per step), ``"fast"`` or ``"generic"``.
     """
 
-    def __init__(self, pairs: Tuple[Tuple[str, str], ...], fp: nn.Module, body: _StackBody, dst_sizes: Sequence[int]) -> None:
+    def __init__(self, pairs: Tuple[Tuple[str, str], ...], fp: nn.Module, body: _StackBody, dst_sizes: Sequence[int],
+                 region_only: bool = False) -> None:
         self.pairs, self.fp, self.body, self.dst_sizes = pairs, fp, body, tuple(dst_sizes)
+        self.region_only = region_only
         self.runtime = "auto"
         self._fast: Optional[TemporalRuntime] = None
         self._compile_kwargs: Optional[dict] = None
@@ -568,8 +603,12 @@ class _Temporal:
             self._fast.uncompile() if kwargs is None else self._fast.compile(**kwargs)
 
     def fast(self, rnn: "ExplicitRecurrent") -> Optional[TemporalRuntime]:
-        """The fast runtime for ``rnn``, or None when this call must take the generic path."""
-        if self.runtime == "generic" or (self.runtime == "auto" and (self.refusal or torch.is_autocast_enabled())):
+        """The fast runtime for ``rnn``, or None when this call must take the generic path.
+
+        ``torch.export`` always takes the generic path: its per-step ``FixedPoint`` exports as a
+        ``while_loop``, whereas the fast runtime reads the device (which export cannot trace)."""
+        if self.runtime == "generic" or torch.compiler.is_exporting() or (
+                self.runtime == "auto" and (self.refusal or torch.is_autocast_enabled())):
             return None
         if self.refusal:
             raise ConfigError(f"{self.fp.name}: runtime='fast' is impossible: {self.refusal}")
@@ -577,7 +616,8 @@ class _Temporal:
             whs = list(rnn.temporal_wormholes.values())
             plan = StackPlan(rnn.mode, rnn.num_layers, rnn.input_size, rnn.hidden_size, rnn.proj_size,
                              tuple((int(a[5:]), int(b[5:])) for a, b in self.pairs),
-                             tuple(wh.gate.kind for wh in whs), tuple(float(wh.gate.cap) for wh in whs))
+                             tuple(wh.gate.kind for wh in whs), tuple(float(wh.gate.cap) for wh in whs),
+                             region_only=getattr(self, "region_only", False))
             self._fast = TemporalRuntime(plan, self.fp.solver_config, self.fp.grad_config, self.fp.on_fail, self.fp.name)
             if self._compile_kwargs is not None:
                 self._fast.compile(**self._compile_kwargs)
@@ -591,12 +631,16 @@ class _Temporal:
 
 
 def attach_temporal_runtime(rnn: ExplicitRecurrent, pairs: Sequence[Tuple[int, int]], wormholes: Sequence[Wormhole],
-                            config: WormholeConfig, *, where: str = "") -> None:
+                            config: WormholeConfig, *, where: str = "", region_only: bool = False) -> None:
     """Give ``rnn`` (in place) the runtime of temporal wormholes: ``pairs[k] = (src_layer, dst_layer)``
     carried by ``wormholes[k]`` (``[1, H] -> [1, size of dst_layer's input]``), one fixed point per step.
 
-    Placement (which pairs, validation, building the wormholes from the config) is the temporal pass's
-    job: :func:`fxwormhole.passes.temporal_wormhole.add_temporal_wormhole`.
+    ``region_only``: each step's fixed point spans the looped layers only, as in an unrolled cell loop
+    (see :class:`~fxwormhole.runtime.temporal.StackPlan`); explicit modules keep the default.
+
+    Placement (which pairs, validation, building the wormholes from the config) is the placement
+    passes' job: :func:`fxwormhole.passes.temporal_wormhole.add_temporal_wormhole` and
+    :class:`fxwormhole.passes.cell_loops.FuseCellLoops`.
     """
     from .fixed_point import FixedPoint  # imported here: the runtime is optional until used
 
@@ -604,10 +648,13 @@ def attach_temporal_runtime(rnn: ExplicitRecurrent, pairs: Sequence[Tuple[int, i
     dst_sizes = [int(w.dst_shape[-1]) for w in wormholes]
     rnn.temporal_wormholes = nn.ModuleDict({f"{layer_name(a)}_to_{layer_name(b)}": w for (a, b), w in zip(idx, wormholes)})
     body = _StackBody(rnn, [b for _, b in idx], dst_sizes)
-    feedback = _WormholeFeedback(rnn.temporal_wormholes, [a for a, _ in idx])
+    feedback = _WormholeFeedback(rnn.temporal_wormholes, [a for a, _ in idx], min(b for _, b in idx) if region_only else 0)
+    # the weights a fused cell loop passes per step are not batched (whatever their first dim)
+    n_weights = body._n_weights
+    batched = None if not n_weights else (True,) * (1 + rnn.num_layers * rnn.state_size) + (False,) * n_weights
     fp = FixedPoint(body, feedback, solver=config.solver, grad=config.grad, on_fail=config.on_fail,
-                    name=f"temporal:{where or type(rnn).__name__}")
-    rnn._temporal = _Temporal(tuple((layer_name(a), layer_name(b)) for a, b in idx), fp, body, dst_sizes)
+                    name=f"temporal:{where or type(rnn).__name__}", batched=batched)
+    rnn._temporal = _Temporal(tuple((layer_name(a), layer_name(b)) for a, b in idx), fp, body, dst_sizes, region_only)
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,7 @@ __all__ = [
     "STATUS_NAMES",
     "SolveStats",
     "FixedPointStats",
+    "failure_advice",
 ]
 
 # Status codes (int8 tensors); ordered so that a larger code is a worse outcome.
@@ -40,6 +41,10 @@ class SolveStats:
     iterations: Tensor
     residual: Tensor
     status: Tensor
+
+    def __repr__(self) -> str:  # one line, not three tensors (runtime.stats_rows)
+        from .stats_rows import stats_repr
+        return stats_repr(self)
 
     def counts(self) -> Dict[str, int]:
         """Number of samples per status name (only statuses that occur)."""
@@ -90,6 +95,10 @@ class FixedPointStats:
     backward_status: Optional[Tensor] = None
     extra: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # one line, not six tensors (runtime.stats_rows)
+        from .stats_rows import stats_repr
+        return stats_repr(self)
+
     @property
     def forward(self) -> SolveStats:
         return SolveStats(self.iterations, self.residual, self.status)
@@ -124,3 +133,38 @@ class FixedPointStats:
         if bwd is not None:
             out["backward"] = bwd.summary()
         return out
+
+
+def failure_advice(status: Tensor, iterations: Optional[Tensor], phase: str, hint: str) -> str:
+    """The "what to do" of an ``on_fail`` message, by cause (the last dimension of ``status`` and
+    ``iterations`` is the batch; a temporal solve has ``[T, B]``).
+
+    A non-finite residual at the first evaluation of the map, before any solver step, comes from what
+    the solve was given: the input or the activations computed from it (forward), the incoming
+    gradient or the forward values (adjoint). No solver setting changes that, so such samples are
+    named with that cause, unless the sample also went non-finite while iterating (then NaN carried
+    to its later steps is the iteration's). The solver ``hint`` is given for every other failure
+    (and for all when ``iterations`` is unknown)."""
+    if iterations is None or status.numel() == 0:
+        return f"to fix: {hint}"
+    batch = status.shape[-1]
+    failed = (status != CONVERGED).reshape(-1, batch)
+    non_finite = (status == NON_FINITE).reshape(-1, batch)
+    at_start = non_finite & (iterations.to(status.device) <= 1).reshape(-1, batch)
+    given = (at_start.any(0) & ~(non_finite & ~at_start).any(0)).nonzero().flatten().tolist()
+    if not given:
+        return f"to fix: {hint}"
+    one = len(given) == 1
+    those = "that sample" if one else "those samples"
+    shown = ", ".join(map(str, given[:5])) + (f" and {len(given) - 5} more" if len(given) > 5 else "")
+    if phase.startswith("forward"):
+        cause = (f"the input of {those}, or the activations computed from it before or inside the cycle, were "
+                 "non-finite; check the input (torch.isfinite(x)) and the layers before the cycle")
+    else:
+        cause = (f"the gradient arriving from the loss, or the forward values of {those}, were non-finite; "
+                 "check the loss and the forward warning")
+    advice = (f"sample{'' if one else 's'} {shown} {'was' if one else 'were'} non-finite (NaN/Inf) at the first "
+              f"evaluation, before any solver step: {cause}; no solver setting (max_iter, damping, gate_init) "
+              "changes that")
+    rest = int((failed & ~at_start).any(0).sum())
+    return advice + (f"; to fix the other failures ({rest} sample{'' if rest == 1 else 's'}): {hint}" if rest else "")

@@ -41,6 +41,7 @@ from .temporal_cells import LayerWeights, cell_math
 from .temporal_maps import Feedback, gate_adjoint_factors
 from .temporal_plan import StackPlan, TemporalStats
 from .temporal_sequence import SequenceFn, SequenceJob
+from .stats import failure_advice
 from .temporal_solve import CONVERGED, LoopSpec
 
 __all__ = ["StackPlan", "TemporalRuntime", "TemporalStats", "fast_path_refusal"]
@@ -161,8 +162,9 @@ class TemporalRuntime:
             fbs.append(Feedback(a, b, size, kind, cap, P, logit, wg))
         return W, fbs
 
-    def report(self, status: Tensor, residual: Tensor, phase: str) -> None:
-        """Apply ``on_fail`` to a whole sequence's statuses (one host sync)."""
+    def report(self, status: Tensor, residual: Tensor, phase: str, iterations: Optional[Tensor] = None) -> None:
+        """Apply ``on_fail`` to a whole sequence's ``[T, B]`` statuses (one host sync; ``iterations``
+        ``[T, B]`` tells non-finite inputs from failed iterations)."""
         if self.on_fail == "ignore" or not bool((status != CONVERGED).any()):
             return
         names = ("converged", "max_iter", "diverged", "non_finite")
@@ -170,14 +172,9 @@ class TemporalRuntime:
         worst = float(residual.detach().float().nan_to_num(nan=float("inf")).max())
         msg = (f"temporal fixed point {self.name!r}: {phase} solve did not converge for {status.numel() - counts[0]} "
                f"of {status.numel()} (step, sample) pairs (status counts "
-               f"{ {n: c for n, c in zip(names, counts) if c} }, worst residual {worst:.3g}); to fix: {_HINT}")
+               f"{ {n: c for n, c in zip(names, counts) if c} }, worst residual {worst:.3g}); "
+               f"{failure_advice(status, iterations, phase, _HINT)}")
         if self.on_fail == "raise":
             raise ConvergenceError(msg)
-        # warn_explicit with a throwaway registry: the texts carry residuals, and warnings.warn would
-        # remember every distinct one; the warning points at the first frame outside fxwormhole/torch.
-        caller = sys._getframe(1)
-        while caller.f_back is not None and caller.f_globals.get("__name__", "").split(".")[0] in ("fxwormhole", "torch"):
-            caller = caller.f_back
-        # (no module_globals: a caller run as ``python -m pkg`` has a loader that cannot give its source)
-        warnings.warn_explicit(msg, RuntimeWarning, caller.f_code.co_filename, caller.f_lineno,
-                               module=caller.f_globals.get("__name__"), registry={})
+        from ._warnings import warn_nonconvergence  # first failure in full, later ones summed up
+        warn_nonconvergence(self.name, phase, msg, dict(zip(names, counts)), status.numel(), worst, "(step, sample) pairs")

@@ -22,6 +22,11 @@ class StackPlan:
     ``pairs[k] = (src, dst)``: wormhole ``k`` feeds layer ``src``'s new hidden state into layer
     ``dst``'s input at the same step; ``gates[k]`` is its gate kind (``scalar``, ``channel``,
     ``input``) and ``caps[k]`` the gate's cap (1.0 for none).
+
+    ``region_only``: the step's fixed point spans only the looped layers (the lowest destination
+    ``lo`` to the highest source ``hi``), as the per-step fixed point of an unrolled cell loop does:
+    the forward residual's scale is then the norm of layer ``lo``'s input (else of ``x_t``) and the
+    adjoint residual counts the constant cotangents of those layers only (else of every layer).
     """
 
     mode: str
@@ -32,6 +37,7 @@ class StackPlan:
     pairs: Tuple[Tuple[int, int], ...]
     gates: Tuple[str, ...]
     caps: Tuple[float, ...]
+    region_only: bool = False
 
     @property
     def h_size(self) -> int:
@@ -121,6 +127,10 @@ class TemporalStats:
 
     def set_backward(self, iterations: Tensor, residual: Tensor, status: Tensor) -> None:
         self._bwd = (iterations, residual, status)
+
+    def __repr__(self) -> str:  # one line, not [T, B] tensors (runtime.stats_rows)
+        from .stats_rows import stats_repr
+        return stats_repr(self)
 
     def summary(self) -> dict:
         it = self.iterations.float()

@@ -60,7 +60,7 @@ class RuntimeParts(Protocol):
 
     def prepare(self, flat: Sequence[Optional[Tensor]]) -> Tuple[List[LayerWeights], List[Feedback]]: ...
 
-    def report(self, status: Tensor, residual: Tensor, phase: str) -> None: ...
+    def report(self, status: Tensor, residual: Tensor, phase: str, iterations: Optional[Tensor] = None) -> None: ...
 
 
 class SequenceJob:
@@ -129,7 +129,8 @@ class SequenceJob:
         bias0 = cell.input_bias(W[0])
         x2 = x.reshape(T * B, -1)
         GX0 = (torch.mm(x2, W[0].w_ihT) if bias0 is None else torch.addmm(bias0, x2, W[0].w_ihT)).view(T, B, -1).unbind(0)
-        scale = (norm_rows(x) + EPS).unbind(0)  # ||x_t|| + eps per sample
+        # ||x_t|| + eps per sample (else the norm of the lowest destination's input, per step below)
+        scale = (norm_rows(x) + EPS).unbind(0) if not (plan.region_only and plan.lo) else None
         ms = self._mask_steps(T)
         ms_t = list(zip(*ms))
         fmap = ForwardMap(plan, cell, W, fbs)
@@ -159,7 +160,7 @@ class SequenceJob:
                 inp = once(l, consts[l], inp)
             if inp is not None:
                 consts[lo] = cell.fold_input(W[lo], consts[lo], inp)
-            fmap.reset(consts[lo:hi + 1], ms_t[t][lo:hi + 1], scale[t])
+            fmap.reset(consts[lo:hi + 1], ms_t[t][lo:hi + 1], scale[t] if scale is not None else norm_rows(inp).add_(EPS))
             r = solve_step(fmap, None, B, rt.fwd_spec, lims, max(1, hint - 1))
             hint = r.evaluations
             aux = fmap.evaluate(r.x)[0] if r.stale else r.aux  # (rare) the answer was not the last evaluation
@@ -185,7 +186,7 @@ class SequenceJob:
         R, BEST = torch.stack(res), torch.stack(best)
         status = status_codes(R, BEST, rt.fwd_spec.factor, rt.fwd_spec.tol)
         self.stats._fwd = (_step_stats(iters, T, B, x.device), R, status)
-        rt.report(status, R, "forward")
+        rt.report(status, R, "forward", self.stats._fwd[0])
         zero_u = x.new_zeros(B, sum(plan.dst_sizes))
         return ([_stack_steps(s) for s in states], [_stack_steps(a) for a in auxes],
                 [torch.stack(q) if q else None for q in Qs], torch.stack([zero_u if u is None else u for u in U]))
@@ -284,6 +285,7 @@ class SequenceJob:
         lims = limits(rt.adj_spec, out)
         srcs, has_c = plan.srcs, cell.has_c
         region = range(hi, lo - 1, -1)
+        counted = range(lo, hi + 1) if plan.region_only else range(L)  # layers in the adjoint residual
         zero_h = torch.zeros_like(out[0])
         hint = 1
         for t in range(T - 1, -1, -1):
@@ -304,7 +306,7 @@ class SequenceJob:
                 m = ms[l - 1][t]
                 d_above = di if m is None else di * m
             # the residual's denominator: every component of ybar but the sources' h is constant (= g)
-            others = [g_h[l] for l in range(L) if l not in srcs] + [c for c in g_c if c is not None]
+            others = [g_h[l] for l in counted if l not in srcs] + [g_c[l] for l in counted if g_c[l] is not None]
             const_norm = norm_rows(torch.cat(others, 1)).add_(EPS) if others else lims[0].new_full((B,), EPS)
             amap.reset(ft, ms_t[t], g_h, g_c, d_above, const_norm, [None if q is None else q[t] for q in QS_t],
                        [b[t] for b in dA_t], {b: v[t] for b, v in d_in_t.items()}, [None if q is None else q[t] for q in dQ_t])
@@ -346,8 +348,9 @@ class SequenceJob:
                     dc_next[l] = prev[1]
         R, BEST = torch.stack(res[::-1]), torch.stack(best[::-1])
         status = status_codes(R, BEST, rt.adj_spec.factor, rt.adj_spec.tol)
-        self.stats.set_backward(_step_stats(iters[::-1], T, B, x.device), R, status)
-        rt.report(status, R, "backward (adjoint)")
+        bwd_iters = _step_stats(iters[::-1], T, B, x.device)
+        self.stats.set_backward(bwd_iters, R, status)
+        rt.report(status, R, "backward (adjoint)", bwd_iters)
         if needs[0] and 0 not in d_in_buf:
             d_in_buf[0] = dA_buf[0].view(T * B, -1).mm(W[0].w_ih).view(T, B, -1)
         return dict(dA=dA_buf, dh=dh_buf or [None] * L, d_in=d_in_buf, dQ=dQ_buf, dh0=dh_next, dc0=dc_next)

@@ -114,8 +114,8 @@ class Gate(nn.Module):
         self.cap = 1.0 if cap is None else float(cap)
         self.channel_dim = 1 if len(dst_shape) >= 3 else len(dst_shape) - 1
         self.dst_ndim = len(dst_shape)
-        if kind == "scalar":
-            self.logit = nn.Parameter(torch.full((), float(init)))
+        if kind == "scalar":  # shape [1], not 0-d: FSDP2's fully_shard refuses 0-d parameters
+            self.logit = nn.Parameter(torch.full((1,), float(init)))
         elif kind == "channel":
             self.logit = nn.Parameter(torch.full((int(dst_shape[self.channel_dim]),), float(init)))
         elif kind == "input":
@@ -123,6 +123,12 @@ class Gate(nn.Module):
             self.logit = nn.Parameter(torch.full((int(dst_shape[self.channel_dim]),), float(init)))
         else:
             raise PlacementError(f"unknown gate kind {kind!r}: use 'scalar', 'channel' or 'input'")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "logit"  # state dicts and saves made before the [1] shape hold a 0-d scalar logit
+        if self.kind == "scalar" and key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _broadcast(self, logit: torch.Tensor) -> torch.Tensor:
         if self.kind == "scalar":

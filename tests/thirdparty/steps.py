@@ -147,7 +147,8 @@ def _all_stats(net) -> dict[str, Any]:
 
 
 def _wormhole_params(net: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in net.named_parameters() if any(part.startswith("wormhole") for part in n.split("."))}
+    # feed-forward wormholes are "wormhole_<i>", temporal ones "temporal_wormholes.<pair>"
+    return {n: p for n, p in net.named_parameters() if any("wormhole" in part for part in n.split("."))}
 
 
 def _loss(out: Any) -> Tensor:

@@ -9,8 +9,9 @@ table and writes, under ``out``:
 * ``curves.png``: training loss and test accuracy of both models;
 * ``iterations.png``: forward fixed-point iterations per test sample (histogram, and against the
   sample's loss);
-* ``sensitivity.png``: per-layer sensitivity from :func:`fxwormhole.sensitivity_report`;
-* ``graph.png``: the rewritten graph (:func:`fxwormhole.drawing.draw_graph`);
+* ``sensitivity.png``: per-layer sensitivity of both trained models, measured on the training set
+  (:func:`measured_sensitivity`): the plain LSTM without SAL next to the SAL model;
+* ``graph.png``: the rewritten graph (:func:`fxwormhole.drawing.draw_transformed`);
 * ``report.md`` linking the pictures, with the table and the configuration; ``results.json``.
 
 Its helpers are reused by ``examples/``: :func:`~fxwormhole.cli.progress.progress`,
@@ -96,13 +97,14 @@ def _train(name: str, net: nn.Module, data, cfg: DemoConfig, log: Callable[[str]
             evals.append((step, ev["acc"], ev["loss"]))
     final = _evaluate(net, xte, yte)
     log(f"{name}: test accuracy {final['acc']:.3f} after {cfg.steps} steps ({rec.seconds:.1f} s)")
-    return {"curve": rec.losses, "evals": evals, "final": final, "seconds": rec.seconds,
+    return {"curve": rec.losses, "evals": evals, "final": final, "seconds": rec.seconds, "cpu_seconds": rec.cpu_seconds,
             "train_fwd_iterations": rec.mean_fwd, "train_bwd_iterations": rec.mean_bwd}
 
 
 def _table(rows: list) -> str:
-    head = ["model", "params", "test acc", "test loss", "ms/step", "fwd iters", "bwd iters"]
+    head = ["model", "params", "test acc", "test loss", "ms/step", "cpu ms/step", "x LSTM", "fwd iters", "bwd iters"]
     body = [[r["model"], str(r["params"]), f"{r['test_acc']:.3f}", f"{r['test_loss']:.3f}", f"{r['ms_per_step']:.1f}",
+             f"{r['cpu_ms_per_step']:.1f}", f"{r['cpu_ms_per_step'] / rows[0]['cpu_ms_per_step']:.2f}",
              "-" if math.isnan(r["fwd_iterations"]) else f"{r['fwd_iterations']:.2f}",
              "-" if math.isnan(r["bwd_iterations"]) else f"{r['bwd_iterations']:.2f}"] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
@@ -111,9 +113,8 @@ def _table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def _plots(out: Path, runs: dict, net: nn.Module, names: Tuple[str, str]) -> dict:
-    from ...drawing import draw_graph
-    from ...instrument import sensitivity_report
+def _plots(out: Path, runs: dict, base: nn.Module, net: nn.Module, names: Tuple[str, str], inputs: Tensor) -> dict:
+    from ...drawing import draw_transformed
 
     plt = pyplot()
     files = {}
@@ -146,21 +147,52 @@ def _plots(out: Path, runs: dict, net: nn.Module, names: Tuple[str, str]) -> dic
         a.grid(alpha=0.3)
     files["iterations"] = _save(fig, out / "iterations.png", plt)
 
-    rep = sensitivity_report(net)
-    fig, a = plt.subplots(figsize=(6, 3.2))
-    labels = [row.layer for row in rep.rows]
-    a.bar(labels, [row.log_rms_s for row in rep.rows], color="#16a085")
-    a.axhline(0.0, color="k", lw=0.8)
-    a.set(ylabel="log RMS sensitivity (0 = s = 1)", title="sensitivity per layer after training (SAL on)")
-    a.grid(alpha=0.3, axis="y")
-    files["sensitivity"] = _save(fig, out / "sensitivity.png", plt)
-
-    highlights = {n.name: "sensitivity probe" for n in net.graph.nodes if n.name.startswith("sal_probe_")}
-    highlights.update({n.name: "temporal wormholes (fixed point per step)" for n in net.graph.nodes
-                       if n.op == "call_module" and getattr(net.get_submodule(str(n.target)), "temporal_pairs", ())})
-    files["graph"] = draw_graph(net, out / "graph.png", highlights=highlights,
-                                title="LSTM classifier rewritten by fxwormhole.transform")
+    files["sensitivity"] = _sensitivity_plot(out / "sensitivity.png", plt, (base, net), names, inputs)
+    files["graph"] = draw_transformed(net, out / "graph.png", title="LSTM classifier rewritten by fxwormhole.transform")
     return files
+
+
+def measured_sensitivity(model: nn.Module, inputs: Tensor) -> list:
+    """Sensitivity rows of ``model`` measured afresh on ``inputs`` (one batch: the exact per-neuron
+    means, not a moving average). A model without probes gets measuring probes (no SAL); a model
+    with probes is copied and its statistics restarted. Neither model changes."""
+    import copy
+
+    from ...instrument import instrument, sensitivity_report
+    from ...runtime.sensitivity import probes_of
+
+    if probes_of(model):
+        probed = copy.deepcopy(model)
+        for probe in probes_of(probed).values():
+            probe.zero_stats()
+    else:
+        probed = instrument(model, (inputs[:4],))
+    probed.train()  # probes measure in training mode; no backward, so SAL changes no weight
+    with torch.no_grad():
+        probed(inputs)
+    return list(sensitivity_report(probed).rows)
+
+
+def _sensitivity_plot(path: Path, plt, models: Tuple[nn.Module, nn.Module], names: Tuple[str, str], inputs: Tensor) -> Path:
+    """Per layer, both trained models side by side: log RMS sensitivity on the training set."""
+    rows = [measured_sensitivity(m, inputs) for m in models]
+    layers = [r.layer for r in rows[1]]
+    width = 0.38
+    fig, a = plt.subplots(figsize=(7, 3.6))
+    for k, (name, colour) in enumerate(zip(names, ("#7f8c8d", "#16a085"))):
+        by_layer = {r.layer: r.log_rms_s for r in rows[k]}
+        xs = [i + (k - 0.5) * width for i in range(len(layers))]
+        a.bar(xs, [by_layer.get(layer, math.nan) for layer in layers], width, color=colour,
+              label=name + ("" if k else " (no SAL)"))
+    a.axhline(0.0, color="k", lw=1.0, ls="--", label="target: s = 1 (SAL's set point)")
+    top = max([r.log_rms_s for rs in rows for r in rs] + [0.0])
+    a.set_ylim(top=top + 0.15)  # the target line inside the frame, not on its edge
+    a.set_xticks(range(len(layers)), layers)
+    a.set(xlabel="layer", ylabel="log RMS of s over its neurons\n(0: s = 1, < 0: gradients shrink)",
+          title="neuron sensitivity s = f'(U) ||w|| after training (training set)")
+    a.legend(fontsize=8, loc="lower right")
+    a.grid(alpha=0.3, axis="y")
+    return _save(fig, path, plt)
 
 
 def _save(fig, path: Path, plt) -> Path:
@@ -193,7 +225,9 @@ The second one is `fxwormhole.transform(model, x, DEMO_WORMHOLES, sal=SALConfig(
 {_table(rows)}
 
 `fwd iters` / `bwd iters`: fixed-point iterations per time step, mean over test samples (forward)
-and over training batches (adjoint solve of the implicit gradient). `ms/step`: one training step.
+and over training batches (adjoint solve of the implicit gradient). `ms/step`: one training step
+(wall time); `cpu ms/step`: its CPU time (1 thread), and `x LSTM` the ratio of that to the plain
+LSTM's (CPU time: the runs are sequential, and other jobs on the machine stretch wall time unevenly).
 
 ## Training curves
 
@@ -205,7 +239,12 @@ Pearson correlation between a test sample's loss and its forward iterations: r =
 
 ![iterations](iterations.png)
 
-## Sensitivity per layer (from `fxwormhole.sensitivity_report`)
+## Sensitivity per layer, with and without SAL
+
+Each neuron's sensitivity `s = f'(U) ||w||`, measured on the training set after training
+(`fxwormhole.sensitivity_report` of a measuring copy); a bar is the layer's log RMS of `s`, so
+0 means `s = 1`, the value SAL steers towards. The rows below are the SAL model's moving averages
+over its last training steps.
 
 ![sensitivity](sensitivity.png)
 
@@ -262,10 +301,11 @@ def _run(out: Path, cfg: DemoConfig, log: Callable[[str], None], show_progress: 
         fwd = run["final"]["iterations"]
         rows.append({"model": name, "params": parameter_count(model), "test_acc": run["final"]["acc"],
                      "test_loss": run["final"]["loss"], "ms_per_step": 1000 * run["seconds"] / cfg.steps,
+                     "cpu_ms_per_step": 1000 * run["cpu_seconds"] / cfg.steps,
                      "fwd_iterations": float(fwd.mean()) if fwd is not None else math.nan,
                      "bwd_iterations": run["train_bwd_iterations"]})
     log("\n" + _table(rows))
-    files = _plots(out, runs, net, names)
+    files = _plots(out, runs, base, net, names, data[0])
     final = runs[names[1]]["final"]
     r = _pearson(final["per_sample_loss"], final["iterations"])
     files["report"] = _report(out, rows, cfg, files, net.summary(), str(sensitivity_report(net)), r)

@@ -23,16 +23,21 @@ DEMO_WORMHOLES = WormholeConfig(gate="input", gate_init=-1.0, proj_init="normal"
 
 @dataclass
 class TrainLog:
-    """Record of a training run: loss, wall seconds and mean fixed-point iterations per step."""
+    """Record of a training run: loss, wall and CPU seconds, and mean fixed-point iterations per step.
+
+    ``cpu_seconds`` is this thread's CPU time: what the steps cost when other jobs share the cores
+    (wall time then also counts the waits).
+    """
 
     losses: list = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     fwd: list = field(default_factory=list)
     bwd: list = field(default_factory=list)
 
     def step(self, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[[], Tensor], clip: float = 1.0) -> float:
         """One optimizer step on ``loss_fn()`` (timed, gradient norm clipped to ``clip``); returns the loss."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -40,6 +45,7 @@ class TrainLog:
             nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.thread_time() - c0
         self.losses.append(float(loss.detach()))
         f, b = per_sample_iterations(model)
         if f is not None:
