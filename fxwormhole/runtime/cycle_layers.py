@@ -115,6 +115,7 @@ class CycleBatchNorm(_BatchNorm):
                 dims = [0, *range(2, x.dim())]
                 self.running_mean_pending.copy_(x.detach().mean(dims))
                 self.running_var_pending.copy_(x.detach().var(dims, unbiased=True))
+                self._last_input = x.detach()  # commit() runs BatchNorm's own update on it: bit for bit
                 self._has_pending = True
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
@@ -126,8 +127,8 @@ class CycleBatchNorm(_BatchNorm):
         self._has_pending = False
         self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        self.running_mean.mul_(1 - factor).add_(self.running_mean_pending, alpha=factor)
-        self.running_var.mul_(1 - factor).add_(self.running_var_pending, alpha=factor)
+        x, self._last_input = self._last_input, None
+        F.batch_norm(x, self.running_mean, self.running_var, None, None, True, factor, self.eps)
 
 
 class CycleBatchNorm1d(CycleBatchNorm, nn.BatchNorm1d):
