@@ -204,6 +204,12 @@ class WormholeConfig:
         on_fail: ``warn`` | ``raise`` | ``ignore`` when a solve does not converge.
         gate_cap: optional upper bound on every gate value (a divergence guard); None for none.
         spectral_norm: wrap projections in spectral normalisation (a contraction guard).
+        contraction: weight of the contraction regulariser ``||J_T(z*) v||^2`` that every fixed
+            point adds to the backward in training mode (no change to the loss; 0 = off). See
+            :meth:`active` for the recommended configuration of feedback active from the start.
+        compute_cost: weight of the per-sample compute cost ``||T(z0)|| / ||x_dst||`` (the feedback
+            injected after the first evaluation), added to the backward like ``contraction``: it
+            teaches the gates to stay shut on inputs the feedback does not help (0 = off).
     """
 
     wormholes: Union[str, Sequence[Span]] = "auto"
@@ -218,6 +224,19 @@ class WormholeConfig:
     on_fail: str = "warn"
     gate_cap: float | None = None
     spectral_norm: bool = False
+    contraction: float = 0.0
+    compute_cost: float = 0.0
+
+    @classmethod
+    def active(cls, **changes: Any) -> "WormholeConfig":
+        """The recommended configuration for feedback that is active from the start: input gates
+        at ``sigmoid(-1)`` capped at 0.5, normal projections of std 0.1 with their spectral norm
+        capped at 1, Picard to 1e-3 with an adjoint to 1e-4 (up to 100 steps), and the contraction
+        regulariser at weight 1. Together they keep every cycle contractive while it trains
+        (measured in ``docs/adaptive_depth.md``). ``changes`` override any field."""
+        base = dict(gate="input", gate_init=-1.0, proj_init="normal", proj_std=0.1, gate_cap=0.5, spectral_norm=True,
+                    solver="picard", tol=1e-3, max_iter=30, grad=GradConfig(tol=1e-4, max_iter=100), contraction=1.0)
+        return cls(**{**base, **changes})
 
     def __post_init__(self) -> None:
         c = type(self).__name__
@@ -236,6 +255,10 @@ class WormholeConfig:
         if self.gate_cap is not None:
             _check(_real(self.gate_cap) and 0 < self.gate_cap <= 1, c, "gate_cap", self.gate_cap, "None or a float in (0, 1]")
         _flag(c, "spectral_norm", self.spectral_norm)
+        for name in ("contraction", "compute_cost"):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+            _check(ok, c, name, value, "a finite float >= 0")
         # Resolve names now so that a bad solver/grad name fails at construction.
         object.__setattr__(self, "solver", coerce_solver(self.solver, tol=self.tol, max_iter=self.max_iter))
         object.__setattr__(self, "grad", coerce_grad(self.grad))

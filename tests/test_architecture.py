@@ -107,6 +107,9 @@ def test_no_runtime_module_is_needed_only_at_transform_time():
                      sal=fw.SALConfig()),
         fw.transform(TinyLSTM(), (torch.randn(2, 4, 3),), sal=fw.SALConfig()),
         fw.transform(zoo.GRUCellLoop(), zoo.GRUCellLoop().example_inputs()),  # a user's cell loop, fused
+        # dropout and BatchNorm inside a cycle, training penalties (cycle_layers, cycle_penalties)
+        fw.transform(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Dropout(0.1), nn.Linear(6, 6)), (x,),
+                     fw.WormholeConfig(wormholes=[("3", "0")], contraction=1.0)),
     ]
     needed = _runtime_closure(models)
     runtime = {n for n in _modules() if n.startswith("fxwormhole.runtime.")} - ALIASES
@@ -124,7 +127,7 @@ def test_transform_and_instrument_run_one_pass_list(monkeypatch):
     monkeypatch.setattr(_common.PassManager, "__call__", counting)
     fw.transform(TinyLSTM(), (torch.randn(2, 4, 3),), sal=fw.SALConfig())
     assert calls == [["DecomposeRecurrent", "TemporalWormholes", "PlanWormholes", "InsertWormholes", "WrapFixedPoints",
-                      "RefuseDeadCycles", "SeparateAliasedInputs", "SolveDropoutMasks", "SensitivityAnnotate", "SensitivityInsert"]]
+                      "RefuseDeadCycles", "SeparateAliasedInputs", "SolveDropoutMasks", "CycleLayers", "CyclePenalties", "SensitivityAnnotate", "SensitivityInsert"]]
     calls.clear()
     fw.transform(TinyMLP(), (torch.randn(4, 5),), front_end="export")
     assert len(calls) == 1 and calls[0][0] == "NormaliseExport"

@@ -26,7 +26,9 @@ _FILE_SUFFIXES = (".pt", ".pth")
 #: ``--open``: gates half open and a small random projection, so the fixed point iterates from the first call
 #: (a round trip then checks a model that differs from the original) while the feedback gain stays well below
 #: 1 (contractive). Not spectral_norm: torch.save cannot write parametrized modules, and rewrite uses it.
-OPEN: dict[str, Any] = {"gate_init": 0.0, "proj_init": "normal", "proj_std": 0.05, "spectral_norm": False}
+#: The contraction regulariser keeps it contractive while it trains (WormholeConfig.active's, weight 1).
+OPEN: dict[str, Any] = {"gate_init": 0.0, "proj_init": "normal", "proj_std": 0.05, "spectral_norm": False,
+                        "contraction": 1.0}
 #: without ``--open``: WormholeConfig's defaults (gates nearly closed, zero projection: the original model)
 CLOSED: dict[str, Any] = {key: WormholeConfig.__dataclass_fields__[key].default for key in OPEN}
 
@@ -57,7 +59,8 @@ def add_wormhole_arguments(p: argparse.ArgumentParser) -> None:
                         "repeat for several; default: the 'auto' policy")
     g.add_argument("--every", metavar="K", type=positive_int, help="a wormhole from every K-th main-path layer back K layers")
     g.add_argument("--open", action="store_true",
-                   help="start with the wormholes open and contractive (gate-init 0, proj-init normal, proj-std 0.05), "
+                   help="start with the wormholes open and contractive (gate-init 0, proj-init normal, proj-std 0.05, and the "
+                        "contraction regulariser at weight 1 while training), "
                         "so the fixed point iterates from the first call; the options below override it")
     g.add_argument("--gate", choices=GATE_KINDS, default="scalar", help="gate kind (default: scalar)")
     g.add_argument("--gate-init", type=float, help="initial gate bias (default -6: nearly closed; --open: 0)")

@@ -5,7 +5,7 @@
 capture        [NormaliseExport] (export graphs only)
 transform      [NormaliseExport], DecomposeRecurrent, TemporalWormholes, [FuseCellLoops] (without SAL),
                PlanWormholes, InsertWormholes, WrapFixedPoints, RefuseDeadCycles,
-               SeparateAliasedInputs, SolveDropoutMasks,
+               SeparateAliasedInputs, SolveDropoutMasks, CycleLayers, CyclePenalties,
                [SensitivityAnnotate, SensitivityInsert]
 instrument     [NormaliseExport], SensitivityAnnotate, SensitivityInsert
 =============  ==============================================================================
@@ -26,6 +26,8 @@ from torch.fx.passes.infra.pass_base import PassBase
 
 from ..config import SALConfig, WormholeConfig
 from .cell_loops import FuseCellLoops
+from .cycle_layers import CycleLayers
+from .cycle_penalties import CyclePenalties
 from .dead_cycles import RefuseDeadCycles
 from .insert_wormholes import InsertWormholes
 from .normalise_export import NormaliseExport
@@ -66,6 +68,8 @@ def transform_passes(captured: Any, config: WormholeConfig, example_inputs: Sequ
         RefuseDeadCycles(config),
         SeparateAliasedInputs(),
         SolveDropoutMasks(),
+        CycleLayers(),
+        CyclePenalties(config.contraction, config.compute_cost),
     ]
     return passes + (sensitivity_passes(sal) if sal is not None else [])
 
