@@ -277,8 +277,7 @@ def prepare_export(model: nn.Module, example_inputs: Any, format: str = "pt2", *
     as is. :func:`export` calls it inside an atomic write; so does ``fxwormhole export``, which
     also loads and checks the artifact before it replaces the user's file."""
     _check_format(format)
-    if dynamic_batch:
-        _refuse_temporal_wormholes(model)
+    _refuse_temporal_wormholes(model)
     inputs = _as_tuple(example_inputs)
     ep = export_program(model, inputs, dynamic_batch=dynamic_batch)
     if format == "onnx":
@@ -290,21 +289,21 @@ def prepare_export(model: nn.Module, example_inputs: Any, format: str = "pt2", *
 
 
 def _refuse_temporal_wormholes(model: nn.Module) -> None:
-    """Under export a module with temporal wormholes takes its per-step ``FixedPoint`` path, whose
-    loops torch.export traces at the example's batch size only: say so before tracing, instead of a
-    constraint violation after it (or, before, an error whose 'rewrite the named line' pointed into
-    fxwormhole's own runtime)."""
+    """torch.export cannot trace the per-step solve of temporal wormholes yet (its while_loop meets
+    aliased carries), open or closed: say so before tracing, instead of a torch.export error whose
+    'rewrite the named line' points into fxwormhole's own runtime."""
+    from .runtime.cell_loop import CellLoop
     from .runtime.recurrent import ExplicitRecurrent
     from .transformed import public_name
 
     held = [public_name(path) or type(model).__name__ for path, m in model.named_modules()
-            if isinstance(m, ExplicitRecurrent) and m.temporal_pairs]
+            if (isinstance(m, ExplicitRecurrent) and m.temporal_pairs) or isinstance(m, CellLoop)]
     if held:
         raise ExportError(
             f"fxwormhole.export: {', '.join(repr(h) for h in held[:3])} {'has' if len(held) == 1 else 'have'} temporal "
-            "wormholes, whose per-step solve torch.export traces at the example's batch size only (fxwormhole's "
-            "recurrent runtime, not your code); export with dynamic_batch=False, or keep the transformed model in "
-            "PyTorch (fxwormhole.save / fxwormhole.load)")
+            "wormholes, whose per-step solve torch.export cannot trace yet (fxwormhole's recurrent runtime, not your "
+            "code); keep the transformed model in PyTorch (fxwormhole.save / fxwormhole.load), or export the model "
+            "transformed without temporal wormholes")
 
 
 # ------------------------------------------------------------------------------------------------

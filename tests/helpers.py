@@ -128,9 +128,29 @@ class TinyLSTM(nn.Module):
 
 
 # ------------------------------------------------------------------------- the unfused cell-loop path
+def always_accelerating(config):
+    """``config`` with the library's ``anderson`` replaced by ``anderson_always``: Anderson without the
+    generic loops' per-sample fall-back to plain steps, which is what the temporal fast runtime runs
+    for ``anderson`` (see docs/recurrent.md). The generic reference of a fast-runtime test uses it."""
+    import dataclasses
+
+    from fxwormhole.runtime.solvers import Anderson, available_solvers, register_solver
+
+    if "anderson_always" not in available_solvers():
+        register_solver("anderson_always", type("AlwaysAnderson", (Anderson,), {"fallback_rate": None}))
+    solver, grad = config.solver, config.grad
+    if solver.name == "anderson":
+        solver = dataclasses.replace(solver, name="anderson_always")
+    if grad.solver == "anderson":
+        grad = dataclasses.replace(grad, solver="anderson_always")
+    return dataclasses.replace(config, solver=solver, grad=grad)
+
+
 def transform_unfused(model: nn.Module, inputs: tuple, config, front_end: str = "auto"):
     """``fxwormhole.transform`` without the cell-loop pass: a Python loop over a cell keeps one
-    generic FixedPoint per step (the path ``FuseCellLoops`` must match)."""
+    generic FixedPoint per step (the path ``FuseCellLoops`` must match, with the solver the fast
+    runtime runs: :func:`always_accelerating`)."""
+    config = always_accelerating(config)
     from fxwormhole.capture import capture_graph
     from fxwormhole.passes._common import run_passes
     from fxwormhole.passes.cell_loops import FuseCellLoops

@@ -308,9 +308,17 @@ def test_auto_on_a_cell_loop_feeds_each_steps_h_back():
     model, x = CellLoop(), torch.randn(2, 4, 3)
     layers = analysis.layer_table(fw.capture(model, (x,)))
     assert all(l.out_shape == (2, 6) for l in layers if l.kind == "lstm_cell")  # h, not (h, c)
+    # the cell-loop pass fuses the loop (one CellLoop on the temporal runtime); without it, "auto"
+    # places one wormhole per time step, each step's h back into its input
+    from fxwormhole.runtime.cell_loop import CellLoop as FusedLoop
+    from helpers import transform_unfused
+
     net = fw.transform(model, (x,))
-    assert len(net.fixed_point_modules()) == 4
+    assert len([m for m in net.modules() if isinstance(m, FusedLoop)]) == 1
     _close(net(x), model(x))
+    unfused = transform_unfused(model, (x,), fw.WormholeConfig())
+    assert len(unfused.fixed_point_modules()) == 4
+    _close(unfused(x), model(x))
 
 
 # ------------------------------------------------------------------------------------------------

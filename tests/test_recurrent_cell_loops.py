@@ -332,6 +332,10 @@ def test_sal_keeps_the_cell_calls_for_their_probes():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=fw.ExportError, reason=(
+    "open: since the runtime's while_loop solve was rewritten, torch.export meets aliased carries in the "
+    "per-step solve of temporal wormholes; fxwormhole.export refuses such models with an ExportError "
+    "(test_export_of_temporal_wormholes_is_refused_with_what_is_true) until it traces again"))
 def test_fused_loop_exports_through_the_per_step_fixed_point(tmp_path):
     """torch.export cannot trace the fast runtime (it reads the device); the module takes its per-step
     FixedPoint path under export, which exports as while_loops: the artifact equals the eager model.

@@ -6,7 +6,6 @@ per-step implicit gradient plus BPTT between steps, computed without either runt
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import pytest
@@ -18,9 +17,8 @@ from torch.utils._pytree import tree_leaves
 from fxwormhole.config import GradConfig, SolverConfig, WormholeConfig
 from fxwormhole.errors import ConvergenceError
 from fxwormhole.runtime import temporal_solve
-from fxwormhole.runtime.solvers import Anderson, available_solvers, register_solver
 from fxwormhole.runtime.recurrent import ExplicitRecurrent, add_temporal_wormhole
-from helpers import rel
+from helpers import always_accelerating, rel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,17 +190,6 @@ def test_zero_projection_runs_layer_by_layer_and_matches_generic(name, make, ove
 
 
 # ---- the fast runtime is the generic path's semantics, sample for sample ------------------------
-class _AlwaysAnderson(Anderson):
-    """Anderson that accelerates every sample from the first step, without the generic loops' per-sample
-    fall-back to plain steps while a sample contracts fast: what the fast runtime's per-step solve runs
-    for ``anderson``, so the generic path runs this one to be compared sample for sample."""
-
-    fallback_rate = None
-
-
-if "anderson_always" not in available_solvers():
-    register_solver("anderson_always", _AlwaysAnderson)
-
 SEMANTICS = [
     ("picard_sample", dict(solver=SolverConfig(name="picard", tol=1e-6, max_iter=60))),
     ("picard_check_every_2", dict(solver=SolverConfig(name="picard", tol=1e-6, max_iter=60, check_every=2))),
@@ -222,10 +209,8 @@ def test_fast_and_generic_agree_per_sample(name, kw):
     results = {}
     for runtime in ("fast", "generic"):
         torch.manual_seed(3)
-        run_cfg = dict(cfg)
-        if runtime == "generic" and run_cfg["solver"].name == "anderson":
-            run_cfg["solver"] = dataclasses.replace(run_cfg["solver"], name="anderson_always")
-        e = add_temporal_wormhole(nn.GRU(I, H, 2).to(DT), WormholeConfig(**run_cfg))
+        config = WormholeConfig(**cfg)
+        e = add_temporal_wormhole(nn.GRU(I, H, 2).to(DT), config if runtime == "fast" else always_accelerating(config))
         _open_input_gates(e)
         e._temporal.runtime = runtime
         torch.manual_seed(4)

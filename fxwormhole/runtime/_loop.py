@@ -135,7 +135,8 @@ class _Steps:
             self.accel = None
         elif self.state is None:
             self.state = self.solver.init(x)
-        self.all_accel = self.rate is None or n_accel == n_rows
+        # (an empty batch has no sample to accelerate: plain steps, no history to keep)
+        self.all_accel = self.rate is None or 0 < n_accel == n_rows
 
     def select(self, idx: Tensor) -> None:
         if self.state is not None:
@@ -585,7 +586,14 @@ def solve_while(fmap: Callable, x0: Tensor, solver: FixedPointSolver, cfg: Solve
         # a row that froze at this evaluation keeps this evaluation's aux; frozen rows keep theirs
         keep = Carry.of(t).live
         aux = tuple(torch.where(keep.view((-1,) + (1,) * (a.dim() - 1)), an, a) for an, a in zip(aux_new, aux))
-        return (k1, aux, *carry.tensors())
+        # no output may be an input or another output (a carry the step passes through unchanged, e.g.
+        # the fall-back's switch of a solver without one): while_loop refuses aliasing
+        seen = {id(v) for v in (k, *t)}
+        outs = []
+        for v in (*aux, *carry.tensors()):
+            outs.append(v.clone() if id(v) in seen else v)
+            seen.add(id(v))
+        return (k1, tuple(outs[:len(aux)]), *outs[len(aux):])
 
     k0 = torch.zeros((), dtype=torch.int64, device=dev)
     out = while_loop(cond, body, (k0, aux_init, *carry0.tensors()))
