@@ -34,11 +34,6 @@ def test_scalar_logit_is_one_element_and_broadcasts_as_before():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "open: the runtime builds a fixed point's set-up once (its parameter list included); fully_shard on a "
-    "model whose fixed points already ran (transform's self-check runs them) leaves that list holding the "
-    "pre-shard parameters, so they get no gradient. The torchrun example (fully_shard before the first "
-    "call) passes: tests/test_torchrun.py"))
 def test_fully_shard_takes_the_default_scalar_gate_and_gives_autograd_gradients():
     from torch.distributed.fsdp import fully_shard
 

@@ -34,12 +34,10 @@ class Problem:
         self.solver_cfg, self.grad_mode = solver, grad_mode
         self.solver: FixedPointSolver = make_solver(solver)
         self.name, self.on_fail = name, on_fail
-        mods = [m for m in (body, feedback) if isinstance(m, nn.Module)]
-        params = {id(p): p for m in mods for p in m.parameters()}  # shared parameters once
-        for t in extra_targets:
-            params.setdefault(id(t), t)
-        self._params: List[Tensor] = list(params.values())
-        self._param_ids = frozenset(params)
+        self._param_sources = ([m for m in (body, feedback) if isinstance(m, nn.Module)], tuple(extra_targets))
+        self._params: List[Tensor] = []
+        self._param_ids: frozenset = frozenset()
+        self._read_params()
         self.strict_targets = False  # check the tape for tensors requiring grad that are not targets
         # the common case, evaluated without flattening: one [B, D] state and no feedback
         self.plain = feedback is None and not zspec.is_tuple and len(zspec.shapes) == 1 and len(zspec.shapes[0]) == 1
@@ -142,8 +140,21 @@ class Problem:
         report(st, name=self.name, on_fail=self.on_fail, phase=phase)
 
     # ------------------------------------------------------------------ gradient targets
+    def _read_params(self) -> None:
+        mods, extra = self._param_sources
+        params = {id(p): p for m in mods for p in m.parameters()}  # shared parameters once
+        for t in extra:
+            params.setdefault(id(t), t)
+        if params.keys() != self._param_ids:
+            self._params, self._param_ids = list(params.values()), frozenset(params)
+
     def targets(self) -> List[Tensor]:
-        """Tensors the gradient must reach: parameters of body/feedback and inputs requiring grad."""
+        """Tensors the gradient must reach: parameters of body/feedback and inputs requiring grad.
+
+        The parameters are read again at every differentiable call: a wrapper may have replaced them
+        since the set-up was built (FSDP2's fully_shard swaps sharded and unsharded parameters at
+        every forward), and a gradient sent to the old objects would train nothing."""
+        self._read_params()
         out = [t for t in self._params if t.requires_grad]
         for t in self.inputs:
             if isinstance(t, Tensor) and t.requires_grad and id(t) not in self._param_ids and all(t is not o for o in out):
