@@ -32,8 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import operator
-from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.fx as fx

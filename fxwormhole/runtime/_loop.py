@@ -567,7 +567,7 @@ def solve_while(fmap: Callable, x0: Tensor, solver: FixedPointSolver, cfg: Solve
     Returns ``(x*, aux*, iterations, residual, status)``."""
     from torch._higher_order_ops.while_loop import while_loop
 
-    B, dev = x0.shape[0], x0.device
+    dev = x0.device
     aux0, fx0, scale0 = fmap(x0)
     rdt = torch.promote_types(x0.dtype, torch.float32)
     # tol as a 0-d tensor: a python float becomes a SymFloat under dynamic shapes that dynamo

@@ -27,10 +27,8 @@ loop (``nn.LSTMCell`` calls in a Python loop) can route it here.
 """
 from __future__ import annotations
 
-import sys
-import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
